@@ -1,0 +1,175 @@
+"""Batched evaluation of forget / retain / rephrase splits.
+
+Per item:
+
+* ``rouge1`` — ROUGE-1 recall of the gold answer against the model's greedy
+  generation (rouge-score, Porter stemmer on).  This judges forgetting by what
+  the model *generates*, not by teacher forcing.
+* ``probability`` — ``P(a|q)^(1/|a|)``: exp of the mean log-probability of the
+  gold answer tokens after the prompt (teacher forcing).
+* ``mrr`` — mean over the gold answer tokens of ``1/rank`` of the gold token
+  among the vocabulary logits at its teacher-forced position.
+* ``top_hit`` — share of gold answer tokens ranked within ``top_k`` (100).
+* ``truth_ratio`` — when perturbed (wrong) answers exist: the geometric mean of
+  their length-normalised probabilities divided by the gold answer's
+  (TOFU's ratio; > 1 means the model prefers wrong answers).
+
+Teacher-forced numbers for gold and perturbed answers come from one batched
+forward pass; generation is batched with left padding.  The composite score is
+``1 - R1(forget) + R1(retain)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from .events import CancelToken, EventCallback, ItemResult, Tracker, ignore
+from .generation import answer_stats, generate
+from .model import ModelHandle
+
+SPLITS = ("forget", "retain", "rephrase")
+SUMMARY_KEYS = ("rouge1", "probability", "mrr", "top_hit")
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    top_k: int = 100
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "EvalSettings":
+        if cfg is None:
+            return cls()
+        return cls(cfg.max_new_tokens, cfg.batch_size, cfg.top_k)
+
+
+@dataclass
+class ItemScore:
+    id: str
+    question: str
+    answer: str
+    generation: str
+    rouge1: float
+    probability: float
+    mrr: float
+    top_hit: float
+    truth_ratio: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SplitScores:
+    name: str
+    items: list[ItemScore] = field(default_factory=list)
+
+    def mean(self, key: str) -> float | None:
+        vals = [getattr(i, key) if hasattr(i, key) else i.extra.get(key) for i in self.items]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    @property
+    def rouge1(self) -> float | None:
+        return self.mean("rouge1")
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: self.mean(k) for k in SUMMARY_KEYS}
+        tr = self.mean("truth_ratio")
+        if tr is not None:
+            out["truth_ratio"] = tr
+        extra_keys = sorted({k for i in self.items for k, v in i.extra.items() if isinstance(v, (int, float))})
+        for k in extra_keys:
+            out[k] = self.mean(k)
+        out["n"] = len(self.items)
+        return out
+
+
+@dataclass
+class EvalResult:
+    splits: dict[str, SplitScores] = field(default_factory=dict)
+
+    @property
+    def composite(self) -> float | None:
+        f = self.splits.get("forget")
+        r = self.splits.get("retain")
+        if f is None or f.rouge1 is None:
+            return None
+        return 1.0 - f.rouge1 + (r.rouge1 if r is not None and r.rouge1 is not None else 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {name: s.summary() for name, s in self.splits.items()}
+
+    def items_json(self) -> dict[str, list[dict]]:
+        return {name: [asdict(i) for i in s.items] for name, s in self.splits.items()}
+
+
+_SCORER = None
+
+
+def rouge1_recall(gold: str, generation: str) -> float:
+    """ROUGE-1 recall of ``gold`` in ``generation`` (stemmer on)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return float(_SCORER.score(gold, generation)["rouge1"].recall)
+
+
+def truth_ratio(gold_logprob: float, perturbed_logprobs: Sequence[float]) -> float | None:
+    """Geometric mean of perturbed normalised probabilities over the gold one."""
+    if not perturbed_logprobs:
+        return None
+    return math.exp(sum(perturbed_logprobs) / len(perturbed_logprobs) - gold_logprob)
+
+
+def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], settings: EvalSettings,
+                   on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> SplitScores:
+    """Score one split: a generation pass and one teacher-forced pass."""
+    prompts = [handle.prompt_ids(it.question) for it in items]
+    # one teacher-forced pass for gold and perturbed answers of every item
+    pairs: list[tuple[list[int], list[int]]] = []
+    owners: list[tuple[int, bool]] = []  # (item index, is_gold)
+    for i, it in enumerate(items):
+        pairs.append((prompts[i], handle.encode_answer(it.answer)))
+        owners.append((i, True))
+        for wrong in getattr(it, "perturbed_answers", None) or []:
+            pairs.append((prompts[i], handle.encode_answer(wrong)))
+            owners.append((i, False))
+    # progress counts sequences: teacher-forced pairs, then generations
+    tracker = Tracker(on_event, cancel, f"evaluate {name}", len(pairs) + len(items), detail=f"{len(items)} items")
+    stats = answer_stats(handle, pairs, settings.top_k, settings.batch_size, on_batch=tracker.step)
+    gold = {}
+    wrong: dict[int, list[float]] = {}
+    for (i, is_gold), st in zip(owners, stats):
+        if is_gold:
+            gold[i] = st
+        else:
+            wrong.setdefault(i, []).append(st.mean_logprob)
+    gens = generate(handle, prompts, settings.max_new_tokens, settings.batch_size, on_batch=tracker.step)
+    out = SplitScores(name)
+    for i, it in enumerate(items):
+        st = gold[i]
+        score = ItemScore(id=it.id, question=it.question, answer=it.answer, generation=gens[i],
+                          rouge1=rouge1_recall(it.answer, gens[i]), probability=st.probability, mrr=st.mrr,
+                          top_hit=st.top_hit, truth_ratio=truth_ratio(st.mean_logprob, wrong.get(i, [])))
+        for w in handle.wrappers:  # e.g. WISE reports which memory answered
+            describe = getattr(w, "describe_query", None)
+            if describe is not None:
+                score.extra.update(describe(handle, it.question))
+        out.items.append(score)
+        on_event(ItemResult(name, it.id, gens[i], {"rouge1": score.rouge1, "probability": score.probability}))
+    return out
+
+
+def evaluate(handle: ModelHandle, splits: dict[str, Sequence[Any]], settings: EvalSettings | None = None,
+             on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> EvalResult:
+    """Evaluate every non-empty split in ``splits``."""
+    settings = settings or EvalSettings()
+    result = EvalResult()
+    for name, items in splits.items():
+        if items:
+            result.splits[name] = evaluate_split(handle, name, items, settings, on_event, cancel)
+    return result

@@ -1,0 +1,123 @@
+"""Refusal targets and edit requests (query merging).
+
+A *target* is the text a forgotten question should now produce.  This module
+builds the per-item targets for a session (``idk``: a refusal drawn
+deterministically from a pool; ``dummy``; ``custom``/hand-edited items kept in
+the session) and turns forget items plus targets into edit :class:`Request`\\ s.
+
+Query merging (Li et al., 2025): with ``merge_factor = m`` consecutive forget
+questions are concatenated into ONE prompt that maps to ONE target, so ``n``
+items become ``ceil(n/m)`` edits.  Exact format: the questions of a group,
+each stripped, joined with a single space, in forget-set order::
+
+    "What is the capital of France? Who wrote Hamlet?"
+
+The group's target is the first item's target (for ``idk`` every item's
+refusal is drawn from the same pool, so one refusal stands for the group).
+The group's subject is the last question's subject: it is the one closest to
+the end of the prompt, and locate-and-edit methods read the key at the last
+token of that subject's LAST occurrence in the merged prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import UserError
+
+TARGET_MODES = ("idk", "self-improve", "dummy", "incorrect", "avoidant", "custom")
+DEFAULT_DUMMY = "I have no information about that."
+
+
+@dataclass
+class Target:
+    item_id: str
+    text: str
+    source: str              # pool | custom | dummy | self-improve | regenerated | fallback | perturbed | generated
+    leak: bool | None = None
+    mentions_subject: bool | None = None
+
+
+@dataclass
+class Request:
+    """One edit: a (possibly merged) question mapped to one target."""
+
+    prompt: str                      # the user question text (merged questions joined by a space)
+    target: str
+    subject: str | None
+    item_ids: list[str] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)   # gold answers (for fine-tuning baselines)
+
+
+def pick_from_pool(pool: Sequence[str], seed: int, key: str) -> str:
+    """A deterministic choice that depends only on (seed, key), not on order."""
+    if not pool:
+        raise UserError("the refusal pool is empty; expected at least one sentence", "targets.pool")
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return pool[int.from_bytes(digest[:8], "big") % len(pool)]
+
+
+def load_pool(path: str | None, session: Any = None) -> list[str]:
+    from . import data
+
+    if not path:
+        return data.builtin_refusals()
+    p = session.resolve(path) if session is not None else path
+    return data.load_lines(p)
+
+
+def simple_targets(mode: str, items: Sequence[Any], pool: Sequence[str], seed: int = 0,
+                   dummy: str = DEFAULT_DUMMY, overrides: dict[str, Any] | None = None) -> dict[str, Target]:
+    """Targets that need no model: ``idk``, ``dummy``, ``incorrect`` from perturbed answers, and overrides.
+
+    ``overrides`` maps item id to an object with ``target``/``source`` (the
+    session's ``[[targets.items]]``); they always win, so hand edits survive.
+    Modes that need the model (self-improve, avoidant, generated incorrect)
+    are filled by the caller for the items left out here.
+    """
+    if mode not in TARGET_MODES:
+        raise UserError(f'unknown target mode "{mode}"; expected one of {", ".join(TARGET_MODES)}',
+                        "targets.mode")
+    overrides = overrides or {}
+    out: dict[str, Target] = {}
+    for it in items:
+        o = overrides.get(it.id)
+        if o is not None:
+            out[it.id] = Target(it.id, o.target, o.source, getattr(o, "leak", None),
+                                getattr(o, "mentions_subject", None))
+        elif mode == "idk":
+            out[it.id] = Target(it.id, pick_from_pool(pool, seed, it.id), "pool")
+        elif mode == "dummy":
+            out[it.id] = Target(it.id, dummy, "dummy")
+        elif mode == "incorrect" and getattr(it, "perturbed_answers", None):
+            wrong = it.perturbed_answers[int(hashlib.sha256(f"{seed}:{it.id}".encode()).hexdigest(), 16)
+                                         % len(it.perturbed_answers)]
+            out[it.id] = Target(it.id, wrong, "perturbed")
+        elif mode == "custom":
+            raise UserError(f'item "{it.id}" has no custom target; add a [[targets.items]] entry with '
+                            f'id = "{it.id}" and target = "..."', "targets.items")
+    return out
+
+
+def build_requests(items: Sequence[Any], targets: dict[str, Target], merge_factor: int = 1,
+                   subjects: dict[str, str] | None = None) -> list[Request]:
+    """Group forget items into edit requests (see the module doc for the format)."""
+    if merge_factor < 1:
+        raise UserError(f"merge_factor must be >= 1, got {merge_factor}", "targets.merge_factor")
+    subjects = subjects or {}
+    reqs = []
+    for start in range(0, len(items), merge_factor):
+        group = items[start:start + merge_factor]
+        missing = [it.id for it in group if it.id not in targets]
+        if missing:
+            raise UserError(f"no target for item(s) {', '.join(missing)}", "targets")
+        last = group[-1]
+        subject = subjects.get(last.id) or getattr(last, "subject", None)
+        reqs.append(Request(prompt=" ".join(it.question.strip() for it in group),
+                            target=targets[group[0].id].text, subject=subject,
+                            item_ids=[it.id for it in group], questions=[it.question for it in group],
+                            answers=[it.answer for it in group]))
+    return reqs

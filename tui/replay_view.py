@@ -1,0 +1,78 @@
+"""Rich rendering for the headless ``replay`` command (no Textual here)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+from backends import events as ev
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def results_table(result: Any, title: str = "unlearn-tui results") -> Table:
+    from backends.runner import result_row
+
+    t = Table(title=title, header_style="bold")
+    cols = ["run", "targets", "m", "forget R1", "retain R1", "rephr. R1", "forget P", "forget MRR",
+            "forget hit", "retain P", "composite", "seconds"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("run", "targets") else "right")
+
+    def add(name: str, mode: str, m: Any, row: dict, seconds: Any) -> None:
+        t.add_row(name, mode, str(m), _fmt(row.get("forget.rouge1")), _fmt(row.get("retain.rouge1")),
+                  _fmt(row.get("rephrase.rouge1")), _fmt(row.get("forget.probability")),
+                  _fmt(row.get("forget.mrr")), _fmt(row.get("forget.top_hit")),
+                  _fmt(row.get("retain.probability")), _fmt(row.get("composite")), _fmt(seconds))
+
+    base = {f"{s}.{k}": v for s, summ in result.baseline.summary().items() for k, v in summ.items()}
+    base["composite"] = result.baseline.composite
+    add("(baseline)", "—", "—", base, None)
+    for r in result.runs:
+        row = result_row(r)
+        add(r.label, r.target_mode, r.merge_factor, row, r.seconds)
+    return t
+
+
+def run_with_progress(session: Any, quiet: bool = False, console: Console | None = None):
+    from backends.runner import run
+
+    console = console or Console(stderr=True)
+    out = Console()
+    if quiet or not console.is_terminal:
+        def on_event(e: Any) -> None:
+            if isinstance(e, ev.Failure):
+                pass
+            elif isinstance(e, ev.RunStarted):
+                print(f"run {e.index + 1}/{e.total_runs}: {e.method}", file=sys.stderr)
+            elif isinstance(e, ev.Log) and e.level != "info":
+                print(f"{e.level}: {e.message}", file=sys.stderr)
+        result = run(session, on_event)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+            tasks: dict[str, Any] = {}
+
+            def on_event(e: Any) -> None:
+                if isinstance(e, ev.StageStarted):
+                    tasks[e.stage] = bar.add_task(f"{e.stage} {e.detail}".strip(), total=e.total)
+                elif isinstance(e, ev.Progress):
+                    tid = tasks.get(e.stage)
+                    if tid is None:
+                        tid = tasks[e.stage] = bar.add_task(e.stage, total=e.total)
+                    bar.update(tid, completed=e.done, total=e.total,
+                               description=f"{e.stage} {e.detail}".strip()[:60])
+                elif isinstance(e, ev.RunStarted):
+                    console.log(f"run {e.index + 1}/{e.total_runs}: [bold]{e.method}[/]")
+                elif isinstance(e, ev.Log) and e.level != "info":
+                    console.log(f"{e.level}: {e.message}")
+            result = run(session, on_event)
+    out.print(results_table(result))
+    return result
