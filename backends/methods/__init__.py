@@ -20,6 +20,7 @@ Contract::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from ..errors import UserError
@@ -29,6 +30,16 @@ from ..params import unknown_key_message
 _MODULES: dict[str, str] = {
     "none": "backends.methods.none",
     "ike": "backends.methods.ike",
+    "rome": "backends.methods.rome",
+    "memit": "backends.methods.memit",
+    "alphaedit": "backends.methods.alphaedit",
+    "wise": "backends.methods.wise",
+    "grace": "backends.methods.grace",
+    "ga": "backends.methods.finetune",
+    "gd": "backends.methods.finetune",
+    "kl": "backends.methods.finetune",
+    "dpo": "backends.methods.finetune",
+    "npo": "backends.methods.finetune",
 }
 _REGISTRY: dict[str, type] = {}
 
@@ -43,13 +54,21 @@ def add_module(name: str, module: str) -> None:
     _MODULES[name] = module
 
 
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def names() -> list[str]:
-    return list(_MODULES)
+    """Methods whose module is present in this build (no import, no torch)."""
+    return [n for n, m in _MODULES.items() if _available(m)]
 
 
 def get(name: str) -> type:
     key = name.lower().strip()
-    if key not in _MODULES:
+    if key not in _MODULES or not _available(_MODULES[key]):
         raise UserError(unknown_key_message(name, names()).replace("unknown key", "unknown method"))
     if key not in _REGISTRY:
         importlib.import_module(_MODULES[key])
