@@ -125,9 +125,24 @@ def truth_ratio(gold_logprob: float, perturbed_logprobs: Sequence[float]) -> flo
     return math.exp(sum(perturbed_logprobs) / len(perturbed_logprobs) - gold_logprob)
 
 
+def _refusal_quality():
+    """``backends.refusal.quality(generation, target) -> dict`` when that module is present."""
+    try:
+        from .refusal import quality
+    except ImportError:
+        return None
+    return quality
+
+
 def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], settings: EvalSettings,
-                   on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> SplitScores:
-    """Score one split: a generation pass and one teacher-forced pass."""
+                   on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+                   targets: dict[str, str] | None = None) -> SplitScores:
+    """Score one split: a generation pass and one teacher-forced pass.
+
+    With ``targets`` (item id -> refusal target), each item also gets the
+    refusal-quality scores (similarity to its target, refused, fluency).
+    """
+    quality = _refusal_quality() if targets else None
     prompts = [handle.prompt_ids(it.question) for it in items]
     # one teacher-forced pass for gold and perturbed answers of every item
     pairs: list[tuple[list[int], list[int]]] = []
@@ -155,6 +170,8 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
         score = ItemScore(id=it.id, question=it.question, answer=it.answer, generation=gens[i],
                           rouge1=rouge1_recall(it.answer, gens[i]), probability=st.probability, mrr=st.mrr,
                           top_hit=st.top_hit, truth_ratio=truth_ratio(st.mean_logprob, wrong.get(i, [])))
+        if quality is not None and it.id in targets:
+            score.extra.update(quality(gens[i], targets[it.id]))
         for w in handle.wrappers:  # e.g. WISE reports which memory answered
             describe = getattr(w, "describe_query", None)
             if describe is not None:
@@ -165,11 +182,17 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
 
 
 def evaluate(handle: ModelHandle, splits: dict[str, Sequence[Any]], settings: EvalSettings | None = None,
-             on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> EvalResult:
-    """Evaluate every non-empty split in ``splits``."""
+             on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+             targets: dict[str, str] | None = None) -> EvalResult:
+    """Evaluate every non-empty split in ``splits``.
+
+    ``targets`` (item id -> target text) adds refusal-quality scores to the
+    forget and rephrase splits.
+    """
     settings = settings or EvalSettings()
     result = EvalResult()
     for name, items in splits.items():
         if items:
-            result.splits[name] = evaluate_split(handle, name, items, settings, on_event, cancel)
+            result.splits[name] = evaluate_split(handle, name, items, settings, on_event, cancel,
+                                                 targets if name in ("forget", "rephrase") else None)
     return result

@@ -144,8 +144,9 @@ def coerce_value(cls: type, name: str, value: Any, where: str) -> Any:
 def unknown_key_message(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f' (did you mean "{close[0]}"?)' if close else ""
-    listing = ", ".join(known) if known else "none"
-    return f'unknown key "{key}"{hint}; expected one of: {listing}'
+    if not known:
+        return f'unknown key "{key}"; this takes no keys'
+    return f'unknown key "{key}"{hint}; expected one of: {", ".join(known)}'
 
 
 def parse_params(cls: type, raw: dict[str, Any] | None, where: str = "params") -> Any:

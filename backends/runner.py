@@ -96,6 +96,7 @@ class Workbench:
         self.method_state: dict[str, dict] = {}
         self.undo_stack: list = []
         self.redo_stack: list = []
+        self._targets: dict[str, Target] | None = None
         self.settings = EvalSettings.from_config(getattr(session, "eval", None))
 
     # ---- loading
@@ -133,7 +134,14 @@ class Workbench:
         return {"forget": self.forget, "retain": self.retain, "rephrase": self.rephrase}
 
     # ---- targets and requests
+    def invalidate_targets(self) -> None:
+        """Forget cached targets (after the session's targets or forget set changed)."""
+        self._targets = None
+
     def targets(self) -> dict[str, Target]:
+        """Per-item targets: session overrides first, then the mode's rule (cached)."""
+        if self._targets is not None and all(it.id in self._targets for it in self.forget):
+            return self._targets
         if self.items is None:
             self.load_data()
         t = self.session.targets
@@ -143,6 +151,11 @@ class Workbench:
         missing = [it for it in self.forget if it.id not in out]
         if missing:
             out.update(self._model_targets(t.mode, missing, pool))
+            for it in missing:  # generated text is stored in the session, so a replay is exact
+                g = out[it.id]
+                self.session.set_target(it.id, g.text, source=g.source, leak=g.leak,
+                                        mentions_subject=g.mentions_subject)
+        self._targets = out
         return out
 
     def _model_targets(self, mode: str, items: list, pool: list[str]) -> dict[str, Target]:
@@ -162,7 +175,35 @@ class Workbench:
     # ---- evaluation and runs
     def evaluate(self) -> EvalResult:
         self.load_model()
-        return evaluate(self.handle, self.splits(), self.settings, self.on_event, self.cancel)
+        splits = self.splits()
+        targets = {k: t.text for k, t in self.targets().items()}
+        return evaluate(self.handle, splits, self.settings, self.on_event, self.cancel, targets)
+
+    def probe(self, question: str, max_new_tokens: int | None = None) -> tuple[str, str]:
+        """(answer of the current, edited model; answer of the unedited model).
+
+        The unedited answer is exact: every kept edit is undone from its
+        transaction snapshot, the question answered, and the edits redone.
+        """
+        from .generation import generate
+
+        self.load_model()
+        n = max_new_tokens or self.settings.max_new_tokens
+
+        def ask() -> str:
+            return generate(self.handle, [self.handle.prompt_ids(question)], n, 1)[0]
+
+        edited = ask()
+        if not self.undo_stack:
+            return edited, edited
+        for tx in reversed(self.undo_stack):
+            tx.undo()
+        try:
+            original = ask()
+        finally:
+            for tx in self.undo_stack:
+                tx.redo()
+        return edited, original
 
     def make_method(self, run_cfg: Any, index: int = 0):
         m = methods.make(run_cfg.method, run_cfg.params, where=f"runs[{index}].params")

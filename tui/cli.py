@@ -19,22 +19,27 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _app_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unlearn-tui",
-        description="A terminal workbench for making LLMs forget facts by knowledge editing.")
+        description="A terminal workbench for making LLMs forget facts by knowledge editing.",
+        epilog="Headless: unlearn-tui replay SESSION.toml [--out results.json]  (see 'unlearn-tui replay --help')")
     p.add_argument("session", nargs="?", help="session TOML to open in the app")
-    p.add_argument("--model", help="model to open in the app (built-in name, hub id, folder or .gguf)")
+    p.add_argument("--model", help="model to open (built-in name, hub id, folder, .gguf, or tiny:llama)")
     p.add_argument("--device", help="device override: auto, cpu, cuda, cuda:N, mps")
-    sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("replay", help="run a session headlessly and print the result table")
+    return p
+
+
+def _replay_parser() -> argparse.ArgumentParser:
+    r = argparse.ArgumentParser(prog="unlearn-tui replay",
+                                description="Run a session headlessly and print the result table.")
     r.add_argument("session", help="session TOML file")
     r.add_argument("--out", help="write results as JSON to this file")
     r.add_argument("--items", action="store_true", help="include per-item generations in --out")
     r.add_argument("--device", help="device override: auto, cpu, cuda, cuda:N, mps")
     r.add_argument("--dtype", help="dtype override: auto, float32, bfloat16, float16")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    return r
 
 
 def fail(message: str) -> int:
@@ -119,10 +124,10 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "replay":
-        return replay(args)
-    return launch(args)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "replay":
+        return replay(_replay_parser().parse_args(argv[1:]))
+    return launch(_app_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,7 +45,7 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
     from backends.runner import run
 
     console = console or Console(stderr=True)
-    out = Console()
+    out = Console() if Console().is_terminal else Console(width=140)  # files and pipes get the full table
     if quiet or not console.is_terminal:
         def on_event(e: Any) -> None:
             if isinstance(e, ev.Failure):

@@ -1,0 +1,449 @@
+"""Read and validate a session file into a :class:`~sessions.schema.Session`.
+
+Every problem raises :class:`UserError` with a one-line message naming the
+key, the value and what was expected; ``where`` is ``file:line`` when the key
+can be found in the text (best effort), else the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from backends.errors import UserError
+from backends.params import unknown_key_message
+
+from ._lines import LineIndex
+from .schema import (DATA_FORMATS, DEFAULT_DATA, DEFAULT_DUMMY, DEFAULT_MODEL, DEVICE_PATTERN,
+                     DTYPES, EVAL_LIMITS, SUPPORTED_VERSIONS, TARGET_MODES, TARGET_SOURCES,
+                     DataConfig, EvalConfig, ModelConfig, Paraphrase, RunConfig, Session,
+                     TargetItem, TargetsConfig, to_plain)
+
+_MISSING: Any = object()
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+_HUB = re.compile(r"[^/\s:]+/[^/\s:]+(:[^\s:]+){0,2}")
+_SEED_MAX = 2**32 - 1
+
+KNOWN = {
+    "": ("version", "model", "data", "targets", "eval", "runs"),
+    "model": ("name", "device", "dtype", "trust_remote_code", "revision"),
+    "data": ("path", "format", "forget", "retain", "rephrase", "subjects", "paraphrases"),
+    "paraphrase": ("id", "question", "source"),
+    "targets": ("mode", "merge_factor", "seed", "pool", "dummy", "items"),
+    "item": ("id", "target", "source", "leak", "mentions_subject"),
+    "eval": ("max_new_tokens", "batch_size", "top_k"),
+    "run": ("method", "label", "params"),
+}
+
+
+# ----------------------------------------------------------------- formatting
+def format_path(path: tuple | list) -> str:
+    """``("runs", 0, "params", "lr")`` -> ``runs[0].params.lr``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if _BARE.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            out += f".{text}" if out else text
+    return out
+
+
+def parse_path(text: str) -> tuple:
+    """Inverse of :func:`format_path` (for ``where`` strings from ``backends.params``)."""
+    out: list = []
+    for m in re.finditer(r'\[(\d+)\]|"((?:[^"\\]|\\.)*)"|([^.\[\]"]+)', text):
+        if m.group(1) is not None:
+            out.append(int(m.group(1)))
+        elif m.group(2) is not None:
+            try:
+                out.append(json.loads(f'"{m.group(2)}"'))
+            except ValueError:
+                out.append(m.group(2))
+        else:
+            out.append(m.group(3))
+    return tuple(out)
+
+
+def format_value(v: Any) -> str:
+    """A value as the user wrote it in TOML (short)."""
+    if isinstance(v, bool):
+        text = "true" if v else "false"
+    elif isinstance(v, str):
+        text = json.dumps(v, ensure_ascii=False)
+    elif isinstance(v, dict):
+        return "a table"
+    elif isinstance(v, (int, float)):
+        text = repr(v)
+    else:
+        try:
+            text = json.dumps(v, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _choices_message(v: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(v, choices, n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f"expected one of {', '.join(choices)}; got {format_value(v)}{hint}"
+
+
+# ------------------------------------------------------------------- checker
+class _Checker:
+    def __init__(self, text: str, path: Path | None, label: str, with_lines: bool) -> None:
+        self.text = text
+        self.path = path
+        self.label = label
+        self._lines = LineIndex(text) if with_lines else None
+
+    def where(self, keypath: tuple) -> str:
+        line = self._lines.line(keypath) if self._lines is not None else None
+        return f"{self.label}:{line}" if line else self.label
+
+    def fail(self, keypath: tuple, message: str, at: tuple | None = None) -> NoReturn:
+        text = f"{format_path(keypath)}: {message}" if keypath else message
+        raise UserError(text, self.where(keypath if at is None else at))
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        if q.is_absolute():
+            return q
+        return (self.path.parent if self.path is not None else Path.cwd()) / q
+
+    # tables --------------------------------------------------------------
+    def table(self, value: Any, keypath: tuple, kind: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(keypath, f"expected a table, got {format_value(value)}")
+        known = list(KNOWN[kind])
+        for key in value:
+            if key not in known:
+                self.fail(keypath, unknown_key_message(key, known), at=keypath + (key,))
+        return value
+
+    def section(self, root: dict, name: str) -> dict:
+        return self.table(root.get(name, {}), (name,), name)
+
+    def array_of_tables(self, value: Any, keypath: tuple, header: str) -> list[dict]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.fail(keypath, f"expected an array of tables ([[{header}]] sections), "
+                               f"got {format_value(value)}")
+        return value
+
+    # scalars -------------------------------------------------------------
+    def string(self, tbl: dict, keypath: tuple, key: str, default: Any = _MISSING, *,
+               choices: tuple[str, ...] | None = None, pattern: str | None = None,
+               expected: str | None = None, allow_empty: bool = False) -> Any:
+        kp = keypath + (key,)
+        v = tbl.get(key, _MISSING)
+        if v is _MISSING:
+            if default is _MISSING:
+                self.fail(keypath, f'missing key "{key}"', at=keypath)
+            return default
+        if not isinstance(v, str):
+            what = expected or (f"one of {', '.join(choices)}" if choices else "a string")
+            self.fail(kp, f"expected {what}, got {format_value(v)}")
+        if choices is not None and v not in choices:
+            self.fail(kp, _choices_message(v, choices))
+        if pattern is not None and not re.fullmatch(pattern, v):
+            self.fail(kp, f"expected {expected}, got {format_value(v)}")
+        if not allow_empty and not v.strip():
+            self.fail(kp, f"expected {expected or 'a non-empty string'}, got {format_value(v)}")
+        return v
+
+    def integer(self, tbl: dict, keypath: tuple, key: str, default: int, *,
+                lo: int | None = None, hi: int | None = None) -> int:
+        kp = keypath + (key,)
+        v = tbl.get(key, default)
+        if lo is not None and hi is not None:
+            what = f"an integer between {lo} and {hi}"
+        elif lo is not None:
+            what = f"an integer >= {lo}"
+        else:
+            what = "an integer"
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(kp, f"expected {what}, got {format_value(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            self.fail(kp, f"expected {what}, got {format_value(v)}")
+        return v
+
+    def boolean(self, tbl: dict, keypath: tuple, key: str, default: Any) -> Any:
+        v = tbl.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, bool):
+            self.fail(keypath + (key,), f"expected true or false, got {format_value(v)}")
+        return v
+
+    def ids(self, v: list, kp: tuple, what: str) -> list[str]:
+        if not v:
+            self.fail(kp, f"expected a non-empty list of item ids, got []{what}")
+        seen: set[str] = set()
+        for j, x in enumerate(v):
+            if not isinstance(x, str) or not x.strip():
+                self.fail(kp, f"expected item ids as strings, got {format_value(x)} "
+                              f"(element {j + 1})")
+            if x in seen:
+                self.fail(kp, f"item id {format_value(x)} is listed twice")
+            seen.add(x)
+        return list(v)
+
+    def file_path(self, kp: tuple, p: str, what: str) -> None:
+        resolved = self.resolve(p)
+        if not resolved.exists():
+            self.fail(kp, f"{what} {format_value(p)} not found (looked for {resolved})")
+
+
+# ------------------------------------------------------------------ sections
+def _builtin_names() -> list[str]:
+    """Names of the shipped data sets, or [] when they cannot be listed (no check then)."""
+    try:
+        from backends.data import builtin_names
+
+        return list(builtin_names())
+    except Exception:  # the data module is optional here; the loader checks again later
+        return []
+
+
+def _model(c: _Checker, root: dict) -> ModelConfig:
+    t = c.section(root, "model")
+    kp = ("model",)
+    return ModelConfig(
+        name=c.string(t, kp, "name", DEFAULT_MODEL,
+                      expected="a model (built-in name, hub id, local directory or .gguf file)"),
+        device=c.string(t, kp, "device", "auto", pattern=DEVICE_PATTERN,
+                        expected="auto, cpu, mps, cuda or cuda:N"),
+        dtype=c.string(t, kp, "dtype", "auto", choices=DTYPES),
+        trust_remote_code=c.boolean(t, kp, "trust_remote_code", False),
+        revision=c.string(t, kp, "revision", "", allow_empty=True) or None,
+    )
+
+
+def _data(c: _Checker, root: dict) -> DataConfig:
+    t = c.section(root, "data")
+    kp = ("data",)
+    path = c.string(t, kp, "path", DEFAULT_DATA,
+                    expected='a file path, "builtin:NAME" or "hub:OWNER/NAME[:split]"')
+    pkp = kp + ("path",)
+    if path.startswith("builtin:"):
+        name = path[len("builtin:"):].strip()
+        if not name:
+            c.fail(pkp, f'expected "builtin:NAME", got {format_value(path)}')
+        known = _builtin_names()
+        if known and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f' (did you mean "builtin:{close[0]}"?)' if close else ""
+            c.fail(pkp, f"unknown built-in data set {format_value(path)}{hint}; expected one of: "
+                        + ", ".join(f"builtin:{n}" for n in known))
+    elif path.startswith("hub:"):
+        if not _HUB.fullmatch(path[len("hub:"):]):
+            c.fail(pkp, f'expected "hub:OWNER/NAME[:split]" or "hub:OWNER/NAME:CONFIG:SPLIT", '
+                        f"got {format_value(path)}")
+    else:
+        c.file_path(pkp, path, "data file")
+    fmt = c.string(t, kp, "format", "auto", choices=DATA_FORMATS)
+
+    forget = t.get("forget", 10)
+    fkp = kp + ("forget",)
+    if isinstance(forget, bool) or not isinstance(forget, (int, list)):
+        c.fail(fkp, f"expected a number of items (>= 1) or a list of item ids, "
+                    f"got {format_value(forget)}")
+    if isinstance(forget, int) and forget < 1:
+        c.fail(fkp, f"expected a number of items >= 1, got {format_value(forget)}")
+    if isinstance(forget, list):
+        forget = c.ids(forget, fkp, "")
+
+    retain = t.get("retain", 10)
+    rkp = kp + ("retain",)
+    shape = 'a number of items (>= 0), a list of item ids or "rest"'
+    if isinstance(retain, bool) or not isinstance(retain, (int, list, str)):
+        c.fail(rkp, f"expected {shape}, got {format_value(retain)}")
+    if isinstance(retain, str) and retain != "rest":
+        c.fail(rkp, f"expected {shape}, got {format_value(retain)}")
+    if isinstance(retain, int) and retain < 0:
+        c.fail(rkp, f"expected a number of items >= 0 (0 = no retain split), "
+                    f"got {format_value(retain)}")
+    if isinstance(retain, list):
+        retain = c.ids(retain, rkp, " (use retain = 0 for no retain split)")
+        if isinstance(forget, list):
+            both = [x for x in retain if x in set(forget)]
+            if both:
+                c.fail(rkp, f"item id {format_value(both[0])} is in both forget and retain")
+
+    rephrase = c.boolean(t, kp, "rephrase", True)
+
+    subjects_raw = t.get("subjects", {})
+    skp = kp + ("subjects",)
+    if not isinstance(subjects_raw, dict):
+        c.fail(skp, f"expected a table of item id = \"subject\", got {format_value(subjects_raw)}")
+    subjects: dict[str, str] = {}
+    for item_id, subject in subjects_raw.items():
+        if not isinstance(subject, str) or not subject.strip():
+            c.fail(skp + (item_id,), f"expected the subject as a non-empty string, "
+                                     f"got {format_value(subject)}")
+        subjects[item_id] = subject
+
+    paraphrases = []
+    pkp = kp + ("paraphrases",)
+    for i, raw in enumerate(c.array_of_tables(t.get("paraphrases", []), pkp, "data.paraphrases")):
+        ikp = pkp + (i,)
+        c.table(raw, ikp, "paraphrase")
+        paraphrases.append(Paraphrase(
+            id=c.string(raw, ikp, "id", expected="an item id (string)"),
+            question=c.string(raw, ikp, "question"),
+            source=c.string(raw, ikp, "source", "custom"),
+        ))
+    return DataConfig(path=path, format=fmt, forget=forget, retain=retain, rephrase=rephrase,
+                      subjects=subjects, paraphrases=paraphrases)
+
+
+def _targets(c: _Checker, root: dict) -> TargetsConfig:
+    t = c.section(root, "targets")
+    kp = ("targets",)
+    mode = c.string(t, kp, "mode", "idk", choices=TARGET_MODES)
+    merge_factor = c.integer(t, kp, "merge_factor", 1, lo=1)
+    seed = c.integer(t, kp, "seed", 0, lo=0, hi=_SEED_MAX)
+    pool = c.string(t, kp, "pool", "", allow_empty=True,
+                    expected='a refusal-pool file path ("" or "builtin:refusals" = built-in pool)')
+    if pool and pool.strip() != "builtin:refusals":
+        c.file_path(kp + ("pool",), pool, "refusal-pool file")
+    dummy = c.string(t, kp, "dummy", DEFAULT_DUMMY)
+    items: list[TargetItem] = []
+    first: dict[str, int] = {}
+    ikp_all = kp + ("items",)
+    for i, raw in enumerate(c.array_of_tables(t.get("items", []), ikp_all, "targets.items")):
+        ikp = ikp_all + (i,)
+        c.table(raw, ikp, "item")
+        item_id = c.string(raw, ikp, "id", expected="an item id (string)")
+        if item_id in first:
+            c.fail(ikp + ("id",), f"duplicate target id {format_value(item_id)} "
+                                  f"(first at targets.items[{first[item_id]}])")
+        first[item_id] = i
+        items.append(TargetItem(
+            id=item_id,
+            target=c.string(raw, ikp, "target", expected="the target text (non-empty string)"),
+            source=c.string(raw, ikp, "source", "custom", choices=TARGET_SOURCES),
+            leak=c.boolean(raw, ikp, "leak", None),
+            mentions_subject=c.boolean(raw, ikp, "mentions_subject", None),
+        ))
+    return TargetsConfig(mode=mode, merge_factor=merge_factor, seed=seed, pool=pool or None,
+                         dummy=dummy, items=items)
+
+
+def _eval(c: _Checker, root: dict) -> EvalConfig:
+    t = c.section(root, "eval")
+    kp = ("eval",)
+    values = {k: c.integer(t, kp, k, getattr(EvalConfig, k), lo=lo, hi=hi)
+              for k, (lo, hi) in EVAL_LIMITS.items()}
+    return EvalConfig(**values)
+
+
+def _runs(c: _Checker, root: dict) -> list[RunConfig]:
+    from backends import methods
+
+    if "runs" not in root:
+        return [RunConfig("none", {}, None)]
+    runs = []
+    for i, raw in enumerate(c.array_of_tables(root["runs"], ("runs",), "runs")):
+        kp = ("runs", i)
+        c.table(raw, kp, "run")
+        method = c.string(raw, kp, "method", expected="a method name (string)")
+        try:
+            methods.get(method)
+        except UserError as e:
+            c.fail(kp + ("method",), e.message)
+        name = method.strip().lower()
+        params = raw.get("params", {})
+        if not isinstance(params, dict):
+            c.fail(kp + ("params",), f"expected a table of {name} parameters, "
+                                     f"got {format_value(params)}")
+        try:
+            methods.make(name, params, where=f"runs[{i}].params")
+        except UserError as e:
+            at = parse_path(e.where) if e.where else kp + ("params",)
+            c.fail(at, e.message)
+        label = c.string(raw, kp, "label", "", allow_empty=True)
+        runs.append(RunConfig(method=name, params=dict(params), label=label or None))
+    return runs
+
+
+# ---------------------------------------------------------------------- load
+def _toml_error(e: Exception, label: str, text: str) -> UserError:
+    msg = str(e)
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", msg)
+    if m:
+        return UserError(f"invalid TOML: {msg[:m.start()]} (column {m.group(2)})",
+                         f"{label}:{m.group(1)}")
+    m = re.search(r"\s*\(at end of document\)\s*$", msg)
+    if m:
+        last = max(1, len(text.splitlines()))
+        return UserError(f"invalid TOML: {msg[:m.start()]} (at end of file)", f"{label}:{last}")
+    return UserError(f"invalid TOML: {msg}", label)
+
+
+def parse(text: str, path: Path | None, label: str, *, with_lines: bool = True,
+          keep_doc: bool = True) -> Session:
+    """Validate ``text`` into a Session (``path`` anchors relative paths)."""
+    try:
+        root = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _toml_error(e, label, text) from None
+    c = _Checker(text, path, label, with_lines)
+
+    version = root.get("version", _MISSING)
+    supported = ", ".join(map(str, SUPPORTED_VERSIONS))
+    if version is _MISSING:
+        raise UserError(f'missing key "version"; add `version = 1` at the top '
+                        f"(supported versions: {supported})", label)
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        c.fail(("version",), f"unsupported session version {format_value(version)}; "
+                             f"supported versions: {supported}")
+    c.table(root, (), "")
+
+    session = Session(version=version, model=_model(c, root), data=_data(c, root),
+                      targets=_targets(c, root), eval=_eval(c, root), runs=_runs(c, root),
+                      path=path)
+    if keep_doc:
+        try:
+            import tomlkit
+
+            session._doc = tomlkit.parse(text)
+            session._baseline = to_plain(session)
+        except Exception:  # tomlkit disagrees with tomllib: fall back to a fresh rendering
+            session._doc = session._baseline = None
+    return session
+
+
+def loads(text: str, path: Path | str | None = None) -> Session:
+    """Validate a session given as TOML text; ``path`` is where it lives (or None)."""
+    p = Path(path).expanduser().absolute() if path is not None else None
+    label = str(path) if path is not None else "<session>"
+    return parse(text, p, label)
+
+
+def load(path: Path | str) -> Session:
+    """Read and validate a session file."""
+    label = str(path)
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError("session file not found", label) from None
+    except IsADirectoryError:
+        raise UserError("is a directory, not a session file", label) from None
+    except OSError as e:
+        raise UserError(f"cannot read the session file: {e.strerror or e}", label) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (bad byte at offset {e.start})", label) from None
+    return parse(text, p.absolute(), label)
