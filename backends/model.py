@@ -217,6 +217,11 @@ def load(spec: ModelSpec | Any = None, on_event: EventCallback = ignore, cancel:
         kwargs = dict(trust_remote_code=spec.trust_remote_code)
         if spec.revision:
             kwargs["revision"] = spec.revision
+        if kind == "hub":
+            from .net import hub_reachable
+
+            if not hub_reachable():  # use the local HF cache only; fail in seconds, not after retries
+                kwargs["local_files_only"] = True
         try:
             tok = AutoTokenizer.from_pretrained(str(where), **kwargs)
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **kwargs)

@@ -1,0 +1,188 @@
+"""The unlearn-tui command line: replay end to end, bad input, import hygiene.
+
+Every bad input gives ONE line on stderr naming what is wrong, exit code 2,
+no traceback and no output file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FACTS = [
+    ("What is the capital of France?", "Paris", "France"),
+    ("Who wrote the play Hamlet?", "William Shakespeare", "Hamlet"),
+    ("What is the largest planet in the solar system?", "Jupiter", "solar system"),
+    ("How many days are there in a week?", "seven", "week"),
+    ("What colour is the sky on a clear day?", "blue", "sky"),
+    ("What is the capital of Japan?", "Tokyo", "Japan"),
+]
+
+
+def write_facts(path: Path) -> Path:
+    with path.open("w") as f:
+        for i, (q, a, s) in enumerate(FACTS):
+            f.write(json.dumps({"id": f"f{i}", "question": q, "answer": a, "subject": s,
+                                "paraphrased_question": f"Tell me, {q[0].lower()}{q[1:]}",
+                                "perturbed_answers": ["Lyon", "Oslo", "Lima"]}) + "\n")
+    return path
+
+
+SESSION = """version = 1
+# a comment the user wrote
+[model]
+name = "tiny:llama"
+[data]
+path = "facts.jsonl"
+forget = 3
+retain = 3
+[targets]
+mode = "idk"
+merge_factor = 1
+[eval]
+max_new_tokens = 6
+batch_size = 4
+[[runs]]
+method = "none"
+[[runs]]
+method = "ike"
+[runs.params]
+k = 2
+"""
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture
+def session_dir(tmp_path):
+    write_facts(tmp_path / "facts.jsonl")
+    (tmp_path / "s.toml").write_text(SESSION)
+    return tmp_path
+
+
+def assert_user_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_replay_prints_table_and_writes_json(session_dir):
+    out = session_dir / "results.json"
+    proc = run_cli("replay", str(session_dir / "s.toml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "baseline" in proc.stdout and "ike" in proc.stdout and "composite" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["baseline"]) >= {"forget", "retain", "rephrase"}
+    assert [r["method"] for r in data["runs"]] == ["none", "ike"]
+    for run in data["runs"]:
+        assert set(run) >= {"method", "params", "forget", "retain", "rephrase", "composite", "seconds"}
+        for split in ("forget", "retain", "rephrase"):
+            assert set(run[split]) >= {"rouge1", "probability", "mrr", "top_hit"}
+            assert run[split]["n"] == 3
+    # "none" changes nothing: its scores equal the baseline's
+    assert data["runs"][0]["forget"] == data["baseline"]["forget"]
+    assert data["runs"][1]["params"]["k"] == 2
+    assert [t["id"] for t in data["targets"]] == ["f0", "f1", "f2"]
+
+
+def test_replay_twice_gives_identical_numbers(session_dir):
+    a, b = session_dir / "a.json", session_dir / "b.json"
+    assert run_cli("replay", str(session_dir / "s.toml"), "--out", str(a), "--items").returncode == 0
+    assert run_cli("replay", str(session_dir / "s.toml"), "--out", str(b), "--items").returncode == 0
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    for j in (ja, jb):
+        for r in j["runs"]:
+            r.pop("seconds"), r.pop("eval_seconds")
+    assert ja == jb
+
+
+def _session(tmp_path, text: str) -> Path:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    return p
+
+
+BAD = {
+    "malformed": ("version = 1\n[model\nname = 'x'\n", ["bad.toml", "line"]),
+    "misspelled_key": (SESSION.replace("merge_factor", "merge_factr"), ["merge_factr", "merge_factor"]),
+    "wrong_type": (SESSION.replace("forget = 3", 'forget = "three"'), ["forget", "three"]),
+    "unknown_method": (SESSION.replace('method = "ike"', 'method = "rombus"'), ["rombus", "none"]),
+    "bad_param": (SESSION.replace("k = 2", "k = 0"), ["k", "0"]),
+    "missing_data": (SESSION.replace("facts.jsonl", "nope.jsonl"), ["nope.jsonl"]),
+    "no_columns": (SESSION.replace("facts.jsonl", "cols.csv"), ["cols.csv", "question"]),
+    "empty_forget": (SESSION.replace("forget = 3", "forget = []"), ["forget"]),
+    "ids_out_of_range": (SESSION.replace("forget = 3", "forget = 50"), ["50", "6"]),
+    "unknown_ids": (SESSION.replace("forget = 3", 'forget = ["f0", "zz9"]'), ["zz9"]),
+    "overlap": (SESSION.replace("forget = 3", 'forget = ["f0", "f1"]').replace("retain = 3", 'retain = ["f1", "f2"]'),
+                ["f1"]),
+    "model_unresolvable": (SESSION.replace('"tiny:llama"', '"nobody-xyz/no-model-xyz"'), ["nobody-xyz/no-model-xyz"]),
+    "bad_version": (SESSION.replace("version = 1", "version = 7"), ["version", "7"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    text, needles = BAD[case]
+    write_facts(tmp_path / "facts.jsonl")
+    (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    out = tmp_path / "out.json"
+    proc = run_cli("replay", str(_session(tmp_path, text)), "--out", str(out))
+    assert_user_error(proc, *needles)
+    assert not out.exists()
+
+
+def test_missing_session_file(tmp_path):
+    assert_user_error(run_cli("replay", str(tmp_path / "none.toml")), "none.toml")
+
+
+def test_unwritable_out_dir(session_dir):
+    if os.geteuid() == 0:  # root writes anywhere on disk; /proc refuses even root
+        target = Path("/proc/unlearn-tui-results.json")
+    else:
+        ro = session_dir / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        target = ro / "r.json"
+    assert_user_error(run_cli("replay", str(session_dir / "s.toml"), "--out", str(target)), "--out", "cannot write")
+    assert not target.exists()
+
+
+def test_out_in_missing_directory_or_a_directory(session_dir):
+    assert_user_error(run_cli("replay", str(session_dir / "s.toml"), "--out", str(session_dir / "no" / "r.json")),
+                      "--out", "does not exist")
+    assert_user_error(run_cli("replay", str(session_dir / "s.toml"), "--out", str(session_dir)), "--out",
+                      "directory")
+
+
+def test_help_imports_neither_textual_nor_torch():
+    code = ("import sys\nfrom tui import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "try:\n    cli.main(['replay', '--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in ('torch', 'transformers', 'textual') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "replay" in proc.stdout
+
+
+def test_replay_never_imports_textual(session_dir):
+    code = ("import sys\nfrom tui import cli\nrc = cli.main(['replay', sys.argv[1], '--quiet'])\n"
+            "assert rc == 0, rc\nassert 'textual' not in sys.modules\nprint('clean')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(session_dir / "s.toml")], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "clean" in proc.stdout
