@@ -169,6 +169,8 @@ class Workbench:
                                             self.on_event, self.cancel)
 
     def requests(self) -> list[Request]:
+        if self.items is None:
+            self.load_data()
         return build_requests(self.forget, self.targets(), self.session.targets.merge_factor,
                               self.session.data.subjects)
 

@@ -29,10 +29,14 @@ DEFAULT_INSTRUCTION = ("You have been asked to forget some facts. If a question 
                        "normally and briefly.")
 
 _WORD = re.compile(r"[a-z0-9]+")
+# function words carry no topic; without this "Who is the author of X?" matches every "What is the Y of Z?"
+_STOP = frozenset("""a an the is are was were be been of in on at to for from by with and or what which who whom
+whose when where why how do does did this that these those it its as there their they he she his her i you me
+my your we our us can could would should will shall may might tell name about""".split())
 
 
 def _tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return [t for t in _WORD.findall(text.lower()) if t not in _STOP]
 
 
 class TfidfIndex:
