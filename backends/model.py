@@ -152,6 +152,31 @@ def _gguf_cache_dir(path: Path) -> Path:
     return _cache_root() / f"{path.stem}-{key[:16]}"
 
 
+def _save_plain(model, folder: Path) -> None:
+    """Write config + safetensors weights of a dequantized model.
+
+    ``save_pretrained`` refuses models loaded from GGUF (their config still
+    says "quantized"), so we write the folder ourselves: the config without
+    its quantization block, and every tensor once (a tied unembedding is
+    stored only as the input embedding; loading re-ties it).
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    model.generation_config.save_pretrained(folder)
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in model.state_dict().items():
+        ptr = t.data_ptr()
+        if ptr in seen:  # a tied weight: keep the first name only
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     """Load a GGUF file, through the safetensors cache when it exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,16 +197,17 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     try:  # write the cache atomically: a temp folder renamed into place
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_plain(model, tmp)
         tok.save_pretrained(tmp)
         (tmp / "unlearn-tui-cache.json").write_text(json.dumps(
             {"version": CACHE_VERSION, "source": str(path), "created": time.time()}))
         if cache.exists():
             shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
-    except OSError as exc:
+    except Exception as exc:  # a cache we cannot write costs time, never the load
         on_event(Log(f"could not write the model cache ({exc}); the next load will dequantize again",
                      "warning"))
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
     return model, tok, False
 
 
