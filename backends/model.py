@@ -194,6 +194,7 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     tracker.step(0, detail="dequantizing GGUF (first load only)")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tmp: Path | None = None
     try:  # write the cache atomically: a temp folder renamed into place
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
@@ -204,10 +205,15 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
         if cache.exists():
             shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
+        # re-open the plain copy so the first load yields the same kind of model as every later one
+        # (the GGUF-loaded object still carries a "quantized" marker that training code trips over)
+        del model
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), AutoTokenizer.from_pretrained(cache), False
     except Exception as exc:  # a cache we cannot write costs time, never the load
         on_event(Log(f"could not write the model cache ({exc}); the next load will dequantize again",
                      "warning"))
-        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, tok, False
 
 
