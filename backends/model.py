@@ -250,9 +250,9 @@ def load(spec: ModelSpec | Any = None, on_event: EventCallback = ignore, cancel:
         if spec.revision:
             kwargs["revision"] = spec.revision
         if kind == "hub":
-            from .net import hub_reachable
+            from .net import hub_reachable, offline_requested
 
-            if not hub_reachable():  # use the local HF cache only; fail in seconds, not after retries
+            if offline_requested() or not hub_reachable():  # use the local HF cache only; fail in seconds, not after retries
                 kwargs["local_files_only"] = True
         try:
             tok = AutoTokenizer.from_pretrained(str(where), **kwargs)

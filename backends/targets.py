@@ -65,7 +65,7 @@ def load_pool(path: str | None, session: Any = None) -> list[str]:
 
     if not path:
         return data.builtin_refusals()
-    p = session.resolve(path) if session is not None else path
+    p = session.resolve(path) if session is not None and not path.startswith("builtin:") else path
     return data.load_lines(p)
 
 

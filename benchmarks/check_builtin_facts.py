@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", default=None, help="GGUF file name inside --model")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--show-misses", action="store_true", help="print every question or paraphrase missed")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from rouge_score import rouge_scorer
 
