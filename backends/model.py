@@ -34,7 +34,7 @@ from .errors import NonFiniteError, UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
 
 CACHE_VERSION = 1
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from sessions.schema import DEFAULT_MODEL  # noqa: E402  (one definition)
 
 
 @dataclass(frozen=True)
@@ -51,20 +51,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-@dataclass
-class ModelSpec:
-    """What to load; mirrors the session's ``[model]`` table."""
-
-    name: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "ModelSpec":
-        return cls(name=cfg.name, device=cfg.device, dtype=cfg.dtype,
-                   trust_remote_code=bool(cfg.trust_remote_code), revision=cfg.revision or None)
+# What to load: the session's ``[model]`` table is the one definition (name, device, dtype,
+# trust_remote_code, revision); ``ModelSpec()`` is the embedded default.
+from sessions.schema import ModelConfig as ModelSpec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- device
@@ -217,13 +206,10 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     return model, tok, False
 
 
-def load(spec: ModelSpec | Any = None, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
          base_dir: Path | None = None) -> "ModelHandle":
     """Load a model and tokenizer and wrap them in a :class:`ModelHandle`."""
-    if spec is None:
-        spec = ModelSpec()
-    elif not isinstance(spec, ModelSpec):
-        spec = ModelSpec.from_config(spec)
+    spec = spec or ModelSpec()
     tracker = Tracker(on_event, cancel, "load model", 3, detail=spec.name)
     if spec.name.startswith("tiny:"):
         from . import tiny

@@ -102,9 +102,9 @@ class Workbench:
     # ---- loading
     def load_model(self):
         if self.handle is None:
-            from .model import ModelSpec, load
+            from .model import load
 
-            self.handle = load(ModelSpec.from_config(self.session.model), self.on_event, self.cancel,
+            self.handle = load(self.session.model, self.on_event, self.cancel,
                                base_dir=self.session.base_dir())
         return self.handle
 
