@@ -21,7 +21,7 @@ from .events import (CancelToken, EventCallback, Failure, Log, RunFinished, RunS
                      StageStarted, ignore)
 from .metrics import EvalResult, EvalSettings, evaluate
 from .params import to_dict
-from .targets import Request, Target, build_requests, load_pool, simple_targets
+from .targets import GENERATED_SOURCES, Request, Target, build_requests, load_pool, simple_targets
 
 
 @dataclass
@@ -68,11 +68,13 @@ class SessionResult:
     baseline: EvalResult
     runs: list[RunResult] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
+    paraphrases: list[dict] = field(default_factory=list)
 
     def to_json(self, items: bool = False) -> dict:
         out: dict[str, Any] = {"baseline": self.baseline.summary(), "runs": [r.to_json() for r in self.runs]}
         out["baseline"]["composite"] = self.baseline.composite
         out["targets"] = self.targets
+        out["paraphrases"] = self.paraphrases
         if items:
             out["baseline_items"] = self.baseline.items_json()
             for r, js in zip(self.runs, out["runs"]):
@@ -84,7 +86,7 @@ class Workbench:
     """Stateful engine: one model, one data set, many runs."""
 
     def __init__(self, session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-                 handle: Any = None) -> None:
+                 handle: Any = None, regenerate: bool = False) -> None:
         self.session = session
         self.on_event = on_event
         self.cancel = cancel or CancelToken()
@@ -97,6 +99,9 @@ class Workbench:
         self.undo_stack: list = []
         self.redo_stack: list = []
         self._targets: dict[str, Target] | None = None
+        self.regenerate = regenerate          # replace model-written targets/paraphrases cached in the session
+        self.paraphrase_records: list[dict] = []
+        self._paraphrases_ready = False
         self.settings = EvalSettings.from_config(getattr(session, "eval", None))
 
     # ---- loading
@@ -124,13 +129,33 @@ class Workbench:
             if it.id in para:
                 it.paraphrased_question = para[it.id]
         self.rephrase = data.rephrase_split(self.forget) if cfg.rephrase else []
+        self._paraphrases_ready = False
         self.on_event(Log(f"data: {len(self.items)} items; forget {len(self.forget)}, retain {len(self.retain)}, "
                           f"rephrase {len(self.rephrase)}"))
         return self.items
 
+    def ensure_paraphrases(self) -> list[dict]:
+        """Give every forget item a rephrased question (the model writes missing ones; cached in the session)."""
+        from . import data, selfimprove
+
+        if self.items is None:
+            self.load_data()
+        if not self.session.data.rephrase:
+            self.paraphrase_records, self.rephrase = [], []
+        else:
+            if self.regenerate or any(not it.paraphrased_question for it in self.forget):
+                self.load_model()
+            self.paraphrase_records = selfimprove.ensure_paraphrases(self.handle, self.forget, self.session,
+                                                                     self.on_event, self.cancel, self.regenerate)
+            self.rephrase = data.rephrase_split(self.forget)
+        self._paraphrases_ready = True
+        return self.paraphrase_records
+
     def splits(self) -> dict[str, list]:
         if self.items is None:
             self.load_data()
+        if not self._paraphrases_ready:
+            self.ensure_paraphrases()
         return {"forget": self.forget, "retain": self.retain, "rephrase": self.rephrase}
 
     # ---- targets and requests
@@ -145,7 +170,7 @@ class Workbench:
         if self.items is None:
             self.load_data()
         t = self.session.targets
-        overrides = {i.id: i for i in t.items}
+        overrides = {i.id: i for i in t.items if not (self.regenerate and i.source in GENERATED_SOURCES)}
         pool = load_pool(t.pool, self.session)
         out = simple_targets(t.mode, self.forget, pool, t.seed, t.dummy, overrides)
         missing = [it for it in self.forget if it.id not in out]
@@ -272,26 +297,29 @@ class Workbench:
         return True
 
     def target_records(self) -> list[dict]:
-        t = self.targets()
-        return [{"id": it.id, "question": it.question, "target": t[it.id].text, "source": t[it.id].source,
-                 "leak": t[it.id].leak, "mentions_subject": t[it.id].mentions_subject} for it in self.forget]
+        """The ``"targets"`` audit list (leak and subject checks filled in for every target)."""
+        from .selfimprove import target_records
+
+        return target_records(self.forget, self.targets())
 
 
 def run(session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-        handle: Any = None) -> SessionResult:
+        handle: Any = None, regenerate: bool = False) -> SessionResult:
     """Run a whole session headlessly (see the module doc)."""
-    wb = Workbench(session, on_event, cancel, handle)
+    wb = Workbench(session, on_event, cancel, handle, regenerate=regenerate)
     try:
         wb.load_data()
         for i, r in enumerate(session.runs):  # validate every run before the slow part
             wb.make_method(r, i)
         wb.requests()
+        wb.ensure_paraphrases()
         wb.load_model()
         baseline = wb.evaluate()
         result = SessionResult(baseline)
         for i, r in enumerate(session.runs):
             result.runs.append(wb.run_one(i, r, len(session.runs)))
         result.targets = wb.target_records()
+        result.paraphrases = wb.paraphrase_records
     except (UserError, NonFiniteError) as exc:
         on_event(Failure(str(exc), getattr(exc, "where", None), rolled_back=True))
         raise

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 from .errors import UserError
 
 TARGET_MODES = ("idk", "self-improve", "dummy", "incorrect", "avoidant", "custom")
+# sources of targets the model wrote: cached in the session, replaced when the user asks to regenerate
+GENERATED_SOURCES = frozenset({"self-improve", "regenerated", "fallback", "generated"})
 DEFAULT_DUMMY = "I have no information about that."
 
 

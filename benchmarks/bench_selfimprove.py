@@ -12,7 +12,7 @@ forget questions of ``builtin:world-facts`` (TOFU's world_facts file from
 
 Usage::
 
-    python benchmarks/bench_selfimprove.py [--n 20] [--seed 0] [--model NAME] [--paraphrases]
+    python benchmarks/bench_selfimprove.py [--n 20] [--seed 0] [--model NAME] [--paraphrases] [--modes avoidant,incorrect] [--threads 1]
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--paraphrases", action="store_true")
+    ap.add_argument("--modes", default="", help="also run these generated modes, e.g. avoidant,incorrect")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from backends.leak import check_leak, mentions_subject, subject_of
     from backends.model import ModelSpec, load
@@ -90,6 +96,17 @@ def main() -> None:
     for it in items:
         if targets[it.id].source != "self-improve":
             print(f"- {it.question} -> {rep.first_texts.get(it.id)!r} (final: {targets[it.id].source})")
+
+    for mode in [m for m in args.modes.split(",") if m]:
+        t0 = time.perf_counter()
+        out, rep = generate_targets_report(handle, mode, items, pool, session.targets)
+        secs = time.perf_counter() - t0
+        print(f"\n{mode} targets ({secs:.1f}s): first try passes {rep.first_try['passed']:.0%} "
+              f"(leak-free {rep.first_try['leak_free']:.0%}, mentions subject "
+              f"{rep.first_try['mentions_subject']:.0%}); after regeneration "
+              f"{(rep.passed_first + rep.regenerated) / n:.0%}; fallback {rep.fallback}")
+        for it in items[:5]:
+            print(f"- {it.question} -> {out[it.id].text} [{out[it.id].source}]")
 
     if args.paraphrases:
         for it in items:

@@ -24,6 +24,14 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models are faster on one thread, and the suite does not fight itself for cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=["llama", "gpt2", "qwen2"])
 def tiny_arch(request):
     return request.param

@@ -186,3 +186,26 @@ def test_replay_never_imports_textual(session_dir):
                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr
     assert "clean" in proc.stdout
+
+
+def test_replay_caches_generated_paraphrases_in_the_session(tmp_path):
+    # facts without paraphrases: the model writes them, replay stores them in the session file
+    rows = [json.loads(line) for line in write_facts(tmp_path / "facts.jsonl").read_text().splitlines()]
+    with (tmp_path / "facts.jsonl").open("w") as f:
+        for r in rows:
+            r.pop("paraphrased_question")
+            f.write(json.dumps(r) + "\n")
+    s = tmp_path / "s.toml"
+    s.write_text(SESSION.replace('[[runs]]\nmethod = "ike"\n[runs.params]\nk = 2\n', ""))
+    out1, out2 = tmp_path / "1.json", tmp_path / "2.json"
+    p1 = run_cli("replay", str(s), "--out", str(out1))
+    assert p1.returncode == 0, p1.stderr
+    text = s.read_text()
+    assert "# a comment the user wrote" in text and text.count("[[data.paraphrases]]") == 3
+    assert "cached" in p1.stderr
+    paras = json.loads(out1.read_text())["paraphrases"]
+    assert [p["id"] for p in paras] == ["f0", "f1", "f2"] and all(p["paraphrase"] for p in paras)
+    p2 = run_cli("replay", str(s), "--out", str(out2))
+    assert p2.returncode == 0, p2.stderr
+    assert s.read_text() == text  # reused, not regenerated
+    assert json.loads(out2.read_text())["paraphrases"] == paras

@@ -39,6 +39,10 @@ def _replay_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="device override: auto, cpu, cuda, cuda:N, mps")
     r.add_argument("--dtype", help="dtype override: auto, float32, bfloat16, float16")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--regenerate", action="store_true",
+                   help="regenerate model-written targets and paraphrases instead of reusing the session's")
+    r.add_argument("--no-save", action="store_true",
+                   help="do not cache model-written targets and paraphrases in the session file")
     return r
 
 
@@ -78,6 +82,27 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def cache_generated(session, path: str, before: tuple) -> None:
+    """Write model-written targets/paraphrases back into the session file, so replays reuse them.
+
+    Only those two lists change: the file is re-read and everything else in it
+    (comments included) is kept; command-line overrides such as --device are not saved.
+    """
+    import sessions
+
+    plain = sessions.to_plain(session)
+    after = (plain["targets"].get("items"), plain["data"].get("paraphrases"))
+    if after == before:
+        return
+    fresh = sessions.load(path)
+    fresh.targets.items = session.targets.items
+    fresh.data.paraphrases = session.data.paraphrases
+    sessions.save(fresh)
+    n_t = sum(1 for t in session.targets.items if t.source != "custom")
+    print(f"unlearn-tui: cached {n_t} model-written targets and {len(session.data.paraphrases)} paraphrases "
+          f"in {path} (--regenerate to redo, --no-save to skip)", file=sys.stderr)
+
+
 def replay(args: argparse.Namespace) -> int:
     import sessions
     from backends.errors import Cancelled, NonFiniteError, UserError
@@ -93,7 +118,11 @@ def replay(args: argparse.Namespace) -> int:
             check_writable(out)
         from tui.replay_view import run_with_progress
 
-        result = run_with_progress(session, quiet=args.quiet)
+        cached_before = (sessions.to_plain(session)["targets"].get("items"),
+                         sessions.to_plain(session)["data"].get("paraphrases"))
+        result = run_with_progress(session, quiet=args.quiet, regenerate=args.regenerate)
+        if not args.no_save:
+            cache_generated(session, args.session, cached_before)
     except (UserError, NonFiniteError) as exc:
         return fail(str(exc))
     except Cancelled:

@@ -41,7 +41,8 @@ def results_table(result: Any, title: str = "unlearn-tui results") -> Table:
     return t
 
 
-def run_with_progress(session: Any, quiet: bool = False, console: Console | None = None):
+def run_with_progress(session: Any, quiet: bool = False, console: Console | None = None,
+                      regenerate: bool = False):
     from backends.runner import run
 
     console = console or Console(stderr=True)
@@ -54,7 +55,7 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
                 print(f"run {e.index + 1}/{e.total_runs}: {e.method}", file=sys.stderr)
             elif isinstance(e, ev.Log) and e.level != "info":
                 print(f"{e.level}: {e.message}", file=sys.stderr)
-        result = run(session, on_event)
+        result = run(session, on_event, regenerate=regenerate)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -73,6 +74,6 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
                     console.log(f"run {e.index + 1}/{e.total_runs}: [bold]{e.method}[/]")
                 elif isinstance(e, ev.Log) and e.level != "info":
                     console.log(f"{e.level}: {e.message}")
-            result = run(session, on_event)
+            result = run(session, on_event, regenerate=regenerate)
     out.print(results_table(result))
     return result
