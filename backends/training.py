@@ -1,0 +1,573 @@
+"""The shared training loop of the fine-tuning unlearning baselines (GA, GD, KL, DPO, NPO).
+
+Imported lazily (from a method's ``apply``), so torch is imported at the top.
+
+Examples
+    A forget example is one forget question with its gold answer (pushed
+    away from) and its refusal target (preferred by DPO); a retain example is
+    a retain question with its answer.  Each is ``prompt = handle.prompt_ids(q)``
+    followed by ``completion = handle.encode_answer(a)``; losses only ever look
+    at completion tokens.  Merged requests (query merging) are split back
+    into their questions: fine-tuning trains on items, not merged prompts.
+
+Losses (the TOFU / open-unlearning definitions; ``NLL`` is the mean token
+negative log-likelihood of the batch's completions, ``logp`` the SUM of a
+completion's token log-probabilities, ``ref`` the original model):
+
+* ``ga``:  ``-NLL(forget)``
+* ``gd``:  ``gamma * -NLL(forget) + alpha * NLL(retain)``
+* ``kl``:  ``gamma * -NLL(forget) + alpha * KL(ref || model)`` on the retain
+  completions' next-token distributions (mean over completion tokens)
+* ``dpo``: ``gamma * -(2/beta) * mean log sigmoid(beta * ((logp(refusal) - ref)
+  - (logp(gold) - ref))) + alpha * NLL(retain)``
+* ``npo``: the DPO loss without the preferred term,
+  ``gamma * -(2/beta) * mean log sigmoid(-beta * (logp(gold) - ref)) + alpha * NLL(retain)``
+
+Memory-aware reference
+    The reference tools keep a second full copy of the model for KL/DPO/NPO.
+    Every quantity those losses read from the reference is a function of
+    FIXED sequences (the forget answers, the refusal targets, the retain
+    set), so :class:`PrecomputedReference` computes them once before
+    training with the original weights and keeps only these numbers: one
+    summed log-probability per forget/refusal sequence and, for KL, the
+    next-token log-distribution at every retain completion position.  The
+    latter is ``positions x vocab`` floats; when it would exceed
+    ``KL_FULL_BUDGET`` bytes (or when ``kl_top_k`` is set) only the top-k
+    log-probabilities per position are kept plus the log of the remaining
+    mass, and KL is computed over those k+1 buckets (the KL of the
+    coarse-grained distributions: a lower bound of the full KL, equal to it
+    when k covers the vocabulary).  :class:`LiveReference` is the reference
+    tools' behaviour (a deep copy queried every step); it exists for the
+    tests and the memory benchmark, which check that both give the same
+    numbers.
+
+Training loop (:func:`train`): AdamW (weight decay 0.01) with linear warm-up
+then linear decay, shuffled mini-batches from a seeded generator (each forget
+batch is paired with the next retain batch of the same size, the retain order
+cycling), gradient clipping, a non-finite guard (a NaN/inf loss or gradient
+raises :class:`NonFiniteError`, so the transaction rolls back), one
+``Progress`` event per optimisation step carrying the loss (cancel is checked
+there), and early stops (``max_steps``, forget NLL reaching a level, retain
+NLL growing past a ratio of its first value).  The model stays in eval mode
+(no dropout) and the global RNG is forked, so a run is bit-for-bit
+deterministic on CPU for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NonFiniteError, UserError
+from .events import Log, Tracker
+
+OBJECTIVES = ("ga", "gd", "kl", "dpo", "npo")
+NEEDS_REFERENCE = ("kl", "dpo", "npo")
+KL_FULL_BUDGET = 128 * 2 ** 20   # bytes of full retain distributions kept before switching to top-k
+KL_AUTO_TOP_K = 512
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    completion: list[int]
+
+
+@dataclass
+class ForgetExample:
+    question: str
+    gold: Example          # question -> gold answer (pushed away from)
+    refusal: Example       # question -> refusal target (preferred by DPO)
+
+
+def make_example(handle: Any, question: str, answer: str) -> Example:
+    comp = handle.encode_answer(answer)
+    if not comp:
+        raise UserError(f"the answer {answer!r} encodes to no tokens", f"question {question!r}")
+    return Example(handle.prompt_ids(question), comp)
+
+
+def forget_examples(handle: Any, requests: Sequence[Any]) -> list[ForgetExample]:
+    out = []
+    for r in requests:
+        questions = list(r.questions) or [r.prompt]
+        answers = list(r.answers)
+        if len(answers) != len(questions):
+            raise UserError(f"request {', '.join(r.item_ids) or r.prompt!r} has {len(questions)} questions but "
+                            f"{len(answers)} gold answers; fine-tuning baselines need the gold answers",
+                            "requests")
+        for q, a in zip(questions, answers):
+            out.append(ForgetExample(q, make_example(handle, q, a), make_example(handle, q, r.target)))
+    return out
+
+
+def retain_examples(handle: Any, items: Sequence[Any]) -> list[Example]:
+    return [make_example(handle, it.question, it.answer) for it in items]
+
+
+@dataclass
+class Packed:
+    """Right-padded sequences plus, per sequence, the positions predicting its completion."""
+
+    ids: torch.Tensor          # [B, T]
+    mask: torch.Tensor         # [B, T]
+    target_mask: torch.Tensor  # [B, T-1] bool: logits[:, :-1] position predicts ids[:, 1:]
+    targets: torch.Tensor      # [B, T-1] next-token ids
+
+
+def pack(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Packed:
+    width = max(len(e.prompt) + len(e.completion) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    tmask = torch.zeros((len(examples), width - 1), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        seq = list(e.prompt) + list(e.completion)
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+        tmask[row, len(e.prompt) - 1:len(seq) - 1] = True
+    return Packed(ids.to(device), mask.to(device), tmask.to(device), ids[:, 1:].to(device))
+
+
+def completion_logits(model: Any, packed: Packed) -> torch.Tensor:
+    """Logits at every completion-predicting position, ``[N, vocab]`` (rows in sequence order)."""
+    out = model(input_ids=packed.ids, attention_mask=packed.mask, use_cache=False)
+    return out.logits[:, :-1][packed.target_mask].float()
+
+
+def split_rows(packed: Packed) -> list[int]:
+    """Number of completion positions per sequence (to split ``completion_logits`` rows)."""
+    return packed.target_mask.sum(dim=1).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """log P(gold next token) at each completion position, ``[N]``."""
+    gold = packed.targets[packed.target_mask]
+    return torch.log_softmax(logits, dim=-1).gather(1, gold[:, None]).squeeze(1)
+
+
+def sequence_logprobs(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Summed completion log-probability per sequence, ``[B]``."""
+    tok = token_logprobs(logits, packed)
+    return torch.stack([c.sum() for c in torch.split(tok, split_rows(packed))])
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def bucket_kl(cur_logp: torch.Tensor, ref_idx: torch.Tensor | None, ref_logp: torch.Tensor,
+              ref_rest: torch.Tensor | None) -> torch.Tensor:
+    """KL(ref || current) per position.
+
+    ``cur_logp``: current log-distribution ``[N, V]``.  Full reference:
+    ``ref_idx`` None, ``ref_logp`` ``[N, V]``.  Top-k reference: ``ref_idx``
+    ``[N, k]`` token ids, ``ref_logp`` their log-probs, ``ref_rest`` the log of
+    the remaining mass; the current distribution is bucketed the same way.
+    """
+    if ref_idx is None:
+        return (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
+    cur_top = cur_logp.gather(1, ref_idx)
+    cur_rest = _log1mexp(torch.logsumexp(cur_top, dim=-1))
+    head = (ref_logp.exp() * (ref_logp - cur_top)).sum(dim=-1)
+    tail = ref_rest.exp() * (ref_rest - cur_rest)
+    return head + torch.where(torch.isfinite(ref_rest), tail, torch.zeros_like(tail))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable; -inf at x = 0."""
+    x = torch.clamp(x, max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def top_k_table(ref_logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    vals, idx = ref_logp.topk(k, dim=-1)
+    rest = _log1mexp(torch.logsumexp(vals, dim=-1))
+    return idx, vals, rest
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _batches(n: int, size: int) -> Iterator[list[int]]:
+    for s in range(0, n, max(1, size)):
+        yield list(range(s, min(n, s + max(1, size))))
+
+
+class PrecomputedReference:
+    """The original model's numbers the losses need, computed once (no model copy kept)."""
+
+    kind = "precomputed"
+
+    def __init__(self, model: Any, pad_id: int, forget: Sequence[ForgetExample], retain: Sequence[Example],
+                 need_gold: bool, need_refusal: bool, need_retain_dist: bool, kl_top_k: int | None,
+                 batch_size: int = 8, tracker: Tracker | None = None, device: Any = "cpu") -> None:
+        self.kl_top_k = kl_top_k
+        self.gold_logp = torch.zeros(len(forget)) if need_gold else None
+        self.refusal_logp = torch.zeros(len(forget)) if need_refusal else None
+        self.retain_rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
+        with torch.no_grad():
+            for which, store in (("gold", self.gold_logp), ("refusal", self.refusal_logp)):
+                if store is None:
+                    continue
+                for idx in _batches(len(forget), batch_size):
+                    p = pack([getattr(forget[i], which) for i in idx], pad_id, device)
+                    store[idx] = sequence_logprobs(completion_logits(model, p), p).cpu()
+                    if tracker:
+                        tracker.step(len(idx))
+            if need_retain_dist:
+                for idx in _batches(len(retain), batch_size):
+                    p = pack([retain[i] for i in idx], pad_id, device)
+                    logp = torch.log_softmax(completion_logits(model, p), dim=-1).cpu()
+                    for rows in torch.split(logp, split_rows(p)):
+                        if kl_top_k is None:
+                            self.retain_rows.append((None, rows.clone(), None))
+                        else:
+                            self.retain_rows.append(top_k_table(rows, kl_top_k))
+                    if tracker:
+                        tracker.step(len(idx))
+
+    @property
+    def nbytes(self) -> int:
+        n = 0
+        for t in (self.gold_logp, self.refusal_logp):
+            n += 0 if t is None else t.numel() * t.element_size()
+        for row in self.retain_rows:
+            n += sum(t.numel() * t.element_size() for t in row if t is not None)
+        return n
+
+    def forget_logp(self, which: str, idx: list[int], _packed: Packed) -> torch.Tensor:
+        return (self.gold_logp if which == "gold" else self.refusal_logp)[idx]
+
+    def retain_kl(self, cur_logits: torch.Tensor, idx: list[int], _packed: Packed) -> torch.Tensor:
+        cur = torch.log_softmax(cur_logits, dim=-1)
+        rows = [self.retain_rows[i] for i in idx]
+        ref_idx = None if rows[0][0] is None else torch.cat([r[0] for r in rows])
+        ref_logp = torch.cat([r[1] for r in rows])
+        ref_rest = None if rows[0][2] is None else torch.cat([r[2] for r in rows])
+        dev = cur.device
+        return bucket_kl(cur, None if ref_idx is None else ref_idx.to(dev), ref_logp.to(dev),
+                         None if ref_rest is None else ref_rest.to(dev))
+
+
+class LiveReference:
+    """The reference tools' way: a frozen deep copy of the model queried at every step."""
+
+    kind = "live"
+
+    def __init__(self, model: Any, kl_top_k: int | None) -> None:
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.kl_top_k = kl_top_k
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def forget_logp(self, which: str, idx: list[int], packed: Packed) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logprobs(completion_logits(self.model, packed), packed).cpu()
+
+    def retain_logp(self, packed: Packed) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(completion_logits(self.model, packed), dim=-1)
+
+    def retain_kl(self, cur_logits: torch.Tensor, idx: list[int], packed: Packed) -> torch.Tensor:
+        ref = self.retain_logp(packed)
+        cur = torch.log_softmax(cur_logits, dim=-1)
+        if self.kl_top_k is None:
+            return bucket_kl(cur, None, ref, None)
+        return bucket_kl(cur, *top_k_table(ref, self.kl_top_k))
+
+
+def resolve_kl_top_k(requested: int | None, n_positions: int, vocab: int) -> int | None:
+    """None = the full distribution.  Auto: full when it fits ``KL_FULL_BUDGET``, else top-512."""
+    if requested is not None:
+        return None if requested <= 0 or requested >= vocab else requested
+    return None if n_positions * vocab * 4 <= KL_FULL_BUDGET else min(KL_AUTO_TOP_K, vocab)
+
+
+# --------------------------------------------------------------------------- config and trainable weights
+
+
+@dataclass
+class TrainConfig:
+    objective: str
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 0
+    stop_forget_nll: float = 0.0
+    stop_retain_ratio: float = 0.0
+    alpha: float = 1.0       # retain weight
+    gamma: float = 1.0       # forget weight
+    beta: float = 0.1
+    kl_top_k: int | None = None
+    reference: str = "precomputed"
+    seed: int = 0
+
+
+def trainable_names(handle: Any, layers: Sequence[int], scope: str) -> list[str]:
+    """Parameter names of the chosen blocks (``scope``: "block" = every weight, "mlp" = MLP only)."""
+    ad = handle.adapter
+    prefixes = [(ad.mlp_name(layer) if scope == "mlp" else ad.block_name(layer)) + "." for layer in layers]
+    return [n for n, _ in handle.model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+
+
+def lora_module_names(handle: Any, layers: Sequence[int], scope: str) -> list[str]:
+    """Linear / Conv1D modules of the chosen blocks (where LoRA adapters go)."""
+    ad = handle.adapter
+    prefixes = [(ad.mlp_name(layer) if scope == "mlp" else ad.block_name(layer)) + "." for layer in layers]
+    out = []
+    for name, mod in handle.model.named_modules():
+        if not any(name.startswith(p) for p in prefixes):
+            continue
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def lora_adapters(handle: Any, module_names: Sequence[str], rank: int, alpha: float) -> Iterator[dict]:
+    """Inject LoRA (peft) into ``module_names``; on success merge it into the base weights.
+
+    The caller sets ``state["merge"] = True`` when training finished; on an
+    exception or cancel the adapters are dropped unmerged.  Either way the
+    original module objects are put back, so parameter names (and the
+    transaction's snapshot, which covers the base weights of these modules)
+    are unchanged afterwards.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    model = handle.model
+    before_attrs = set(vars(model))
+    fan_in_fan_out = handle.adapter.spec.out_proj_layout == "in_out"
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(module_names),
+                     fan_in_fan_out=fan_in_fan_out, bias="none")
+    state = {"merge": False, "params": []}
+    inject_adapter_in_model(cfg, model)
+    try:
+        state["params"] = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in state["params"]:
+            p.requires_grad_(True)
+        yield state
+    finally:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, LoraLayer) and hasattr(mod, "get_base_layer"):
+                if state["merge"]:
+                    with torch.no_grad():
+                        mod.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, mod.get_base_layer())
+        for attr in set(vars(model)) - before_attrs:
+            with contextlib.suppress(Exception):
+                delattr(model, attr)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    epochs_run: float = 0.0
+    stopped: str = "completed"
+    seconds: float = 0.0
+    seconds_per_epoch: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    reference: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "epochs_run": round(self.epochs_run, 3), "stopped": self.stopped,
+                "seconds": round(self.seconds, 3), "seconds_per_epoch": round(self.seconds_per_epoch, 3),
+                "reference": self.reference, "history": self.history,
+                "first_loss": self.history[0]["loss"] if self.history else None,
+                "last_loss": self.history[-1]["loss"] if self.history else None}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return max(0.0, 1.0 - (step - warmup) / span) if total > warmup else 1.0
+
+
+def build_reference(cfg: TrainConfig, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
+                    ctx: Any, device: Any = "cpu", stage: str = "reference") -> Any:
+    """The reference the objective needs (None for GA/GD)."""
+    if cfg.objective not in NEEDS_REFERENCE:
+        return None
+    if cfg.reference == "live":
+        return LiveReference(model, cfg.kl_top_k)
+    need_gold = cfg.objective in ("dpo", "npo")
+    need_ref = cfg.objective == "dpo"
+    need_dist = cfg.objective == "kl"
+    total = (len(forget) if need_gold else 0) + (len(forget) if need_ref else 0) + (len(retain) if need_dist else 0)
+    tracker = Tracker(ctx.on_event, ctx.cancel, stage, total, detail="original model's log-probabilities")
+    return PrecomputedReference(model, pad_id, forget, retain, need_gold, need_ref, need_dist, cfg.kl_top_k,
+                                tracker=tracker, device=device)
+
+
+def step_loss(cfg: TrainConfig, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
+              f_idx: list[int], r_idx: list[int], reference: Any, device: Any = "cpu") -> tuple[torch.Tensor, dict]:
+    """The objective on one mini-batch; returns (loss, parts as floats)."""
+    obj = cfg.objective
+    parts: dict[str, float] = {}
+    gold = pack([forget[i].gold for i in f_idx], pad_id, device)
+    g_logits = completion_logits(model, gold)
+    g_tok = token_logprobs(g_logits, gold)
+    forget_nll = -g_tok.mean()
+    parts["forget_nll"] = float(forget_nll.detach())
+    if obj in ("ga", "gd", "kl"):
+        forget_term = -forget_nll
+    else:
+        g_seq = torch.stack([c.sum() for c in torch.split(g_tok, split_rows(gold))])
+        lose = g_seq - reference.forget_logp("gold", f_idx, gold).to(g_seq.device)
+        if obj == "dpo":
+            ref_p = pack([forget[i].refusal for i in f_idx], pad_id, device)
+            w_seq = sequence_logprobs(completion_logits(model, ref_p), ref_p)
+            win = w_seq - reference.forget_logp("refusal", f_idx, ref_p).to(w_seq.device)
+            forget_term = -(2.0 / cfg.beta) * F.logsigmoid(cfg.beta * (win - lose)).mean()
+            parts["refusal_nll"] = float(-(w_seq.detach().sum() / max(1, sum(split_rows(ref_p)))))
+        else:
+            forget_term = -(2.0 / cfg.beta) * F.logsigmoid(-cfg.beta * lose).mean()
+        parts["forget_term"] = float(forget_term.detach())
+    if obj == "ga":
+        return forget_term, parts
+    loss = cfg.gamma * forget_term
+    if r_idx and cfg.alpha != 0.0:
+        rp = pack([retain[i] for i in r_idx], pad_id, device)
+        r_logits = completion_logits(model, rp)
+        if obj == "kl":
+            kl = reference.retain_kl(r_logits, r_idx, rp).mean()
+            parts["retain_kl"] = float(kl.detach())
+            retain_term = kl
+            with torch.no_grad():
+                parts["retain_nll"] = float(-token_logprobs(r_logits, rp).mean())
+        else:
+            retain_term = -token_logprobs(r_logits, rp).mean()
+            parts["retain_nll"] = float(retain_term.detach())
+        loss = loss + cfg.alpha * retain_term
+    return loss, parts
+
+
+def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExample], retain: list[Example],
+          ctx: Any, reference: Any = None, stage: str = "train") -> TrainResult:
+    """Optimise ``params`` on ``cfg.objective``; see the module doc."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}")
+    if not forget:
+        raise UserError("the forget set is empty; nothing to unlearn", "data.forget")
+    if cfg.objective in ("gd", "kl") and not retain:
+        raise UserError(f'"{cfg.objective}" needs retain data and the retain split is empty; set [data] retain '
+                        'to a number, a list of ids or "rest"', "data.retain")
+    model = handle.model
+    device = next(model.parameters()).device
+    pad_id = handle.tokenizer.pad_token_id
+    res = TrainResult()
+    if reference is not None:
+        res.reference = {"kind": reference.kind, "bytes": int(reference.nbytes),
+                         "kl_top_k": getattr(reference, "kl_top_k", None)}
+    bs = max(1, cfg.batch_size)
+    steps_per_epoch = math.ceil(len(forget) / bs)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    use_retain = cfg.objective != "ga" and bool(retain) and cfg.alpha != 0.0
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tracker = Tracker(ctx.on_event, ctx.cancel, stage, total,
+                      detail=f"{cfg.objective}: {len(forget)} forget, {len(retain) if use_retain else 0} retain, "
+                             f"{steps_per_epoch} steps/epoch")
+    first_retain: float | None = None
+    r_order: list[int] = []
+    r_pos = 0
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(forget), generator=gen).tolist()
+            for b in range(steps_per_epoch):
+                if step >= total:
+                    break
+                f_idx = order[b * bs:(b + 1) * bs]
+                r_idx: list[int] = []
+                if use_retain:
+                    while len(r_idx) < len(f_idx):
+                        if r_pos >= len(r_order):
+                            r_order, r_pos = torch.randperm(len(retain), generator=gen).tolist(), 0
+                        r_idx.append(r_order[r_pos])
+                        r_pos += 1
+                loss, parts = step_loss(cfg, model, pad_id, forget, retain, f_idx, r_idx, reference, device)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise NonFiniteError(f"{cfg.objective}: the loss became {lv} at step {step + 1}; the run was "
+                                         "rolled back (lower lr or max_grad_norm)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    gnorm = torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+                gn = float(gnorm)
+                if not math.isfinite(gn):
+                    raise NonFiniteError(f"{cfg.objective}: a gradient became non-finite at step {step + 1}; the "
+                                         "run was rolled back (lower lr)")
+                opt.step()
+                sched.step()
+                step += 1
+                rec = {"step": step, "epoch": epoch + 1, "loss": lv, "grad_norm": gn,
+                       "lr": opt.param_groups[0]["lr"], **parts}
+                res.history.append(rec)
+                res.steps = step
+                res.epochs_run = step / steps_per_epoch
+                detail = " ".join(f"{k}={v:.3g}" for k, v in parts.items())
+                tracker.step(loss=lv, detail=f"epoch {epoch + 1}/{cfg.epochs} {detail}")
+                # early stops (measured on the batch just trained on)
+                if cfg.stop_forget_nll > 0 and parts["forget_nll"] >= cfg.stop_forget_nll:
+                    res.stopped = f"forget NLL {parts['forget_nll']:.3g} >= stop_forget_nll {cfg.stop_forget_nll}"
+                    break
+                rn = parts.get("retain_nll")
+                if rn is not None:
+                    first_retain = rn if first_retain is None else first_retain
+                    if cfg.stop_retain_ratio > 0 and rn > cfg.stop_retain_ratio * max(first_retain, 1e-6):
+                        res.stopped = (f"retain NLL {rn:.3g} > stop_retain_ratio {cfg.stop_retain_ratio} x "
+                                       f"{first_retain:.3g}")
+                        break
+            if res.stopped != "completed" or step >= total:
+                break
+        if res.stopped == "completed" and total < steps_per_epoch * cfg.epochs:
+            res.stopped = f"max_steps {cfg.max_steps}"
+    finally:
+        for p in params:
+            p.grad = None
+    res.seconds = time.perf_counter() - t0
+    res.seconds_per_epoch = res.seconds / max(res.epochs_run, 1e-9) if res.steps else 0.0
+    if res.stopped != "completed":
+        ctx.on_event(Log(f"{cfg.objective}: early stop after {res.steps} steps: {res.stopped}"))
+    return res
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Fork the global torch RNG (restored afterwards) and seed it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
