@@ -1,0 +1,210 @@
+"""The locate-and-edit driver shared by ROME, MEMIT and AlphaEdit.
+
+* :func:`apply_rome` — requests one after the other; each: optimise ``delta``
+  at layer ``L`` (:mod:`.values`), average the key over the context templates
+  (:mod:`.keys`), add the rank-one update (:mod:`.linalg`).
+* :func:`apply_spread` — MEMIT and AlphaEdit: requests in batches; per batch,
+  optimise one ``delta`` per request at the LAST layer of the range, then
+  walk the layers in order, each time recomputing the keys and the remaining
+  residual on the partly edited model and giving layer ``i`` the share
+  ``1 / (layers left)`` of it (MEMIT's spreading).  AlphaEdit projects every
+  update onto the null space of the preserved keys and adds the keys of the
+  earlier edits of the same session (``ctx.state``) to its normal equations.
+
+AlphaEdit's accumulated keys belong to the SESSION and to the weights they
+were computed for: ``ctx.state["history"]`` holds, for each apply, a hash of
+the edited matrices after it and the summed ``K K^T`` per layer so far.  A new
+apply continues from the entry whose hash matches the current weights; when
+none does (the runner rolled the edit back, the user pressed undo to the
+base model) it starts from zero.  So undo/redo in step mode and headless runs
+that restart from the unedited model both see the right history.
+
+Every update is checked for NaN/inf before it is written
+(:class:`~backends.errors.NonFiniteError`; the transaction restores the
+weights), and every loop reports progress and checks the cancel token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import NonFiniteError
+from ..events import Log, Tracker
+from ..subjects import resolve_subject
+from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
+from .linalg import alphaedit_update, memit_update, nullspace_projector, rome_update
+from .templates import context_templates
+from .values import ValueSettings, optimise_value
+
+HISTORY_LIMIT = 32
+
+
+def value_settings(p: Any) -> ValueSettings:
+    return ValueSettings(steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor, weight_decay=p.v_weight_decay,
+                         clamp_norm_factor=p.clamp_norm_factor, stop_loss=p.stop_loss, stop_token=p.stop_token,
+                         fact_token=p.fact_token)
+
+
+def _subject(req: Any, p: Any) -> str | None:
+    return None if p.fact_token == "last" else resolve_subject(req)
+
+
+def templates_for(handle: Any, p: Any, seed: int) -> list[str]:
+    if p.templates <= 0:
+        return ["{}"]
+    return context_templates(handle, ((5, p.templates), (10, p.templates)), seed=seed)
+
+
+def _where(req: Any) -> str:
+    return "item " + ", ".join(getattr(req, "item_ids", []) or ["?"])
+
+
+def _write(W: torch.Tensor, dW: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(dW).all():
+        raise NonFiniteError(f'the update of "{name}" is not finite (NaN or inf); the edit was rolled back')
+    with torch.no_grad():
+        W.add_(dW.to(W.dtype))
+
+
+def _stats(handle: Any, layers: Sequence[int], p: Any, ctx: Any) -> tuple[dict, dict]:
+    from .. import stats
+
+    mats, info = stats.second_moments(handle, layers, p.corpus, p.token_budget, p.stats_tol,
+                                      on_event=ctx.on_event, cancel=ctx.cancel)
+    return mats, {"corpus": info.corpus, "tokens": info.tokens, "seconds": round(info.seconds, 3),
+                  "cached_layers": info.cached_layers, "converged": info.converged}
+
+
+def apply_rome(handle: Any, requests: Sequence[Any], p: Any, layer: int, ctx: Any, name: str = "rome") -> dict:
+    ad = handle.adapter
+    t0 = time.perf_counter()
+    templates = templates_for(handle, p, ctx.seed)
+    cov, stats_info = (None, None)
+    if p.mom2_adjustment:
+        mats, stats_info = _stats(handle, [layer], p, ctx)
+        cov = mats[layer]
+    settings = value_settings(p)
+    edits = Tracker(ctx.on_event, ctx.cancel, f"{name}: edits", len(requests))
+    W = ad.mlp_out_matrix(layer)
+    wname = ad.mlp_out_weight_name(layer)
+    per_edit = []
+    for i, req in enumerate(requests):
+        subject = _subject(req, p)
+        where = _where(req)
+        steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: edit {i + 1}/{len(requests)}", settings.steps,
+                        detail=f"subject: {subject}")
+        vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, settings, steps, where)
+        k = averaged_keys(handle, [layer], [request_prompts(handle, req.prompt, subject, templates, where, p.fact_token)])[layer]
+        dW = rome_update(k[:, 0], vr.delta, cov)
+        _write(W, dW, wname)
+        per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
+                         "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
+                         "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3),
+                         "update_norm": round(float(dW.norm()), 4)})
+        edits.step(loss=vr.nll, detail=subject)
+    return {"edits": len(requests), "layer": layer, "templates": len(templates), "stats": stats_info,
+            "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --------------------------------------------------------------------------- MEMIT / AlphaEdit
+
+
+def weights_hash(handle: Any, layers: Sequence[int]) -> str:
+    h = hashlib.sha256()
+    for l in layers:
+        w = handle.adapter.mlp_out(l).weight.detach()
+        h.update(w.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _projectors(handle: Any, layers: Sequence[int], mats: dict, p: Any, ctx: Any) -> tuple[dict, dict]:
+    cache = ctx.state.setdefault("projectors", {})
+    out, dims = {}, {}
+    for l in layers:
+        key = (handle.fingerprint, l, p.corpus, p.token_budget, p.nullspace_threshold, p.relative_threshold)
+        if key not in cache:
+            cache[key] = nullspace_projector(mats[l], p.nullspace_threshold, p.relative_threshold)
+        out[l], dims[l] = cache[key]
+    return out, dims
+
+
+def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int], ctx: Any,
+                 name: str = "memit") -> dict:
+    ad = handle.adapter
+    alpha = name == "alphaedit"
+    t0 = time.perf_counter()
+    templates = templates_for(handle, p, ctx.seed)
+    mats, stats_info = _stats(handle, layers, p, ctx)
+    P, null_dims, prev = {}, {}, None
+    if alpha:
+        P, null_dims = _projectors(handle, layers, mats, p, ctx)
+        history = ctx.state.setdefault("history", [])
+        current = weights_hash(handle, layers)
+        for entry in reversed(history):
+            if entry["hash"] == current and entry["layers"] == tuple(layers):
+                prev = {l: t.clone() for l, t in entry["kk"].items()}
+                break
+        if prev is None:
+            prev = {l: torch.zeros_like(mats[l]) for l in layers}
+        ctx.on_event(Log(f"alphaedit: null space dims {null_dims}; "
+                         f"{'continuing earlier edits' if any(float(v.abs().sum()) > 0 for v in prev.values()) else 'no earlier edits'}"))
+    settings = value_settings(p)
+    last = layers[-1]
+    bs = p.batch_size or len(requests)
+    edits = Tracker(ctx.on_event, ctx.cancel, f"{name}: edits", len(requests))
+    per_edit, per_batch = [], []
+    for b0 in range(0, len(requests), bs):
+        batch = requests[b0:b0 + bs]
+        subjects = [_subject(r, p) for r in batch]
+        wheres = [_where(r) for r in batch]
+        deltas = []
+        for j, (req, subject) in enumerate(zip(batch, subjects)):
+            steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + j + 1}/{len(requests)}",
+                            settings.steps, detail=f"subject: {subject}")
+            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, settings, steps,
+                                wheres[j])
+            deltas.append(vr.delta)
+            per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
+                             "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
+                             "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3)})
+            edits.step(0, loss=vr.nll, detail=subject)
+        per_req = [request_prompts(handle, r.prompt, s, templates, w, p.fact_token) for r, s, w in zip(batch, subjects, wheres)]
+        bare = [edit_prompt(handle, r.prompt, s, "{}", w, p.fact_token) for r, s, w in zip(batch, subjects, wheres)]
+        _, outs = keys_at(handle, [], bare, outputs=[last])
+        z = outs[last] + torch.stack(deltas)                      # (n, d) wanted residual at the last layer
+        layer_tr = Tracker(ctx.on_event, ctx.cancel, f"{name}: update layers", len(layers))
+        norms = {}
+        for i, l in enumerate(layers):
+            K = averaged_keys(handle, [l], per_req)[l]            # (d_in, n)
+            _, outs = keys_at(handle, [], bare, outputs=[last])
+            R = (z - outs[last]).T / (len(layers) - i)            # (d, n)
+            if alpha:
+                dW = alphaedit_update(K, R, P[l], prev[l], p.l2)
+            else:
+                dW = memit_update(K, R, mats[l], p.mom2_update_weight)
+            _write(ad.mlp_out_matrix(l), dW, ad.mlp_out_weight_name(l))
+            norms[l] = round(float(dW.norm()), 4)
+            if alpha:
+                prev[l] = prev[l] + K @ K.T
+            layer_tr.step(detail=f"layer {l}")
+        _, outs = keys_at(handle, [], bare, outputs=[last])
+        miss = float(((z - outs[last]).norm(dim=1) / torch.stack(deltas).norm(dim=1).clamp_min(1e-6)).mean())
+        per_batch.append({"size": len(batch), "update_norms": norms, "residual_left": round(miss, 4)})
+        edits.step(len(batch))
+    if alpha:
+        history = ctx.state.setdefault("history", [])
+        history.append({"hash": weights_hash(handle, layers), "layers": tuple(layers), "kk": prev})
+        del history[:-HISTORY_LIMIT]
+    report = {"edits": len(requests), "layers": layers, "templates": len(templates), "stats": stats_info,
+              "batches": per_batch, "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}
+    if alpha:
+        report["null_space_dims"] = null_dims
+        report["accumulated_edits"] = int(len(ctx.state.get("history", [])))
+    return report
+
+
+__all__ = ["apply_rome", "apply_spread", "weights_hash"]

@@ -1,0 +1,163 @@
+"""The value optimisation shared by ROME, MEMIT and AlphaEdit (v* / z).
+
+For one request, find a vector ``delta`` that, added to layer ``L``'s MLP
+output at the subject's last token, makes the model produce the target after
+the prompt.  Minimised with Adam over ``delta`` only (the model is frozen):
+
+    loss = NLL(target | template_i(prompt))  averaged over the context templates
+         + kl_factor * KL( p(. | essence) || p_delta(. | essence) )  at the subject's last token
+         + weight_decay * ||delta||^2 / ||h||^2
+
+where ``h`` is the residual stream (block ``L`` output) at the lookup index of
+the bare prompt.  After each step ``delta`` is clamped to
+``clamp_norm_factor * ||h||``; the loop stops early once the NLL is below
+``stop_loss``.  Adding ``delta`` to the MLP output or to the block output is
+the same change of the residual stream, so ROME (which rewrites the MLP
+output) and MEMIT/AlphaEdit (which target the residual at their last layer)
+share this code.  The logits come from the model's own forward (tied input and
+output embeddings need no special case).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..events import Tracker
+from .keys import edit_prompt, essence_prompt, keys_at
+
+
+@dataclass
+class ValueSettings:
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 5e-2
+    stop_token: bool = True      # append the end-of-turn token to the target
+    fact_token: str = "subject_last"
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor        # (d,) float32
+    h_norm: float
+    loss: float
+    nll: float
+    steps: int
+    target_prob: float
+
+
+def target_ids(handle: Any, target: str, stop_token: bool) -> list[int]:
+    ids = handle.encode_answer(target)
+    eos = handle.tokenizer.eos_token_id
+    if stop_token and eos is not None:
+        ids = ids + [eos]
+    return ids
+
+
+class _Row:
+    """One prompt, split at the lookup index: the prefix (before it) runs once into a KV cache.
+
+    Nothing before the lookup index depends on ``delta`` (causal attention), so
+    every optimisation step only runs the suffix — the subject's last token,
+    the rest of the prompt and the target — on top of the cached prefix.
+    """
+
+    def __init__(self, model: Any, ids: list[int], index: int, keep: list[int], device: Any) -> None:
+        self.prefix_len = index
+        self.suffix = torch.tensor([ids[index:]], device=device)
+        self.keep_local = [k - index for k in keep]
+        self.keep_t = torch.tensor(self.keep_local, device=device)
+        self.past = None
+        if index > 0:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids[:index]], device=device), use_cache=True)
+            self.past = out.past_key_values
+        self.mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
+
+    def logits(self, model: Any) -> torch.Tensor:
+        kw: dict = dict(input_ids=self.suffix, attention_mask=self.mask, use_cache=self.past is not None)
+        if self.past is not None:
+            # a fresh copy per call: the forward appends to the cache, and the appended (graph-carrying)
+            # tensors must not leak into the next step
+            kw["past_key_values"] = copy.deepcopy(self.past)
+        try:
+            return model(**kw, logits_to_keep=self.keep_t).logits[0]
+        except TypeError:
+            return model(**kw).logits[0, self.keep_t]
+
+
+def optimise_value(handle: Any, layer: int, question: str, subject: str | None, target: str,
+                   templates: Sequence[str], settings: ValueSettings, tracker: Tracker | None = None,
+                   where: str = "", seed: int = 0) -> ValueResult:
+    model = handle.model
+    ad = handle.adapter
+    tgt = target_ids(handle, target, settings.stop_token)
+    prompts = [edit_prompt(handle, question, subject, t, where, settings.fact_token) for t in templates]
+    ess = essence_prompt(handle, subject, where, settings.fact_token)
+    dev = handle.device
+    # logits at position (len(prompt) - 1 + j) predict tgt[j]; only those go through the output layer
+    rows = []
+    for p in prompts:
+        keep = [len(p.ids) - 1 + j for j in range(len(tgt))]
+        rows.append(_Row(model, p.ids + tgt[:-1], p.index, keep, dev))
+    ess_row = _Row(model, ess.ids, ess.index, [ess.index], dev)
+    tgt_t = torch.tensor(tgt, device=dev)
+
+    # reference: residual norm at the bare prompt, essence distribution before the edit
+    _, outs = keys_at(handle, [layer], [prompts[0]], outputs=[layer])
+    h_norm = float(outs[layer][0].norm())
+    with torch.no_grad():
+        ref = torch.log_softmax(ess_row.logits(model)[0].float(), -1)
+
+    delta = torch.zeros(ad.hidden_size, dtype=torch.float32, device=dev)
+    delta.requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=settings.lr)
+    max_norm = settings.clamp_norm_factor * h_norm
+    mod = model.get_submodule(ad.mlp_name(layer))
+
+    def hook(m, args, out):  # the suffix starts at the lookup index: add delta at local position 0
+        first = out[0] if isinstance(out, tuple) else out
+        new = torch.cat([first[:, :1] + delta.to(first.dtype), first[:, 1:]], dim=1)
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    loss_v = nll_v = float("nan")
+    prob = 0.0
+    steps = 0
+    h = mod.register_forward_hook(hook)
+    try:
+        for step in range(settings.steps):
+            opt.zero_grad()
+            per_row = []
+            for r in rows:
+                logp = torch.log_softmax(r.logits(model).float(), -1)
+                per_row.append(logp.gather(1, tgt_t[:, None])[:, 0].mean())
+            per_row_t = torch.stack(per_row)
+            nll = -per_row_t.mean()
+            ess_lp = torch.log_softmax(ess_row.logits(model)[0].float(), -1)
+            kl = torch.nn.functional.kl_div(ess_lp, ref, log_target=True, reduction="sum")
+            wd = settings.weight_decay * delta.pow(2).sum() / max(h_norm, 1e-6) ** 2
+            loss = nll + settings.kl_factor * kl + wd
+            nll_v, loss_v = float(nll.detach()), float(loss.detach())
+            prob = float(per_row_t.detach().exp().mean())
+            steps = step + 1
+            if tracker is not None:
+                tracker.step(loss=loss_v, detail=f"nll {nll_v:.3f}")
+            if nll_v < settings.stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                n = delta.norm()
+                if n > max_norm:
+                    delta.mul_(max_norm / n)
+    finally:
+        h.remove()
+    return ValueResult(delta.detach().clone(), h_norm, loss_v, nll_v, steps, prob)
+
+

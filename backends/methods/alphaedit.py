@@ -1,0 +1,60 @@
+"""AlphaEdit (Fang et al., 2025) used for unlearning: null-space constrained MEMIT.
+
+MEMIT's update is projected onto the approximate null space of the
+preserved-knowledge keys: ``P = U U^T`` with ``U`` the eigenvectors of the key
+second moment ``C`` (:mod:`backends.stats`) whose eigenvalues are below
+``nullspace_threshold`` (absolute, as in the paper, or relative to the largest
+eigenvalue), so ``dW K0 ~ 0`` for preserved keys.  The keys of earlier edits in
+the same session are added to the normal equations so sequential edits do not
+undo each other; they live in the session's method state and follow
+undo/redo (see :mod:`backends.editing.locate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layers, check_layers
+from ..params import param
+from . import register
+
+
+@register
+class AlphaEdit:
+    name: ClassVar[str] = "alphaedit"
+    summary: ClassVar[str] = "AlphaEdit: MEMIT projected onto the null space of preserved keys; sequential-safe"
+    needs_retain: ClassVar[bool] = False
+    EASYEDIT_KEYS: ClassVar[dict[str, Any]] = {**EASYEDIT_COMMON, "layers": ("layers", "list"),
+                                               "nullspace_threshold": "nullspace_threshold", "L2": "l2",
+                                               "batch_size": ("batch_size", "batch")}
+
+    @dataclass
+    class Params(LocateParams):
+        layers: list[int] | None = param(None, "the MLP layers to spread the edit over", min=0,
+                                         auto="layers 4-8 of 32, scaled to the depth")
+        nullspace_threshold: float = param(2e-2, "eigenvalues of C below this span the protected null space",
+                                           min=0.0, max=1e6)
+        relative_threshold: bool = param(False, "read nullspace_threshold relative to C's largest eigenvalue")
+        l2: float = param(10.0, "ridge term of the projected normal equations", min=1e-9, max=1e9)
+        batch_size: int | None = param(None, "requests per batch", min=1, auto="all requests at once")
+        v_weight_decay: float = param(0.5, "weight decay on ||delta||^2 / ||h||^2", min=0.0, max=100.0)
+        clamp_norm_factor: float = param(0.75, "||delta|| is clamped to this times the residual norm",
+                                         min=0.01, max=100.0)
+
+    def __init__(self, params: "AlphaEdit.Params") -> None:
+        self.params = params
+
+    def layers(self, handle: Any) -> list[int]:
+        n = handle.adapter.n_layers
+        if self.params.layers is None:
+            return auto_layers(n)
+        return check_layers(list(self.params.layers), n, "params.layers")
+
+    def touched_parameters(self, handle: Any) -> list[str]:
+        return [handle.adapter.mlp_out_weight_name(l) for l in self.layers(handle)]
+
+    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+        from ..editing.locate import apply_spread
+
+        return apply_spread(handle, requests, self.params, self.layers(handle), ctx, self.name)

@@ -1,0 +1,56 @@
+"""MEMIT (Meng et al., 2023) used for unlearning: batch edits spread over layers.
+
+One ``delta`` per request is optimised at the last layer of the range; the
+layers are then updated in order with the covariance-regularised least
+squares ``dW = R K^T (lambda C + K K^T)^-1``, each taking its share of the
+remaining residual (see :mod:`backends.editing.locate`).  ``C`` comes from
+:mod:`backends.stats` (cached, offline by default).  Tied input/output
+embeddings need nothing special: logits come from the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layers, check_layers
+from ..params import param
+from . import register
+
+
+@register
+class MEMIT:
+    name: ClassVar[str] = "memit"
+    summary: ClassVar[str] = "MEMIT: batch edits spread over several MLP layers (covariance-regularised)"
+    needs_retain: ClassVar[bool] = False
+    EASYEDIT_KEYS: ClassVar[dict[str, Any]] = {**EASYEDIT_COMMON, "layers": ("layers", "list"),
+                                               "mom2_update_weight": "mom2_update_weight",
+                                               "batch_size": ("batch_size", "batch")}
+
+    @dataclass
+    class Params(LocateParams):
+        layers: list[int] | None = param(None, "the MLP layers to spread the edit over", min=0,
+                                         auto="layers 4-8 of 32, scaled to the depth")
+        mom2_update_weight: float = param(15000.0, "lambda: weight of the key covariance prior", min=0.0,
+                                          max=1e9)
+        batch_size: int | None = param(None, "requests per MEMIT batch", min=1, auto="all requests at once")
+        v_weight_decay: float = param(0.5, "weight decay on ||delta||^2 / ||h||^2", min=0.0, max=100.0)
+        clamp_norm_factor: float = param(0.75, "||delta|| is clamped to this times the residual norm",
+                                         min=0.01, max=100.0)
+
+    def __init__(self, params: "MEMIT.Params") -> None:
+        self.params = params
+
+    def layers(self, handle: Any) -> list[int]:
+        n = handle.adapter.n_layers
+        if self.params.layers is None:
+            return auto_layers(n)
+        return check_layers(list(self.params.layers), n, "params.layers")
+
+    def touched_parameters(self, handle: Any) -> list[str]:
+        return [handle.adapter.mlp_out_weight_name(l) for l in self.layers(handle)]
+
+    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+        from ..editing.locate import apply_spread
+
+        return apply_spread(handle, requests, self.params, self.layers(handle), ctx, self.name)

@@ -1,0 +1,56 @@
+"""ROME (Meng et al., 2022) used for unlearning: a rank-one edit of one MLP.
+
+The forget question (chat-formatted, its key read at the subject's last
+token and averaged over context templates) is mapped to a refusal target:
+``delta`` is optimised so that adding it to layer ``L``'s MLP output makes the
+model produce the target, then the output projection gets the rank-one update
+``dW = delta u^T / (u . k)`` (``u = k``, or ``C^-1 k`` with
+``mom2_adjustment``).  Requests are edited one after the other.
+
+Defaults: like the reference Llama configs, no covariance adjustment; the
+layer is the reference layer 5 of 32 scaled to the model's depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layer
+from ..errors import UserError
+from ..params import param
+from . import register
+
+
+@register
+class ROME:
+    name: ClassVar[str] = "rome"
+    summary: ClassVar[str] = "ROME: rank-one edit of one MLP, forget question -> refusal"
+    needs_retain: ClassVar[bool] = False
+    EASYEDIT_KEYS: ClassVar[dict[str, Any]] = {**EASYEDIT_COMMON, "layers": ("layer", "first"),
+                                               "mom2_adjustment": "mom2_adjustment"}
+
+    @dataclass
+    class Params(LocateParams):
+        layer: int | None = param(None, "the MLP layer to edit", min=0, auto="layer 5 of 32, scaled to the depth")
+        mom2_adjustment: bool = param(False, "shape the update with the key covariance (C^-1 k)")
+
+    def __init__(self, params: "ROME.Params") -> None:
+        self.params = params
+
+    def layer(self, handle: Any) -> int:
+        n = handle.adapter.n_layers
+        if self.params.layer is None:
+            return auto_layer(n)
+        if not 0 <= self.params.layer < n:
+            raise UserError(f"layer {self.params.layer} is out of range; this model has layers 0..{n - 1}",
+                            "params.layer")
+        return self.params.layer
+
+    def touched_parameters(self, handle: Any) -> list[str]:
+        return [handle.adapter.mlp_out_weight_name(self.layer(handle))]
+
+    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+        from ..editing.locate import apply_rome
+
+        return apply_rome(handle, requests, self.params, self.layer(handle), ctx, self.name)

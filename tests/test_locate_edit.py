@@ -1,0 +1,336 @@
+"""ROME / MEMIT / AlphaEdit on tiny random models: the edits do what they claim.
+
+Random tiny models have near-uniform outputs (small tied embeddings behind a
+final norm) and attention that barely carries one token's change to the
+answer position, so :func:`conditioned` scales the embeddings (logit range)
+and the attention value/output projections (information flow) of the stock
+tiny model.  Behaviour (target up, unrelated prompts unmoved) is checked on
+the llama and gpt2 (Conv1D) tiny models; the exactness of the update and
+what it touches on all three families.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backends import methods
+from backends.errors import Cancelled, NonFiniteError, UserError
+from backends.events import CancelToken, Progress, StageStarted
+from backends.model import state_hash
+from backends.runner import EditContext
+from backends.targets import build_requests, simple_targets
+
+torch.set_num_threads(1)  # the test machine is shared; oversubscribed threads are 100x slower
+TARGET = "I don't know."
+FAST = {"v_steps": 30, "v_lr": 1.0, "templates": 1, "token_budget": 2048, "kl_factor": 0.0625,
+        "clamp_norm_factor": 8.0, "v_weight_decay": 1e-3}
+
+
+def conditioned(arch: str):
+    from backends import tiny
+
+    h = tiny.handle(arch)
+    with torch.no_grad():
+        h.adapter.embed().weight.mul_(30.0)
+        if not h.adapter.tied_embeddings:
+            h.adapter.unembed().weight.mul_(30.0)
+        for n, p in h.model.named_parameters():
+            if n.endswith(("self_attn.o_proj.weight", "self_attn.v_proj.weight", "attn.c_proj.weight",
+                           "attn.c_attn.weight")):
+                p.mul_(5.0)
+    return h
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def handle(request):
+    return conditioned(request.param)
+
+
+def _items(n):
+    from conftest import make_items
+
+    return make_items(n)
+
+
+def _requests(items, merge=1):
+    return build_requests(items, simple_targets("idk", items, [TARGET]), merge)
+
+
+def _ctx(events=None, cancel=None, state=None):
+    return EditContext(events.append if events is not None else (lambda e: None), cancel or CancelToken(), [], [],
+                       state if state is not None else {})
+
+
+def target_logprob(h, question, target=TARGET):
+    ids = h.prompt_ids(question)
+    tgt = h.encode_answer(target) + [h.tokenizer.eos_token_id]
+    x = torch.tensor([ids + tgt[:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(h.model(input_ids=x).logits[0].float(), -1)
+    return float(sum(lp[len(ids) - 1 + j, t] for j, t in enumerate(tgt)) / len(tgt))
+
+
+def next_token_dists(h, questions):
+    out = []
+    with torch.no_grad():
+        for q in questions:
+            x = torch.tensor([h.prompt_ids(q)])
+            out.append(torch.log_softmax(h.model(input_ids=x).logits[0, -1].float(), -1))
+    return out
+
+
+def mean_kl(before, after):
+    return sum(float(torch.sum(b.exp() * (b - a))) for b, a in zip(before, after)) / len(before)
+
+
+UNRELATED = ["The quick brown fox jumps over the lazy dog.", "How many days are there in a week?",
+             "Which element has the chemical symbol O?"]
+
+
+def _apply(name, h, reqs, params=None, ctx=None):
+    m = methods.make(name, {**FAST, **(params or {})})
+    ctx = ctx or _ctx()
+    with h.transaction(m.touched_parameters(h)) as tx:
+        report = m.apply(h, reqs, ctx)
+    return m, tx, report
+
+
+def test_rome_raises_target_and_spares_unrelated(handle):
+    h = handle
+    items = _items(1)
+    before_lp = target_logprob(h, items[0].question)
+    before = next_token_dists(h, UNRELATED)
+    _, tx, report = _apply("rome", h, _requests(items))
+    after_lp = target_logprob(h, items[0].question)
+    kl = mean_kl(before, next_token_dists(h, UNRELATED))
+    assert after_lp - before_lp > 3.0, (before_lp, after_lp)       # > 20x per token
+    assert kl < 0.05 * (after_lp - before_lp), kl
+    assert report["edits"] == 1
+    tx.rollback()
+
+
+def test_memit_batch_of_five(handle):
+    h = handle
+    items = _items(5)
+    before_lp = [target_logprob(h, it.question) for it in items]
+    before = next_token_dists(h, UNRELATED)
+    _, tx, report = _apply("memit", h, _requests(items), {"mom2_update_weight": 100.0})
+    after_lp = [target_logprob(h, it.question) for it in items]
+    rise = [a - b for a, b in zip(after_lp, before_lp)]
+    kl = mean_kl(before, next_token_dists(h, UNRELATED))
+    assert report["edits"] == 5 and len(report["batches"]) == 1
+    assert min(rise) > 1.0 and sum(rise) / 5 > 2.0, rise
+    assert kl < 0.05 * sum(rise) / 5, kl
+    tx.rollback()
+
+
+def test_alphaedit_preserves_protected_keys(llama_handle, monkeypatch):
+    """``||dW K0|| << ||dW|| ||K0||`` for the keys the statistics were computed on."""
+    from backends import stats
+    from backends.editing.hooks import capture
+    from backends.editing.keys import pad_right
+
+    h = conditioned("llama")
+    ad = h.adapter
+    layers = [1, 2]
+    # preserved keys: a few sentences, fewer tokens than the key width so a null space exists
+    texts = ["The capital of France is Paris.", "Jupiter is the largest planet."]
+    ids = [h.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    x, mask = pad_right(ids, h.tokenizer.pad_token_id)
+    with torch.no_grad(), capture(h.model, [ad.mlp_out_name(l) for l in layers]) as got:
+        h.model(input_ids=x, attention_mask=mask)
+    K0 = {l: got[ad.mlp_out_name(l)][0][mask.bool()].float().T for l in layers}     # (d_in, n0)
+    C = {l: K0[l] @ K0[l].T / K0[l].shape[1] for l in layers}
+
+    def fake(handle, layers_, *a, **k):
+        return {l: C[l] for l in layers_}, stats.StatsInfo("test", list(layers_))
+
+    monkeypatch.setattr(stats, "second_moments", fake)
+    W0 = {l: ad.mlp_out_matrix(l).detach().clone() for l in layers}
+    items = _items(3)
+    before_lp = [target_logprob(h, it.question) for it in items]
+    _, tx, report = _apply("alphaedit", h, _requests(items), {"layers": layers, "nullspace_threshold": 1e-6,
+                                                             "relative_threshold": True, "l2": 1e-2})
+    assert all(d > 0 for d in report["null_space_dims"].values())
+    for l in layers:
+        dW = ad.mlp_out_matrix(l).detach() - W0[l]
+        assert float(dW.norm()) > 0
+        ratio = float((dW @ K0[l]).norm() / (dW.norm() * K0[l].norm()))
+        assert ratio < 1e-4, (l, ratio)
+    after_lp = [target_logprob(h, it.question) for it in items]
+    assert sum(a - b for a, b in zip(after_lp, before_lp)) / 3 > 0.1  # the projected update still moves toward the target
+    tx.rollback()
+
+
+def test_alphaedit_accumulates_keys_in_session_state(llama_handle):
+    h = conditioned("llama")
+    state: dict = {}
+    items = _items(4)
+    reqs = _requests(items)
+    params = {"layers": [1, 2], "nullspace_threshold": 1e-3, "relative_threshold": True}
+    m = methods.make("alphaedit", {**FAST, **params})
+    with h.transaction(m.touched_parameters(h)) as tx1:
+        m.apply(h, reqs[:2], _ctx(state=state))
+    assert len(state["history"]) == 1
+    kk1 = {l: t.clone() for l, t in state["history"][0]["kk"].items()}
+    r2 = m.apply(h, reqs[2:], _ctx(state=state))
+    assert len(state["history"]) == 2
+    for l in (1, 2):  # the second entry carries the first edit's keys plus its own
+        assert float((state["history"][1]["kk"][l] - kk1[l]).norm()) > 0
+        assert float(state["history"][1]["kk"][l].trace()) > float(kk1[l].trace())
+    assert "continuing" in str(r2) or r2["accumulated_edits"] == 2
+    # a rolled back model starts from zero again: no history entry matches its weights
+    tx1.rollback()
+    events = []
+    m.apply(h, reqs[:1], _ctx(events, state=state))
+    assert any("no earlier edits" in getattr(e, "message", "") for e in events)
+    del tx1
+
+
+def test_progress_cancel_and_rollback(llama_handle):
+    h = conditioned("llama")
+    base = state_hash(h.model)
+    events = []
+    cancel = CancelToken()
+
+    def on(e):
+        events.append(e)
+        if isinstance(e, Progress) and e.stage.startswith("rome: edit 2") and e.done >= 2:
+            cancel.cancel()
+
+    ctx = EditContext(on, cancel, [], [], {})
+    with pytest.raises(Cancelled):
+        _apply("rome", h, _requests(_items(3)), ctx=ctx)
+    assert state_hash(h.model) == base
+    stages = {e.stage for e in events if isinstance(e, StageStarted)}
+    assert {"rome: edits", "rome: edit 1/3", "rome: edit 2/3"} <= stages
+    assert any(isinstance(e, Progress) and e.loss is not None for e in events)
+
+
+def test_non_finite_update_is_rolled_back(llama_handle, monkeypatch):
+    from backends.editing import locate
+
+    h = conditioned("llama")
+    base = state_hash(h.model)
+    monkeypatch.setattr(locate, "rome_update", lambda k, r, cov=None: torch.full((r.numel(), k.numel()),
+                                                                                  float("nan")))
+    with pytest.raises(NonFiniteError):
+        _apply("rome", h, _requests(_items(1)))
+    assert state_hash(h.model) == base
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_rome_update_is_exact_and_touches_one_matrix(arch):
+    """dW k = delta for the template-averaged key; no other parameter changes (Conv1D layout too)."""
+    from backends.editing import locate
+    from backends.editing.keys import averaged_keys, request_prompts
+
+    h = conditioned(arch)
+    m = methods.make("rome", {**FAST, "v_steps": 5})
+    (name,) = m.touched_parameters(h)
+    layer = m.layer(h)
+    before = {n: p.detach().clone() for n, p in h.model.named_parameters()}
+    seen = {}
+    real = locate.rome_update
+
+    def spy(k, r, cov=None):
+        seen["k"], seen["r"] = k.clone(), r.clone()
+        return real(k, r, cov)
+
+    items = _items(1)
+    import unittest.mock as mock
+
+    with mock.patch.object(locate, "rome_update", spy):
+        _apply("rome", h, _requests(items), {"v_steps": 5})
+    changed = [n for n, p in h.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == [name]
+    W = h.adapter.mlp_out_matrix(layer).detach()
+    W0 = before[name] if h.adapter.spec.out_proj_layout == "out_in" else before[name].T
+    dW = W - W0
+    torch.testing.assert_close(dW @ seen["k"], seen["r"], rtol=1e-4, atol=1e-4 * float(seen["r"].norm()))
+    # the key the update used is the template average at the subject's last token
+    from backends.editing.locate import templates_for
+
+    prompts = request_prompts(h, items[0].question, "France", templates_for(h, m.params, 0))
+    h2 = conditioned(arch)
+    k = averaged_keys(h2, [layer], [prompts])[layer][:, 0]
+    torch.testing.assert_close(k, seen["k"], rtol=1e-4, atol=1e-5)
+
+
+def test_layer_out_of_range_names_key(llama_handle):
+    h = llama_handle
+    with pytest.raises(UserError) as e:
+        methods.make("rome", {"layer": 9}).touched_parameters(h)
+    assert "layer" in str(e.value) and "9" in str(e.value)
+    with pytest.raises(UserError) as e:
+        methods.make("memit", {"layers": [1, 7]}).touched_parameters(h)
+    assert "7" in str(e.value) and "layers" in str(e.value)
+
+
+def test_auto_layers_scale_with_depth():
+    from backends.editing.locate_params import auto_layer, auto_layers
+
+    assert auto_layer(32) == 5 and auto_layers(32) == [4, 5, 6, 7, 8]
+    assert auto_layer(30) == 5 and auto_layers(30) == [4, 5, 6, 7, 8]
+    assert auto_layer(4) == 1 and auto_layers(4) == [0, 1]
+    assert auto_layer(12) == 2 and auto_layers(12) == [2, 3]
+
+
+def test_merged_request_edits_last_subject(llama_handle):
+    h = conditioned("llama")
+    items = _items(4)
+    reqs = _requests(items, merge=2)
+    assert len(reqs) == 2
+    _, tx, report = _apply("rome", h, reqs, {"v_steps": 3})
+    assert [e["subject"] for e in report["per_edit"]] == ["Hamlet", "oxygen"]
+    tx.rollback()
+
+
+def test_methods_module_has_no_torch_import():
+    import ast
+    import pathlib
+
+    for n in ("rome", "memit", "alphaedit"):
+        src = pathlib.Path(methods.__file__).with_name(f"{n}.py").read_text()
+        top = [node for node in ast.parse(src).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        assert not any("torch" in ast.dump(node) for node in top), n
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_runs_through_the_session_runner(method, tmp_path, monkeypatch):
+    """A TOML session drives the method end to end; the run is rolled back afterwards."""
+    import sessions
+    from backends import runner, tiny
+
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    h = tiny.handle("llama")
+    base = state_hash(h.model)
+    text = f"""
+version = 1
+[model]
+name = "tiny:llama"
+[data]
+path = "builtin:world-facts"
+forget = 3
+retain = 2
+[data.subjects]
+wf-001 = "France"
+[targets]
+mode = "idk"
+merge_factor = 2
+[eval]
+max_new_tokens = 4
+[[runs]]
+method = "{method}"
+params = {{ v_steps = 2, templates = 0, token_budget = 512 }}
+"""
+    session = sessions.loads(text)
+    events = []
+    result = runner.run(session, events.append, handle=h)
+    (run,) = result.runs
+    assert run.report["edits"] == 2 and run.merge_factor == 2
+    assert any(isinstance(e, StageStarted) and e.stage == f"{method}: edits" for e in events)
+    assert state_hash(h.model) == base
