@@ -60,7 +60,7 @@ k = 2
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
@@ -183,7 +183,7 @@ def test_replay_never_imports_textual(session_dir):
     code = ("import sys\nfrom tui import cli\nrc = cli.main(['replay', sys.argv[1], '--quiet'])\n"
             "assert rc == 0, rc\nassert 'textual' not in sys.modules\nprint('clean')\n")
     proc = subprocess.run([sys.executable, "-c", code, str(session_dir / "s.toml")], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert "clean" in proc.stdout
 
