@@ -1,0 +1,1 @@
+"""Screens: the main screen, help, confirm-quit, path dialogs and the error modal."""

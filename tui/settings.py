@@ -1,0 +1,69 @@
+"""Typed user settings (``config_dir()/settings.toml``).
+
+Every field has a default; a bad value is reported (as a notification) and
+the default kept, so a broken settings file never stops the app::
+
+    theme = "unlearn-light"
+    autosave_seconds = 20
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class Settings:
+    theme: str = "unlearn-dark"          # a theme name (ours, the user's or Textual's)
+    autosave_seconds: float = 15.0       # how often unsaved changes are written to the autosave file
+    progress_hz: float = 10.0            # at most this many progress messages per second
+    baseline_on_load: bool = True        # score every item (does the model know it?) after loading
+    baseline_limit: int = 200            # ... at most this many items
+    narrow_width: int = 100              # below this width the side column folds into the tabs
+    max_log_lines: int = 500
+
+    LIMITS = {"autosave_seconds": (1.0, 3600.0), "progress_hz": (0.5, 60.0), "baseline_limit": (0, 100000),
+              "narrow_width": (40, 400), "max_log_lines": (10, 100000)}
+
+
+def settings_path() -> Path:
+    from sessions.paths import config_dir
+
+    return config_dir() / "settings.toml"
+
+
+def load(path: Path | None = None) -> tuple[Settings, list[str]]:
+    path = path or settings_path()
+    s = Settings()
+    if not path.is_file():
+        return s, []
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return s, [f"{path}: cannot read the settings ({' '.join(str(exc).split())}); using defaults"]
+    problems = []
+    types = {f.name: type(f.default) for f in dataclasses.fields(Settings)}
+    for key, value in raw.items():
+        if key not in types:
+            problems.append(f"{path}: unknown setting {key!r}")
+            continue
+        want = types[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            problems.append(f"{path}: {key}: expected {want.__name__}, got {value!r}")
+            continue
+        lo_hi = Settings.LIMITS.get(key)
+        if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+            problems.append(f"{path}: {key}: expected {lo_hi[0]}..{lo_hi[1]}, got {value!r}")
+            continue
+        setattr(s, key, value)
+    return s, problems

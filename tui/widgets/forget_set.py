@@ -1,0 +1,141 @@
+"""Forget set pane: the loaded QA items, search, forget/retain selection, baseline knowledge."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, DataTable, Input, Static
+
+from ..actions import pane_bindings
+
+
+def known_cell(score: float | None, pending: bool) -> Text:
+    if score is None:
+        return Text("…" if pending else "—", style="dim")
+    style = "bold green" if score >= 0.5 else ("yellow" if score > 0 else "dim")
+    return Text(f"{score:.2f}", style=style)
+
+
+class ForgetSetPane(Vertical):
+    """Items table; space -> forget, r -> retain, / -> search."""
+
+    BINDINGS = pane_bindings("forget")
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ready = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="pane-head"):
+            yield Static("no data loaded", id="fs-counts", classes="counts")
+            yield Button("Open data…", id="fs-open", compact=True)
+        yield Input(placeholder="search id / question / answer  (/)", id="fs-search")
+        table = DataTable(id="fs-table", cursor_type="row", zebra_stripes=True)
+        yield table
+        yield Static("space forget · r retain · / search · known = ROUGE-1 of the model's answer now",
+                     classes="hint")
+
+    def on_mount(self) -> None:
+        t = self.query_one("#fs-table", DataTable)
+        t.add_column("set", key="set", width=3)
+        t.add_column("id", key="id", width=8)
+        t.add_column("question", key="question", width=36)
+        t.add_column("answer", key="answer", width=14)
+        t.add_column("known", key="known", width=5)
+        self.refresh_items()
+        self.ready = True
+
+    # ------------------------------------------------------------------ data
+    @property
+    def search(self) -> str:
+        return self.query_one("#fs-search", Input).value.strip().lower()
+
+    def visible_items(self) -> list:
+        items = self.app.items or []
+        q = self.search
+        if not q:
+            return list(items)
+        return [it for it in items if q in it.id.lower() or q in it.question.lower() or q in it.answer.lower()]
+
+    def _mark(self, item_id: str) -> Text:
+        if item_id in self.app.forget_ids:
+            return Text("F", style="bold red")
+        if item_id in self.app.retain_ids:
+            return Text("R", style="bold green")
+        return Text(" ")
+
+    def refresh_items(self) -> None:
+        t = self.query_one("#fs-table", DataTable)
+        keep = t.cursor_row
+        t.clear()
+        pending = self.app.baseline_pending
+        for it in self.visible_items():
+            t.add_row(self._mark(it.id), it.id, it.question, it.answer,
+                      known_cell(self.app.baseline_scores.get(it.id), pending), key=it.id)
+        if t.row_count:
+            t.move_cursor(row=min(max(keep, 0), t.row_count - 1))
+        self.refresh_counts()
+
+    def refresh_marks(self) -> None:
+        t = self.query_one("#fs-table", DataTable)
+        pending = self.app.baseline_pending
+        for it in self.visible_items():
+            try:
+                t.update_cell(it.id, "set", self._mark(it.id))
+                t.update_cell(it.id, "known", known_cell(self.app.baseline_scores.get(it.id), pending))
+            except Exception:  # row filtered out meanwhile
+                pass
+        self.refresh_counts()
+
+    def refresh_counts(self) -> None:
+        app = self.app
+        n = len(app.items or [])
+        known = sum(1 for v in app.baseline_scores.values() if v >= 0.5)
+        src = app.session.data.path
+        text = (f"[b]{len(app.forget_ids)}[/b] forget · [b]{len(app.retain_ids)}[/b] retain · {n} items"
+                f" · {known} known · {src}") if app.items is not None else f"no data loaded · {src}"
+        self.query_one("#fs-counts", Static).update(text)
+
+    def current_id(self) -> str | None:
+        t = self.query_one("#fs-table", DataTable)
+        if not t.row_count:
+            return None
+        try:
+            return t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------ events
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "fs-search":
+            self.refresh_items()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "fs-search":
+            self.query_one("#fs-table", DataTable).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "fs-open":
+            self.app.action_open_data()
+
+    def action_toggle_forget(self) -> None:
+        item_id = self.current_id()
+        if item_id:
+            self.app.toggle_item(item_id, "forget")
+            self._advance()
+
+    def action_toggle_retain(self) -> None:
+        item_id = self.current_id()
+        if item_id:
+            self.app.toggle_item(item_id, "retain")
+            self._advance()
+
+    def action_focus_search(self) -> None:
+        self.query_one("#fs-search", Input).focus()
+
+    def _advance(self) -> None:
+        t = self.query_one("#fs-table", DataTable)
+        if t.cursor_row < t.row_count - 1:
+            t.move_cursor(row=t.cursor_row + 1)

@@ -1,0 +1,53 @@
+"""Probe pane: ask the current (edited) model anything; see the unedited model's answer beside it."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Input, Static
+
+
+class ProbePane(Vertical):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ready = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="pane-head"):
+            yield Input(placeholder="ask the model a question and press enter", id="pb-question")
+            yield Button("Ask", id="pb-ask", compact=True)
+        with Horizontal(id="pb-answers"):
+            with Vertical(classes="answer"):
+                yield Static("[b]edited model[/b]", classes="section")
+                yield Static("", id="pb-edited")
+            with Vertical(classes="answer"):
+                yield Static("[b]unedited model[/b]", classes="section")
+                yield Static("", id="pb-original")
+        yield Static("", id="pb-score", classes="hint")
+
+    def on_mount(self) -> None:
+        self.ready = True
+
+    @property
+    def question(self) -> str:
+        return self.query_one("#pb-question", Input).value.strip()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "pb-question":
+            self.app.action_probe()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "pb-ask":
+            self.app.action_probe()
+
+    def show(self, question: str, edited: str, original: str) -> None:
+        self.query_one("#pb-edited", Static).update(escape(edited) or "[dim](empty)[/dim]")
+        self.query_one("#pb-original", Static).update(escape(original) or "[dim](empty)[/dim]")
+
+    def pending(self) -> None:
+        self.query_one("#pb-edited", Static).update("[dim]thinking…[/dim]")
+        self.query_one("#pb-original", Static).update("[dim]thinking…[/dim]")
+
+    def score(self, text: str) -> None:
+        self.query_one("#pb-score", Static).update(text)

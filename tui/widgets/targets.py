@@ -1,0 +1,167 @@
+"""Targets pane: per forget item, the refusal target (editable), target mode, merge factor + preview."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static, TextArea
+
+from ..actions import pane_bindings
+
+MODES = ("idk", "self-improve", "dummy", "incorrect", "avoidant", "custom")
+
+
+def warnings_for(item, text: str | None, flags: dict | None = None) -> list[str]:
+    """Inline warnings: the target leaks the gold answer / names the subject."""
+    out = []
+    if not text:
+        return out
+    low = text.lower()
+    flags = flags or {}
+    if flags.get("leak") or (item.answer and item.answer.strip().lower() in low):
+        out.append(f"⚠ leak: the target contains the answer “{item.answer}”")
+    subject = getattr(item, "subject", None)
+    if flags.get("mentions_subject") or (subject and subject.lower() in low):
+        out.append(f"⚠ the target mentions the subject “{subject or '?'}”")
+    return out
+
+
+class TargetsPane(Vertical):
+    BINDINGS = pane_bindings("targets")
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ready = False
+        self._loading = False
+        self._current: str | None = None
+        self._loaded_text = ""
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="pane-head"):
+            yield Label("mode")
+            t = self.app.session.targets
+            yield Select([(m, m) for m in MODES], value=t.mode if t.mode in MODES else "idk", allow_blank=False,
+                         id="tg-mode", compact=True)
+            yield Label("merge")
+            yield Input(str(t.merge_factor), id="tg-merge", type="integer", compact=True)
+            yield Button("Self-improve", id="tg-self", compact=True)
+        with Horizontal(id="tg-body"):
+            yield ListView(id="tg-list")
+            with Vertical(id="tg-edit"):
+                yield Static("", id="tg-question")
+                yield TextArea("", id="tg-text", soft_wrap=True, compact=True)
+                yield Static("", id="tg-warn", classes="warn")
+        yield Static("merged prompts", classes="section")
+        with VerticalScroll(id="tg-preview-box"):
+            yield Static("", id="tg-preview")
+
+    def on_mount(self) -> None:
+        self.refresh_all()
+        self.ready = True
+
+    # ------------------------------------------------------------------ rendering
+    def refresh_all(self) -> None:
+        app = self.app
+        self._loading = True
+        try:
+            sel = self.query_one("#tg-mode", Select)
+            if sel.value != app.session.targets.mode:
+                sel.value = app.session.targets.mode
+            merge = self.query_one("#tg-merge", Input)
+            if merge.value != str(app.session.targets.merge_factor):
+                merge.value = str(app.session.targets.merge_factor)
+            lv = self.query_one("#tg-list", ListView)
+            ids = [it.id for it in app.forget_items()]
+            if [getattr(i, "name", None) for i in lv.children] != ids:
+                lv.clear()
+                for it in app.forget_items():
+                    lv.append(ListItem(Label(escape(f"{it.id}  {it.question}")), name=it.id))
+                if ids:
+                    idx = ids.index(self._current) if self._current in ids else 0
+                    lv.index = idx
+                    self._show(ids[idx])
+                else:
+                    self._show(None)
+            else:
+                self._show(self._current if self._current in ids else (ids[0] if ids else None))
+        finally:
+            self._loading = False
+        self.refresh_preview()
+
+    def _show(self, item_id: str | None) -> None:
+        app = self.app
+        self._current = item_id
+        area = self.query_one("#tg-text", TextArea)
+        if item_id is None:
+            self.query_one("#tg-question", Static).update("select forget items in the Forget set pane")
+            self._loaded_text = ""
+            area.load_text("")
+            self.query_one("#tg-warn", Static).update("")
+            return
+        item = app.item_by_id(item_id)
+        text, source, flags = app.target_text(item_id)
+        self.query_one("#tg-question", Static).update(
+            f"[b]{escape(item_id)}[/b] {escape(item.question)}  [dim]gold: {escape(item.answer)} · {source}[/dim]")
+        self._loaded_text = text or ""
+        if area.text != self._loaded_text:
+            area.load_text(self._loaded_text)
+        self.refresh_warnings(item, text, flags)
+
+    def refresh_warnings(self, item, text, flags) -> None:
+        w = warnings_for(item, text, flags)
+        self.query_one("#tg-warn", Static).update("\n".join(escape(x) for x in w))
+
+    def refresh_preview(self) -> None:
+        self.query_one("#tg-preview", Static).update(self.app.merge_preview())
+
+    # ------------------------------------------------------------------ events
+    def on_list_view_highlighted(self, event: ListView.Highlighted) -> None:
+        if event.item is not None and not self._loading:
+            self._loading = True
+            try:
+                self._show(event.item.name)
+            finally:
+                self._loading = False
+
+    def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        if self._loading or self._current is None or event.text_area.text == self._loaded_text:
+            return
+        if self._current not in self.app.forget_ids:
+            return
+        self._loaded_text = event.text_area.text
+        self.app.edit_target(self._current, event.text_area.text)
+        item = self.app.item_by_id(self._current)
+        text, _, flags = self.app.target_text(self._current)
+        self.refresh_warnings(item, text, flags)
+        self.refresh_preview()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "tg-mode" and not self._loading and event.value in MODES:
+            self.app.set_target_mode(str(event.value))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id != "tg-merge" or self._loading:
+            return
+        try:
+            m = int(event.value)
+        except ValueError:
+            event.input.set_class(True, "-invalid")
+            return
+        event.input.set_class(m < 1, "-invalid")
+        if m >= 1:
+            self.app.set_merge_factor(m)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "tg-self":
+            self.app.action_self_improve()
+
+    def action_merge(self, delta: int) -> None:
+        self.app.set_merge_factor(max(1, self.app.session.targets.merge_factor + delta))
+
+    def action_reset_target(self) -> None:
+        if self._current:
+            self.app.reset_target(self._current)
+
+    def current_item(self) -> str | None:
+        return self._current
