@@ -38,9 +38,9 @@ class AlphaEdit:
         relative_threshold: bool = param(False, "read nullspace_threshold relative to C's largest eigenvalue")
         l2: float = param(10.0, "ridge term of the projected normal equations", min=1e-9, max=1e9)
         batch_size: int | None = param(None, "requests per batch", min=1, auto="all requests at once")
-        v_weight_decay: float = param(0.5, "weight decay on ||delta||^2 / ||h||^2", min=0.0, max=100.0)
-        clamp_norm_factor: float = param(0.75, "||delta|| is clamped to this times the residual norm",
-                                         min=0.01, max=100.0)
+        # v_weight_decay / clamp_norm_factor: the shared LocateParams defaults (1e-3, 4.0), as in the Llama
+        # configs.  The GPT-J values (0.5, 0.75) left delta too small for a refusal target on the embedded
+        # model; with 4.0 / 1e-3: forget R1 0.000, retain 0.900, rephrase 0.100 (bench_locate_edit.py quality).
 
     def __init__(self, params: "AlphaEdit.Params") -> None:
         self.params = params
