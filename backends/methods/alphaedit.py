@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layers, check_layers
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, SpreadLayers
 from ..params import param
 from . import register
 
 
 @register
-class AlphaEdit:
+class AlphaEdit(SpreadLayers):
     name: ClassVar[str] = "alphaedit"
     summary: ClassVar[str] = "AlphaEdit: MEMIT projected onto the null space of preserved keys; sequential-safe"
     needs_retain: ClassVar[bool] = False
@@ -42,19 +42,3 @@ class AlphaEdit:
         # configs.  The GPT-J values (0.5, 0.75) left delta too small for a refusal target on the embedded
         # model; with 4.0 / 1e-3: forget R1 0.000, retain 0.900, rephrase 0.100 (bench_locate_edit.py quality).
 
-    def __init__(self, params: "AlphaEdit.Params") -> None:
-        self.params = params
-
-    def layers(self, handle: Any) -> list[int]:
-        n = handle.adapter.n_layers
-        if self.params.layers is None:
-            return auto_layers(n)
-        return check_layers(list(self.params.layers), n, "params.layers")
-
-    def touched_parameters(self, handle: Any) -> list[str]:
-        return [handle.adapter.mlp_out_weight_name(l) for l in self.layers(handle)]
-
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
-        from ..editing.locate import apply_spread
-
-        return apply_spread(handle, requests, self.params, self.layers(handle), ctx, self.name)

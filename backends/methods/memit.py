@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layers, check_layers
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, SpreadLayers
 from ..params import param
 from . import register
 
 
 @register
-class MEMIT:
+class MEMIT(SpreadLayers):
     name: ClassVar[str] = "memit"
     summary: ClassVar[str] = "MEMIT: batch edits spread over several MLP layers (covariance-regularised)"
     needs_retain: ClassVar[bool] = False
@@ -38,19 +38,3 @@ class MEMIT:
                                           max=1e9)
         batch_size: int | None = param(None, "requests per MEMIT batch", min=1, auto="all requests at once")
 
-    def __init__(self, params: "MEMIT.Params") -> None:
-        self.params = params
-
-    def layers(self, handle: Any) -> list[int]:
-        n = handle.adapter.n_layers
-        if self.params.layers is None:
-            return auto_layers(n)
-        return check_layers(list(self.params.layers), n, "params.layers")
-
-    def touched_parameters(self, handle: Any) -> list[str]:
-        return [handle.adapter.mlp_out_weight_name(l) for l in self.layers(handle)]
-
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
-        from ..editing.locate import apply_spread
-
-        return apply_spread(handle, requests, self.params, self.layers(handle), ctx, self.name)
