@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 
-from .lifelong import CallTracker, SuffixRunner, end_ids, load_tensors, save_tensors, sequence_batch
+from .lifelong import CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors, sequence_batch
 
 STATE_KIND = "unlearn-tui/grace-codebook"
 STATE_VERSION = 1
@@ -59,7 +59,7 @@ class GraceConfig:
     seed: int
 
 
-class GraceCodebook:
+class GraceCodebook(HookedWrapper):
     """The inference-time wrapper: codebook, replacement hook, state, persistence."""
 
     name = "grace"
@@ -83,16 +83,8 @@ class GraceCodebook:
         return int(self.keys.shape[0])
 
     # ---- hooks ----------------------------------------------------------------------------
-    def install(self, handle: Any) -> None:
-        self.remove(handle)
-        self._hook = handle.adapter.mlp(self.layer).register_forward_hook(self._forward)
-        self._tracker.install(handle.model)
-
-    def remove(self, handle: Any) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._tracker.remove()
+    def hook_module(self, handle: Any) -> Any:
+        return handle.adapter.mlp(self.layer)
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(nearest entry, its distance, inside its ball) for keys ``x [..., d]``."""

@@ -289,6 +289,31 @@ class CallTracker:
 # --------------------------------------------------------------------------- helpers
 
 
+class HookedWrapper:
+    """Install/remove for a wrapper that hooks one module's output and tracks generation calls.
+
+    Subclasses set ``self._hook = None`` and ``self._tracker = CallTracker()``
+    and name the hooked module in :meth:`hook_module`; ``_forward`` is the hook.
+    """
+
+    _hook: Any
+    _tracker: "CallTracker"
+
+    def hook_module(self, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def install(self, handle: Any) -> None:
+        self.remove(handle)
+        self._hook = self.hook_module(handle).register_forward_hook(self._forward)
+        self._tracker.install(handle.model)
+
+    def remove(self, handle: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._tracker.remove()
+
+
 def weight_apply(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
     """``x`` through a projection weight stored as ``(out, in)`` (Linear) or ``(in, out)`` (Conv1D)."""
     return torch.nn.functional.linear(x, w) if layout == "out_in" else x @ w

@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import torch
 
-from .lifelong import (NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS, CallTracker, SuffixRunner, end_ids, load_tensors, save_tensors,
+from .lifelong import (NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS, CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors,
                        sequence_batch, weight_apply)
 
 STATE_KIND = "unlearn-tui/wise-memory"
@@ -112,7 +112,7 @@ def ties_merge(taus: list[torch.Tensor], density: float) -> torch.Tensor:
     return total / count
 
 
-class WiseMemory:
+class WiseMemory(HookedWrapper):
     """The inference-time wrapper: side memory, routing hook, state, persistence."""
 
     name = "wise"
@@ -182,17 +182,8 @@ class WiseMemory:
         self.act_ratio = act_ratio
 
     # ---- hooks ----------------------------------------------------------------------------
-    def install(self, handle: Any) -> None:
-        self.remove(handle)
-        mod = handle.adapter.mlp_out(self.layer)
-        self._hook = mod.register_forward_hook(self._forward)
-        self._tracker.install(handle.model)
-
-    def remove(self, handle: Any) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._tracker.remove()
+    def hook_module(self, handle: Any) -> Any:
+        return handle.adapter.mlp_out(self.layer)
 
     def _forward(self, mod, args, out):
         if not self.enabled or self.delta is None or not args:
