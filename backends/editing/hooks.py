@@ -6,6 +6,9 @@ exceptions, so a failed or cancelled edit never leaves a hook behind.
 * :func:`capture` records the input (``what="input"``, the first positional
   argument — for an MLP output projection that is the *key*) or the output of
   modules by name during the forward passes run inside the block.
+* :func:`stop_after` ends a forward pass right after a module ran, so reading
+  keys at layer ``L`` costs ``L + 1`` blocks instead of the whole model and
+  never materialises the ``(batch, seq, vocab)`` logits.
 * :func:`rewrite_output` replaces a module's output by ``fn(output)``; used to
   add an optimised vector at a token position (value optimisation) or to
   route to a side memory (WISE/GRACE install persistent variants of this).
@@ -77,3 +80,31 @@ def install_output_hook(model: Any, name: str, fn: Callable[[Any, Any], Any]):
         return None if new is None else _replace_first(out, new)
 
     return mod.register_forward_hook(post)
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_after`'s hook to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def stop_after(model: Any, name: str | None) -> Iterator[None]:
+    """Inside the block, a forward pass ends (silently) once module ``name`` produced its output.
+
+    Register it after any :func:`capture` on the same module (hooks run in
+    registration order).  ``name=None`` is a no-op.
+    """
+    if name is None:
+        yield
+        return
+    mod = model.get_submodule(name)
+
+    def post(m, args, out):
+        raise StopForward
+
+    h = mod.register_forward_hook(post)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        h.remove()

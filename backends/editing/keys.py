@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..subjects import subject_last_token
-from .hooks import capture
+from .hooks import capture, stop_after
 from .templates import fill
 
 
@@ -65,13 +65,17 @@ def keys_at(handle: Any, layers: Sequence[int], prompts: Sequence[EditPrompt], b
     keys: dict[int, list] = {l: [] for l in layers}
     outs: dict[int, list] = {l: [] for l in outputs}
     pad = handle.tokenizer.pad_token_id or 0
+    deepest = max([*layers, *outputs], default=None)
+    stop_name = None if deepest is None else ad.block_name(deepest)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = pad_right([p.ids for p in chunk], pad, handle.device)
         rows = torch.arange(len(chunk), device=ids.device)
         idx = torch.tensor([p.index for p in chunk], device=ids.device)
         with capture(handle.model, list(in_names.values()), "input") as ki, \
-                capture(handle.model, list(out_names.values()), "output") as ko:
+                capture(handle.model, list(out_names.values()), "output") as ko, \
+                stop_after(handle.model, stop_name):
+            # blocks after the deepest layer read, and the (batch, seq, vocab) logits, are never computed
             handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
         for l, n in in_names.items():
             keys[l].append(ki[n][0][rows, idx].float())

@@ -15,6 +15,13 @@ float32.
   preserved keys), ``X = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K R^T``,
   ``dW = X^T``.  ``X`` lies in the range of ``P`` (``l2 X = P(...)``), so
   ``dW K0 = X^T K0 = Y^T P K0 ~ 0`` for preserved keys ``K0``.
+
+  We never form ``P`` or ``K K^T`` (``d_in x d_in`` each): writing ``X = U Z``
+  and multiplying by ``U^T`` (``U^T U = I``) gives the same solution from an
+  ``r x r`` system, ``Z = (A A^T + l2 I)^-1 U^T K R^T`` with
+  ``A = U^T [K_p, K]``, so memory is ``O(d_in (r + n))`` instead of several
+  ``d_in^2`` float64 matrices, and earlier edits are kept as their keys
+  ``K_p`` rather than as ``K_p K_p^T``.
 """
 
 from __future__ import annotations
@@ -41,27 +48,40 @@ def rome_update(k: torch.Tensor, r: torch.Tensor, cov: torch.Tensor | None = Non
 def memit_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
     """``R K^T (lam C + K K^T)^-1`` as ``(d_out, d_in)``."""
     K64, R64 = K.double(), R.double()
-    a = lam * cov.double() + K64 @ K64.T
+    a = cov.double() if cov.dtype != torch.float64 else cov.clone()
+    a.mul_(lam).addmm_(K64, K64.T)                        # in place: one d_in^2 float64 matrix, not three
     # (lam C + K K^T) is symmetric: solve A X = K R^T, dW = X^T
     x = torch.linalg.solve(a, K64 @ R64.T)
     return x.T.float()
 
 
-def nullspace_projector(cov: torch.Tensor, threshold: float, relative: bool = False) -> tuple[torch.Tensor, int]:
-    """(projector ``U U^T`` onto eigenvectors with eigenvalue < threshold, their count)."""
+def nullspace_basis(cov: torch.Tensor, threshold: float, relative: bool = False) -> tuple[torch.Tensor, int]:
+    """(``U``: orthonormal eigenvectors of ``cov`` with eigenvalue < threshold as ``(d, r)`` float32, ``r``)."""
     evals, evecs = torch.linalg.eigh(cov.double())
     cut = threshold * float(evals.max()) if relative else threshold
-    u = evecs[:, evals < cut]
-    return (u @ u.T).float(), int(u.shape[1])
+    u = evecs[:, evals < cut].float().contiguous()
+    return u, int(u.shape[1])
 
 
-def alphaedit_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, prev_kk: torch.Tensor | None,
+def nullspace_projector(cov: torch.Tensor, threshold: float, relative: bool = False) -> tuple[torch.Tensor, int]:
+    """(dense projector ``U U^T``, ``r``); for tests and inspection — the update uses the basis."""
+    u, r = nullspace_basis(cov, threshold, relative)
+    u64 = u.double()
+    return (u64 @ u64.T).float(), r
+
+
+def alphaedit_update(K: torch.Tensor, R: torch.Tensor, U: torch.Tensor, prev_keys: torch.Tensor | None,
                      l2: float) -> torch.Tensor:
-    """AlphaEdit's projected update ``(d_out, d_in)``; ``prev_kk`` = sum of earlier edits' ``K K^T``."""
-    K64, R64, P64 = K.double(), R.double(), P.double()
-    kk = K64 @ K64.T
-    if prev_kk is not None:
-        kk = kk + prev_kk.double()
-    a = P64 @ kk + l2 * torch.eye(kk.shape[0], dtype=kk.dtype, device=kk.device)
-    x = torch.linalg.solve(a, P64 @ K64 @ R64.T)
-    return x.T.float()
+    """AlphaEdit's projected update ``(d_out, d_in)``.
+
+    ``U``: null-space basis ``(d_in, r)``; ``prev_keys``: the earlier edits' keys ``(d_in, n_p)`` or None.
+    """
+    K64, R64, U64 = K.double(), R.double(), U.double()
+    if U64.shape[1] == 0:
+        return torch.zeros((R.shape[0], K.shape[0]), dtype=torch.float32, device=K.device)
+    allk = K64 if prev_keys is None or prev_keys.shape[1] == 0 else torch.cat([prev_keys.double(), K64], 1)
+    A = U64.T @ allk                                        # (r, n_p + n)
+    lhs = A @ A.T
+    lhs.diagonal().add_(l2)
+    Z = torch.linalg.solve(lhs, (U64.T @ K64) @ R64.T)      # (r, d_out)
+    return (U64 @ Z).T.float()

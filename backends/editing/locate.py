@@ -13,7 +13,9 @@
 
 AlphaEdit's accumulated keys belong to the SESSION and to the weights they
 were computed for: ``ctx.state["history"]`` holds, for each apply, a hash of
-the edited matrices after it and the summed ``K K^T`` per layer so far.  A new
+the edited matrices after it and the keys ``K_p`` (``d_in x n`` per layer) of
+all edits so far (their ``K_p K_p^T`` enters the normal equations; keeping the
+keys is ``O(d_in n)`` instead of ``d_in^2`` per entry).  A new
 apply continues from the entry whose hash matches the current weights; when
 none does (the runner rolled the edit back, the user pressed undo to the
 base model) it starts from zero.  So undo/redo in step mode and headless runs
@@ -36,7 +38,7 @@ from ..errors import NonFiniteError
 from ..events import Log, Tracker
 from ..subjects import resolve_subject
 from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
-from .linalg import alphaedit_update, memit_update, nullspace_projector, rome_update
+from .linalg import alphaedit_update, memit_update, nullspace_basis, rome_update
 from .templates import context_templates
 from .values import ValueSettings, optimise_value
 
@@ -122,12 +124,13 @@ def weights_hash(handle: Any, layers: Sequence[int]) -> str:
 
 
 def _projectors(handle: Any, layers: Sequence[int], mats: dict, p: Any, ctx: Any) -> tuple[dict, dict]:
-    cache = ctx.state.setdefault("projectors", {})
+    """Null-space bases ``U`` per layer, cached in the session state (one eigendecomposition per layer)."""
+    cache = ctx.state.setdefault("nullspace", {})
     out, dims = {}, {}
     for l in layers:
         key = (handle.fingerprint, l, p.corpus, p.token_budget, p.nullspace_threshold, p.relative_threshold)
         if key not in cache:
-            cache[key] = nullspace_projector(mats[l], p.nullspace_threshold, p.relative_threshold)
+            cache[key] = nullspace_basis(mats[l], p.nullspace_threshold, p.relative_threshold)
         out[l], dims[l] = cache[key]
     return out, dims
 
@@ -146,12 +149,13 @@ def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int]
         current = weights_hash(handle, layers)
         for entry in reversed(history):
             if entry["hash"] == current and entry["layers"] == tuple(layers):
-                prev = {l: t.clone() for l, t in entry["kk"].items()}
+                prev = dict(entry["keys"])
                 break
         if prev is None:
-            prev = {l: torch.zeros_like(mats[l]) for l in layers}
+            prev = {l: torch.zeros((mats[l].shape[0], 0), dtype=torch.float32, device=handle.device) for l in layers}
+        earlier = min(int(v.shape[1]) for v in prev.values())
         ctx.on_event(Log(f"alphaedit: null space dims {null_dims}; "
-                         f"{'continuing earlier edits' if any(float(v.abs().sum()) > 0 for v in prev.values()) else 'no earlier edits'}"))
+                         f"{f'continuing {earlier} earlier edit keys' if earlier else 'no earlier edits'}"))
     settings = value_settings(p)
     last = layers[-1]
     bs = p.batch_size or len(requests)
@@ -189,7 +193,7 @@ def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int]
             _write(ad.mlp_out_matrix(l), dW, ad.mlp_out_weight_name(l))
             norms[l] = round(float(dW.norm()), 4)
             if alpha:
-                prev[l] = prev[l] + K @ K.T
+                prev[l] = torch.cat([prev[l], K.detach().float().to(prev[l].device)], 1)
             layer_tr.step(detail=f"layer {l}")
         _, outs = keys_at(handle, [], bare, outputs=[last])
         miss = float(((z - outs[last]).norm(dim=1) / torch.stack(deltas).norm(dim=1).clamp_min(1e-6)).mean())
@@ -197,7 +201,7 @@ def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int]
         edits.step(len(batch))
     if alpha:
         history = ctx.state.setdefault("history", [])
-        history.append({"hash": weights_hash(handle, layers), "layers": tuple(layers), "kk": prev})
+        history.append({"hash": weights_hash(handle, layers), "layers": tuple(layers), "keys": prev})
         del history[:-HISTORY_LIMIT]
     report = {"edits": len(requests), "layers": layers, "templates": len(templates), "stats": stats_info,
               "batches": per_batch, "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}

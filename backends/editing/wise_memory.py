@@ -59,6 +59,7 @@ from typing import Any, Callable
 
 import torch
 
+from .hooks import stop_after
 from .lifelong import (NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS, CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors,
                        sequence_batch, weight_apply)
 
@@ -336,24 +337,10 @@ def projection_inputs(handle: Any, layer: int, prompt_ids: list[int]) -> torch.T
     return st[name][0][0].float()
 
 
-class _StopAfter(Exception):
-    pass
-
-
 def _forward_until(handle: Any, layer: int, ids: torch.Tensor) -> None:
     """A forward pass that stops right after the given layer's output projection ran."""
-    mod = handle.adapter.mlp_out(layer)
-
-    def post(m, args, out):
-        raise _StopAfter
-
-    h = mod.register_forward_hook(post)
-    try:
+    with stop_after(handle.model, handle.adapter.mlp_out_name(layer)):
         handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _StopAfter:
-        pass
-    finally:
-        h.remove()
 
 
 def _out_scores(mem: WiseMemory, D: torch.Tensor, shared: torch.Tensor, own: torch.Tensor,
