@@ -134,6 +134,52 @@ class Workbench:
                           f"rephrase {len(self.rephrase)}"))
         return self.items
 
+    def set_selection(self, forget_ids: Any, retain_ids: Any) -> None:
+        """Choose the forget and retain items by id (kept in the given order, repeats dropped).
+
+        Ids are checked against the loaded items (loaded now if need be): an
+        unknown id, or an id in both sets, raises UserError (``data.forget`` /
+        ``data.retain``) and nothing changes.  Empty sets are allowed.  The
+        session's ``[data] subjects`` and ``paraphrases`` are applied to the
+        forget items as copies (the loaded items are not changed), the
+        rephrase split is rebuilt, and what depends on the selection is
+        invalidated: the cached targets (so :meth:`requests` too) and, when
+        the forget set changed, the paraphrase check of :meth:`splits`.
+        """
+        from dataclasses import replace
+
+        from . import data
+
+        if self.items is None:
+            self.load_data()
+        by_id = {it.id: it for it in self.items or []}
+        fids = data._id_list(forget_ids, "data.forget", "a list of item ids")
+        rids = data._id_list(retain_ids, "data.retain", "a list of item ids")
+        for ids, where in ((fids, "data.forget"), (rids, "data.retain")):
+            if ids:
+                data._check_known(ids, by_id, where)
+        both = [i for i in rids if i in set(fids)]
+        if both:
+            raise UserError(f"ids {', '.join(both)} are in both the forget and the retain set; "
+                            "expected disjoint sets", "data.retain")
+        cfg = self.session.data
+        subjects = getattr(cfg, "subjects", None) or {}
+        paras = {p.id: p.question for p in getattr(cfg, "paraphrases", None) or []}
+        forget = []
+        for i in fids:
+            it, changes = by_id[i], {}
+            if subjects.get(i):
+                changes["subject"] = subjects[i]
+            if i in paras:
+                changes["paraphrased_question"] = paras[i]
+            forget.append(replace(it, **changes) if changes else it)
+        if [it.id for it in self.forget] != fids:
+            self._paraphrases_ready = False
+        self.forget = forget
+        self.retain = [by_id[i] for i in rids]
+        self.rephrase = data.rephrase_split(self.forget) if getattr(cfg, "rephrase", True) else []
+        self.invalidate_targets()
+
     def ensure_paraphrases(self) -> list[dict]:
         """Give every forget item a rephrased question (the model writes missing ones; cached in the session)."""
         from . import data, selfimprove

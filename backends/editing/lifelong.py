@@ -319,15 +319,6 @@ def weight_apply(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.nn.functional.linear(x, w) if layout == "out_in" else x @ w
 
 
-def resolve_layer(handle: Any, layer: int | None, frac: float, key: str) -> int:
-    n = handle.adapter.n_layers
-    if layer is None:
-        return max(0, min(n - 1, int(round(frac * (n - 1)))))
-    if not -n <= layer < n:
-        raise UserError(f"layer {layer} is out of range; this model has layers 0..{n - 1}", key)
-    return layer % n
-
-
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """One safetensors file; ``meta`` (JSON-able) goes into the header."""
     from safetensors.torch import save_file

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import UserError
+from ..editing.adaptor_base import OneLayerAdaptor, inner_params_layer
 from ..events import Log, Tracker
 from ..params import param
 from . import register
-from .wise import inner_params_layer
 
 
 @register
-class GraceMethod:
+class GraceMethod(OneLayerAdaptor):
     name: ClassVar[str] = "grace"
     summary: ClassVar[str] = "GRACE: a key-value codebook at one MLP replaces outputs inside deferral radii"
     needs_retain: ClassVar[bool] = False
@@ -61,18 +61,6 @@ class GraceMethod:
                                  "token to the end, kept for generated tokens", choices=("replace_from_hit",))
         load_state: str = param("", "re-create the codebook from this saved state file instead of training")
         save_state: str = param("", "write the codebook to this .safetensors file after the edits")
-
-    def __init__(self, params: "GraceMethod.Params") -> None:
-        self.params = params
-
-    def layer(self, handle: Any) -> int:
-        from ..editing.lifelong import resolve_layer
-
-        return resolve_layer(handle, self.params.layer, 0.93, "params.layer")
-
-    def touched_parameters(self, handle: Any) -> list[str]:
-        self.layer(handle)
-        return []
 
     def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
         from ..editing.grace_codebook import GraceCodebook, GraceConfig, add_edit, key_scale

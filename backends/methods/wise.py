@@ -33,24 +33,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import UserError
+from ..editing.adaptor_base import OneLayerAdaptor, inner_params_layer
 from ..events import Log, Tracker
 from ..params import param
 from . import register
 
 
-def inner_params_layer(value: Any) -> int:
-    """EasyEdit's ``inner_params: [model.layers[27].mlp.down_proj.weight]`` -> 27."""
-    import re
-
-    text = value[0] if isinstance(value, (list, tuple)) and value else value
-    m = re.search(r"(?:layers|h)\[?\.?(\d+)\]?", str(text))
-    if not m:
-        raise ValueError(f"no layer index in {text!r}")
-    return int(m.group(1))
-
-
 @register
-class WiseMethod:
+class WiseMethod(OneLayerAdaptor):
     name: ClassVar[str] = "wise"
     summary: ClassVar[str] = "WISE: edits in a routed side memory of one MLP; main weights untouched"
     needs_retain: ClassVar[bool] = False
@@ -101,18 +91,6 @@ class WiseMethod:
                               "prompt)", min=0, max=5)
         load_state: str = param("", "re-create the side memory from this saved state file instead of training")
         save_state: str = param("", "write the side memory to this .safetensors file after the edits")
-
-    def __init__(self, params: "WiseMethod.Params") -> None:
-        self.params = params
-
-    def layer(self, handle: Any) -> int:
-        from ..editing.lifelong import resolve_layer
-
-        return resolve_layer(handle, self.params.layer, 0.93, "params.layer")
-
-    def touched_parameters(self, handle: Any) -> list[str]:
-        self.layer(handle)  # validate before the transaction starts
-        return []
 
     def _margins(self, scale: float) -> tuple[float, float, float]:
         p = self.params
