@@ -229,6 +229,64 @@ asyncio.run(main())
     assert res["first"] > 0
 
 
+def test_first_frame_builds_only_the_forget_pane(tmp_path):
+    """The other panes (their modules and widgets) are imported and mounted after the first frame."""
+    script = r"""
+import asyncio, json, sys
+from tui.app import UnlearnApp, create_app
+from tui.settings import Settings
+LATER = ["tui.widgets.targets", "tui.widgets.method", "tui.widgets.run", "tui.widgets.results",
+         "tui.widgets.probe", "textual.widgets._text_area", "textual.widgets._selection_list",
+         "backends.targets", "backends.methods", "rich._emoji_codes"]
+seen = {}
+mark = UnlearnApp._mark_first_frame
+def spy(self):
+    seen["at_first_frame"] = [m for m in LATER if m in sys.modules]
+    seen["panes"] = [n for n in ("forget", "targets", "method", "run", "results", "probe") if self.pane(n)]
+    mark(self)
+UnlearnApp._mark_first_frame = spy
+async def main():
+    app = create_app(model="tiny:llama", settings=Settings(baseline_on_load=False), autostart=False, restore=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        while app.first_frame is None or any(app.pane(n) is None for n in ("targets", "probe")):
+            await pilot.pause(0.01)
+        seen["later"] = [m for m in LATER[:5] if m in sys.modules]
+    print(json.dumps(seen))
+asyncio.run(main())
+"""
+    env = {"UNLEARN_TUI_CONFIG_DIR": str(tmp_path / "c"), "UNLEARN_TUI_DATA_DIR": str(tmp_path / "d"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["at_first_frame"] == [] and res["panes"] == ["forget"]
+    assert len(res["later"]) == 5                     # ... and they all arrive right after it
+
+
+def test_quitting_while_the_deferred_panes_mount_is_clean(tmp_path):
+    """Leaving right after the first frame (panes still mounting) ends without an error."""
+    script = r"""
+import asyncio
+from tui.app import create_app
+from tui.settings import Settings
+async def main():
+    for _ in range(3):
+        app = create_app(model="tiny:llama", settings=Settings(baseline_on_load=False), autostart=False,
+                         restore=False)
+        async with app.run_test(size=(200, 50)) as pilot:
+            while app.first_frame is None:
+                await pilot.pause(0.001)
+    print("ok")
+asyncio.run(main())
+"""
+    env = {"UNLEARN_TUI_CONFIG_DIR": str(tmp_path / "c"), "UNLEARN_TUI_DATA_DIR": str(tmp_path / "d"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_modules_import_no_torch():
     code = ("import sys, tui.app, tui.worker, tui.screens.main, tui.themes, tui.actions; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")

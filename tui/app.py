@@ -14,7 +14,6 @@ when, and whether torch was already imported: it must not be).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import sys
@@ -122,12 +121,30 @@ class UnlearnApp(App):
     def _mark_first_frame(self) -> None:
         self.first_frame = time.perf_counter() - START
         self.torch_at_first_frame = "torch" in sys.modules
+        self.call_later(self._first_frame_drawn)   # runs once this frame is written
+
+    def _first_frame_drawn(self) -> None:
+        """Build the panes the first frame did not need (see tui/screens/main.py)."""
+        from .screens.main import MainScreen
+
+        for screen in self.screen_stack:
+            if isinstance(screen, MainScreen):
+                screen.mount_deferred()
 
     def _display(self, screen: Any, renderable: Any) -> None:  # Textual hook: every frame goes through here
         if self.first_frame is None and renderable is not None and not self._batch_count \
                 and type(screen).__name__ == "MainScreen":
             self._mark_first_frame()
         super()._display(screen, renderable)
+
+    def _handle_exception(self, error: Exception) -> None:  # Textual hook: an unhandled error ends the app
+        from textual.css.query import NoMatches
+
+        if isinstance(error, NoMatches) and not self._running:
+            # quitting while the deferred panes are still mounting (the first instants after the first
+            # frame): shutdown prunes a widget's children before its own mount handler looks them up
+            return
+        super()._handle_exception(error)
 
     # ================================================================ state helpers (UI thread)
     @property
@@ -151,7 +168,7 @@ class UnlearnApp(App):
         return [by[i] for i in self.forget_ids if i in by]
 
     def pane(self, name: str):
-        """The pane widget, or None while it is not mounted (lazy panes mount after the first frame)."""
+        """The pane widget, or None while it is not mounted (only the Forget set pane is in the first frame)."""
         for screen in reversed(self.screen_stack):
             found = screen.query(f"#pane-{name}")
             if found:
@@ -389,12 +406,14 @@ class UnlearnApp(App):
 
     def _snapshot(self) -> Callable[[Any], Any]:
         """A copy of the session and selection, and a function that loads it into the workbench."""
-        from backends import data as data_mod
         from backends.metrics import EvalSettings
 
         snap = copy.deepcopy(self.session)
         items = list(self.items or [])
-        fids, rids = self.forget_ids, self.retain_ids
+        known = {it.id for it in items}
+        # ids of items not loaded (yet) are dropped, as before: e.g. the start-up job runs before the data is in
+        fids = [i for i in self.forget_ids if i in known]
+        rids = [i for i in self.retain_ids if i in known and i not in fids]
         model_name = self.model_name
 
         def prepare(wb: Any) -> Any:
@@ -404,23 +423,9 @@ class UnlearnApp(App):
                 wb.redo_stack.clear()
             wb.session = snap
             wb.settings = EvalSettings.from_config(snap.eval)
-            by = {it.id: it for it in items}
             wb.items = items
-            forget = []
-            paras = {p.id: p.question for p in snap.data.paraphrases}
-            for i in fids:
-                if i in by:
-                    it = by[i]
-                    changes = {}
-                    if snap.data.subjects.get(i):
-                        changes["subject"] = snap.data.subjects[i]
-                    if i in paras:
-                        changes["paraphrased_question"] = paras[i]
-                    forget.append(dataclasses.replace(it, **changes) if changes else it)
-            wb.forget = forget
-            wb.retain = [by[i] for i in rids if i in by]
-            wb.rephrase = data_mod.rephrase_split(wb.forget) if snap.data.rephrase else []
-            wb.invalidate_targets()
+            wb.set_selection(fids, rids)   # subjects/paraphrases applied to copies, rephrase split rebuilt
+            wb.invalidate_targets()        # the session's targets may have changed even if the selection did not
             return snap
 
         return prepare
@@ -810,8 +815,7 @@ class UnlearnApp(App):
                 snap.targets.mode = "self-improve"
                 for i in ids:
                     snap.remove_target(i)
-                wb.forget = [it for it in wb.forget if it.id in ids]
-                wb.invalidate_targets()
+                wb.set_selection([it.id for it in wb.forget if it.id in ids], [it.id for it in wb.retain])
                 self._load_model(wb)
                 wb.targets()
                 return [r for r in wb.target_records() if r["id"] in ids]

@@ -39,11 +39,10 @@ class ForgetSetPane(Vertical):
 
     def on_mount(self) -> None:
         t = self.query_one("#fs-table", DataTable)
-        t.add_column("set", key="set", width=3)
-        t.add_column("id", key="id", width=8)
-        t.add_column("question", key="question", width=36)
-        t.add_column("answer", key="answer", width=14)
-        t.add_column("known", key="known", width=5)
+        # Text labels, not str: a str label is parsed as markup, which loads Rich's emoji table before the
+        # first frame (this pane is the only one built for it)
+        for key, width in (("set", 3), ("id", 8), ("question", 36), ("answer", 14), ("known", 5)):
+            t.add_column(Text(key), key=key, width=width)
         self.refresh_items()
         self.ready = True
 
