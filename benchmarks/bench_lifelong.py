@@ -9,7 +9,8 @@ applied one after another, starting from the unedited model):
 * WISE: the share of queries routed to the side memory per split (per-item
   routing is in ``--items``); GRACE: the share of queries inside a ball,
 * inference overhead: generation throughput (new tokens/s) with the adaptor
-  installed vs the same model without it.
+  installed vs the same model with it taken off, measured alternately
+  (3 rounds, medians) so load changes hit both sides.
 
 The retain split is the same 20 items (41..60 of the set) for every N.
 
@@ -77,6 +78,30 @@ def throughput(handle, prompts, new_tokens: int) -> float:
     return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
+def overhead(handle, prompts, new_tokens: int, rounds: int = 3) -> tuple[float, float]:
+    """(median tok/s with the adaptors installed, median without), measured alternately.
+
+    The adaptors are taken off and put back between measurements (same model,
+    same prompts, interleaved), so a change of the machine's load hits both
+    sides alike instead of biasing the ratio.
+    """
+    import statistics
+
+    wrappers = list(handle.wrappers)
+    on, off = [], []
+    throughput(handle, prompts, 4)  # warm-up
+    for _ in range(rounds):
+        on.append(throughput(handle, prompts, new_tokens))
+        for w in wrappers:
+            handle.remove_wrapper(w)
+        try:
+            off.append(throughput(handle, prompts, new_tokens))
+        finally:
+            for w in wrappers:
+                handle.add_wrapper(w)
+    return statistics.median(on), statistics.median(off)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", choices=("wise", "grace"), required=True)
@@ -114,7 +139,6 @@ def main() -> None:
     base_items = {s: {i.id: i.rouge1 for i in base.splits[s].items} for s in base.splits}
     print(f"# baseline evaluated in {time.perf_counter() - t:.1f} s", flush=True)
     prompts = [handle.prompt_ids(it.question) for it in retain[:8]]
-    tp_plain = throughput(handle, prompts, 24)
 
     for n in args.sizes:
         forget = items[:n]
@@ -128,11 +152,11 @@ def main() -> None:
             report = m.apply(handle, reqs, ctx)
         secs = time.perf_counter() - t
         rss1 = peak_rss_mb()
+        tp_edit, tp_plain = overhead(handle, prompts, 24)
         t = time.perf_counter()
         ev = evaluate(handle, {"forget": forget, "retain": retain, "rephrase": data.rephrase_split(forget)},
                       settings)
         eval_s = time.perf_counter() - t
-        tp_edit = throughput(handle, prompts, 24)
         row = {"n": n, "seconds_per_edit": secs / n, "apply_seconds": secs, "eval_seconds": eval_s,
                "peak_rss_mb": rss1, "peak_rss_before_mb": rss0, "tokens_per_s_plain": tp_plain,
                "tokens_per_s_with_adaptor": tp_edit, "throughput_ratio": tp_edit / tp_plain}
@@ -163,7 +187,7 @@ def main() -> None:
                   f"{row[f'{split}.baseline_rouge1']:.3f}){extra}")
         print(f"retain / baseline {row['retain_ratio']:.3f}")
         print(f"generation {tp_edit:.1f} tok/s with adaptor vs {tp_plain:.1f} without (ratio "
-              f"{tp_edit / tp_plain:.3f})")
+              f"{tp_edit / tp_plain:.3f}; medians of 3 interleaved runs, 8 prompts x 24 new tokens)")
         print("report", json.dumps(row["report"]), flush=True)
         if args.items:
             for split, s in ev.splits.items():
