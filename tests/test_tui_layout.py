@@ -11,7 +11,7 @@ pytest.importorskip("textual")
 PANES = ("forget", "targets", "method", "run", "results", "probe")
 
 
-def make_app(tmp_path):
+def make_app(tmp_path, settings=None):
     from backends import data
     from test_tui_flow import ITEMS, write_session
     from tui.app import create_app
@@ -19,7 +19,7 @@ def make_app(tmp_path):
 
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")
-    app = create_app(write_session(tmp_path, p), settings=Settings(), autostart=False)
+    app = create_app(write_session(tmp_path, p), settings=settings or Settings(), autostart=False)
     app.items = data.load_items(str(p))
     app._normalize_selection()
     return app
@@ -111,6 +111,22 @@ async def test_small_terminal_keeps_the_tabs(tmp_path):
         await pilot.pause(0.3)
         assert app.screen.query_one("#tabs", TabbedContent).active == "tab-targets"
         assert shown(app) == {p: p == "targets" for p in PANES}
+
+
+@pytest.mark.anyio
+async def test_user_settings_move_the_threshold(tmp_path):
+    """``wide_min_width`` / ``wide_min_height`` from settings.toml decide the layout, not the constants."""
+    from tui.settings import Settings
+
+    app = make_app(tmp_path, Settings(wide_min_width=100, wide_min_height=30))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        assert app.screen.wide
+        assert all(shown(app).values())
+    app = make_app(tmp_path, Settings(wide_min_width=250))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await ready(pilot)
+        assert not app.screen.wide
 
 
 @pytest.mark.anyio

@@ -148,10 +148,10 @@ def test_settings_file_bad_values_keep_defaults(tmp_path):
     from tui.settings import Settings, load
 
     p = tmp_path / "settings.toml"
-    p.write_text('theme = "unlearn-light"\nautosave_seconds = 5\nprogress_hz = 1000\nnarrow_width = "x"\nfoo = 1\n')
+    p.write_text('theme = "unlearn-light"\nautosave_seconds = 5\nprogress_hz = 1000\nwide_min_width = "x"\nfoo = 1\n')
     s, problems = load(p)
     assert s.theme == "unlearn-light" and s.autosave_seconds == 5.0
-    assert s.progress_hz == Settings().progress_hz and s.narrow_width == Settings().narrow_width
+    assert s.progress_hz == Settings().progress_hz and s.wide_min_width == Settings().wide_min_width
     assert len(problems) == 3
     p.write_text("theme = [")
     s, problems = load(p)

@@ -27,11 +27,12 @@ class Settings:
     progress_hz: float = 10.0            # at most this many progress messages per second
     baseline_on_load: bool = True        # score every item (does the model know it?) after loading
     baseline_limit: int = 200            # ... at most this many items
-    narrow_width: int = 100              # below this width the side column folds into the tabs
+    wide_min_width: int = 160            # from this many columns (and wide_min_height rows) every pane
+    wide_min_height: int = 40            # is shown side by side; below, the panes are tabs
     max_log_lines: int = 500
 
     LIMITS = {"autosave_seconds": (1.0, 3600.0), "progress_hz": (0.5, 60.0), "baseline_limit": (0, 100000),
-              "narrow_width": (40, 400), "max_log_lines": (10, 100000)}
+              "wide_min_width": (40, 10000), "wide_min_height": (10, 10000), "max_log_lines": (10, 100000)}
 
 
 def settings_path() -> Path:

@@ -54,14 +54,15 @@ DEFER_FALLBACK_S = 1.0
 """Mount the deferred panes after this long even if the App never reported its first frame."""
 
 WIDE_MIN_WIDTH = 160
-"""Terminal columns from which all panes are shown side by side (below: tabs)."""
+"""Default terminal columns from which all panes are shown side by side (below: tabs);
+``wide_min_width`` in the user's settings.toml overrides it."""
 WIDE_MIN_HEIGHT = 40
-"""Terminal rows needed as well for the side-by-side layout (below: tabs)."""
+"""Default terminal rows needed as well (``wide_min_height`` in settings.toml)."""
 
 
-def is_wide(size: Size) -> bool:
+def is_wide(size: Size, min_width: int = WIDE_MIN_WIDTH, min_height: int = WIDE_MIN_HEIGHT) -> bool:
     """Whether a terminal of this size gets the side-by-side layout."""
-    return size.width >= WIDE_MIN_WIDTH and size.height >= WIDE_MIN_HEIGHT
+    return size.width >= min_width and size.height >= min_height
 
 
 class DeferredPane(Widget):
@@ -148,7 +149,9 @@ class MainScreen(Screen):
         self._apply_layout(self.app.size)   # the terminal may have been resized under a dialog
 
     def _apply_layout(self, size: Size) -> None:
-        wide = is_wide(size)
+        st = getattr(self.app, "settings", None)
+        wide = is_wide(size, getattr(st, "wide_min_width", WIDE_MIN_WIDTH),
+                       getattr(st, "wide_min_height", WIDE_MIN_HEIGHT))
         if wide == self.wide:
             return
         tabs = self._tabs()
