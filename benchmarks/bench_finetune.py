@@ -92,14 +92,14 @@ def resolve_model() -> str:
     """
     from backends.model import DEFAULT_MODEL, ModelSpec, load
 
-    if (FALLBACK_MODEL_DIR / "config.json").is_file():
-        return str(FALLBACK_MODEL_DIR)
     try:
         load(ModelSpec())
         return DEFAULT_MODEL
     except ValueError as exc:
         if "gguf" not in str(exc).lower():
             raise
+    if (FALLBACK_MODEL_DIR / "config.json").is_file():
+        return str(FALLBACK_MODEL_DIR)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
