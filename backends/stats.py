@@ -266,7 +266,7 @@ def compute(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS, to
     """Uncached computation: ({layer: C (float32, d_in x d_in)}, tokens used, converged)."""
     import torch
 
-    from .editing.hooks import capture
+    from .editing.hooks import capture, stop_after
     from .editing.keys import pad_right
 
     ad = handle.adapter
@@ -294,7 +294,9 @@ def compute(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS, to
         if not batch:
             break
         ids, mask = pad_right(batch, pad, handle.device)
-        with torch.no_grad(), capture(handle.model, list(names.values()), "input") as got:
+        with torch.no_grad(), capture(handle.model, list(names.values()), "input") as got, \
+                stop_after(handle.model, names[max(layers)]):
+            # the forward ends at the deepest layer's key: no later blocks, no (batch, seq, vocab) logits
             handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
         sel = mask.bool()
         n = int(sel.sum())
