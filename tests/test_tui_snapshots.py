@@ -1,4 +1,6 @@
-"""Snapshot tests of each pane at 80x24 and 120x40 (cursor blink off).
+"""Snapshot tests of each pane at 80x24 and 120x40 (tabs), and of the wide side-by-side main screen.
+
+Cursor blink is off.
 
 No model is loaded (``autostart=False``); items come from a small data file and
 the Results pane shows fixed, hand-made run results, so the pictures are
@@ -23,6 +25,7 @@ from test_tui_flow import ITEMS, write_session  # noqa: E402
 
 PANES = ("forget", "targets", "method", "run", "results", "probe")
 SIZES = ((80, 24), (120, 40))
+WIDE = (((200, 50), "forget"), ((160, 40), "probe"))   # (size, focused pane): every pane on screen at once
 
 
 _RULE = re.compile(r"\.(terminal-r\d+) \{([^}]*)\}")
@@ -121,16 +124,16 @@ async def _settle(pilot) -> None:
         await pilot.wait_for_scheduled_animations()
 
 
-async def _prepare(pilot, pane: str) -> None:
-    from textual.lazy import Lazy
+async def _prepare(pilot, pane: str, fill: tuple[str, ...] = ()) -> None:
+    """Every pane ready, ``pane`` shown and focused; the run and probe panes get fixed content when shown."""
     from textual.widgets import Input, TabbedContent, TextArea
 
-    from tui.screens.main import MainScreen
+    from tui.screens.main import DeferredPane, MainScreen
 
     app = pilot.app
     app.animation_level = "none"
-    # every lazy pane mounted (not only this one): the Lazy placeholders are gone and all panes are ready
-    while app.screen.query(Lazy) or any(app.pane(p) is None for p in PANES):
+    # every deferred pane mounted (not only this one): the placeholders are gone and all panes are ready
+    while app.screen.query(DeferredPane) or any(app.pane(p) is None for p in PANES):
         await pilot.pause(0.01)
     await _settle(pilot)
     app.refresh_panes()
@@ -138,10 +141,10 @@ async def _prepare(pilot, pane: str) -> None:
     tabs = app.screen.query_one("#tabs", TabbedContent)
     while tabs.active != f"tab-{pane}":
         await pilot.pause(0.01)
-    if pane == "probe":
+    if pane == "probe" or "probe" in fill:
         app.screen.query_one("#pb-question", Input).value = "Who wrote Hamlet?"
         app.screen.query_one("#pane-probe").show("q", "I'm not sure.", "Shakespeare wrote it.")
-    if pane == "run":
+    if pane == "run" or "run" in fill:
         run = app.screen.query_one("#pane-run")
         run.stage("slow-test", 10, "")
         run.status("finished: 1 run(s)")
@@ -166,6 +169,18 @@ def test_pane_snapshot(pane, size, make_app, snapshot):
 
     async def before(pilot):
         await _prepare(pilot, pane)
+
+    svg = take_svg_screenshot(app=make_app(), terminal_size=size, run_before=before)
+    assert snapshot.use_extension(PaneSnapshot) == svg
+
+
+@pytest.mark.parametrize("size, pane", WIDE, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
+def test_wide_main_snapshot(size, pane, make_app, snapshot):
+    from textual._doc import take_svg_screenshot
+
+    async def before(pilot):
+        assert pilot.app.screen.wide
+        await _prepare(pilot, pane, fill=("run", "probe"))
 
     svg = take_svg_screenshot(app=make_app(), terminal_size=size, run_before=before)
     assert snapshot.use_extension(PaneSnapshot) == svg
