@@ -50,6 +50,7 @@ class ValueResult:
     nll: float
     steps: int
     target_prob: float
+    replayed: bool = False     # blocks 0..L were replayed from recordings (see _BlockReplay)
 
 
 def target_ids(handle: Any, target: str, stop_token: bool) -> list[int]:
@@ -58,6 +59,87 @@ def target_ids(handle: Any, target: str, stop_token: bool) -> list[int]:
     if stop_token and eos is not None:
         ids = ids + [eos]
     return ids
+
+
+class _NoReplay(Exception):
+    pass
+
+
+class _BlockReplay:
+    """Replays blocks ``0..L`` of a row's suffix from cached outputs: only the blocks after L run per step.
+
+    Nothing up to block ``L`` depends on ``delta`` (it enters at block L's MLP
+    output), so their outputs on a row's suffix are recorded once (no grad) and
+    the blocks' ``forward`` is swapped for one that returns the recording —
+    block ``L``'s with ``delta`` added at local position 0, the same change of
+    the residual stream as adding it to the MLP output.  ``verify`` compares
+    the logits of this path with the full forward on every row once; on any
+    mismatch (an architecture whose blocks have side effects we do not
+    replay) the caller keeps the full forward.
+    """
+
+    def __init__(self, model: Any, block_names: list[str]) -> None:
+        self.blocks = [model.get_submodule(n) for n in block_names]
+        self.delta: torch.Tensor | None = None
+        self.current: list[Any] | None = None
+
+    @staticmethod
+    def _first(out: Any) -> Any:
+        return out[0] if isinstance(out, tuple) else out
+
+    def record(self, model: Any, row: "_Row") -> None:
+        outs: list[Any] = [None] * len(self.blocks)
+        hooks = []
+        for i, b in enumerate(self.blocks):
+            def post(m, args, out, i=i):
+                outs[i] = out
+            hooks.append(b.register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                row.logits(model)
+        finally:
+            for h in hooks:
+                h.remove()
+        row.replay = outs
+
+    def _forward_of(self, i: int):
+        last = i == len(self.blocks) - 1
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = self.current[i]
+            if not last or self.delta is None:
+                return out
+            first = self._first(out)
+            new = torch.cat([first[:, :1] + self.delta.to(first.dtype), first[:, 1:]], dim=1)
+            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+        return forward
+
+    def logits(self, model: Any, row: "_Row") -> torch.Tensor:
+        self.current = row.replay
+        for i, b in enumerate(self.blocks):
+            b.forward = self._forward_of(i)
+        try:
+            return row.logits(model)
+        finally:
+            for b in self.blocks:
+                del b.forward
+            self.current = None
+
+    def verify(self, model: Any, rows: list["_Row"], full_logits: list[torch.Tensor], probe: torch.Tensor) -> bool:
+        """Whether replaying with ``probe`` as delta gives ``full_logits`` (the hooked full forward's)."""
+        saved, self.delta = self.delta, probe
+        try:
+            with torch.no_grad():
+                for r, full in zip(rows, full_logits):
+                    fast = self.logits(model, r)
+                    tol = 1e-4 * max(1.0, float(full.abs().max()))
+                    if full.shape != fast.shape or float((full - fast).abs().max()) > tol:
+                        return False
+        except Exception:   # noqa: BLE001 - any surprise means: use the full forward
+            return False
+        finally:
+            self.delta = saved
+        return True
 
 
 class _Row:
@@ -79,6 +161,7 @@ class _Row:
                 out = model(input_ids=torch.tensor([ids[:index]], device=device), use_cache=True)
             self.past = out.past_key_values
         self.mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
+        self.replay: list[Any] | None = None     # block outputs 0..L on the suffix (see _BlockReplay)
 
     def logits(self, model: Any) -> torch.Tensor:
         kw: dict = dict(input_ids=self.suffix, attention_mask=self.mask, use_cache=self.past is not None)
@@ -94,7 +177,7 @@ class _Row:
 
 def optimise_value(handle: Any, layer: int, question: str, subject: str | None, target: str,
                    templates: Sequence[str], settings: ValueSettings, tracker: Tracker | None = None,
-                   where: str = "", seed: int = 0) -> ValueResult:
+                   where: str = "", seed: int = 0, replay_blocks: bool = True) -> ValueResult:
     model = handle.model
     ad = handle.adapter
     tgt = target_ids(handle, target, settings.stop_token)
@@ -120,26 +203,57 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
     opt = torch.optim.Adam([delta], lr=settings.lr)
     max_norm = settings.clamp_norm_factor * h_norm
     mod = model.get_submodule(ad.mlp_name(layer))
+    # blocks 0..L replayed from recordings when that reproduces the full forward exactly (checked here)
 
     def hook(m, args, out):  # the suffix starts at the lookup index: add delta at local position 0
         first = out[0] if isinstance(out, tuple) else out
         new = torch.cat([first[:, :1] + delta.to(first.dtype), first[:, 1:]], dim=1)
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
+    replay = _BlockReplay(model, [ad.block_name(i) for i in range(layer + 1)])
+    all_rows = rows + [ess_row]
+    fast = False
+    try:
+        if not replay_blocks:
+            raise _NoReplay
+        for r in all_rows:
+            replay.record(model, r)
+        # a probe delta (half the residual norm, seeded) through both paths: the MLP-output hook on the full
+        # forward and the replay; an architecture that normalises the MLP output before the residual add
+        # (e.g. Gemma 2's post-feed-forward norm) fails this and keeps the full forward
+        g = torch.Generator().manual_seed(seed)
+        probe = torch.randn(ad.hidden_size, generator=g).to(dev)
+        probe = probe * (0.5 * max(h_norm, 1e-3) / float(probe.norm()))
+        with torch.no_grad():
+            delta.copy_(probe)
+            hp = mod.register_forward_hook(hook)
+            try:
+                full = [r.logits(model) for r in all_rows]
+            finally:
+                hp.remove()
+            delta.zero_()
+        fast = replay.verify(model, all_rows, full, probe)
+    except Exception:  # noqa: BLE001 - the full forward is always correct (also _NoReplay)
+        fast = False
+    replay.delta = delta
+
+    def row_logits(r: _Row) -> torch.Tensor:
+        return replay.logits(model, r) if fast else r.logits(model)
+
     loss_v = nll_v = float("nan")
     prob = 0.0
     steps = 0
-    h = mod.register_forward_hook(hook)
+    h = None if fast else mod.register_forward_hook(hook)
     try:
         for step in range(settings.steps):
             opt.zero_grad()
             per_row = []
             for r in rows:
-                logp = torch.log_softmax(r.logits(model).float(), -1)
+                logp = torch.log_softmax(row_logits(r).float(), -1)
                 per_row.append(logp.gather(1, tgt_t[:, None])[:, 0].mean())
             per_row_t = torch.stack(per_row)
             nll = -per_row_t.mean()
-            ess_lp = torch.log_softmax(ess_row.logits(model)[0].float(), -1)
+            ess_lp = torch.log_softmax(row_logits(ess_row)[0].float(), -1)
             kl = torch.nn.functional.kl_div(ess_lp, ref, log_target=True, reduction="sum")
             wd = settings.weight_decay * delta.pow(2).sum() / max(h_norm, 1e-6) ** 2
             loss = nll + settings.kl_factor * kl + wd
@@ -157,7 +271,8 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
                 if n > max_norm:
                     delta.mul_(max_norm / n)
     finally:
-        h.remove()
-    return ValueResult(delta.detach().clone(), h_norm, loss_v, nll_v, steps, prob)
+        if h is not None:
+            h.remove()
+    return ValueResult(delta.detach().clone(), h_norm, loss_v, nll_v, steps, prob, fast)
 
 
