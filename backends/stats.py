@@ -364,6 +364,32 @@ def second_moments(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_COR
     return out, info
 
 
+def nullspace_basis(handle: Any, layer: int, cov: Any, threshold: float, relative: bool = False,
+                    use_cache: bool = True) -> tuple[Any, int]:
+    """AlphaEdit's null-space basis of ``cov`` (see :func:`backends.editing.linalg.nullspace_basis`), cached.
+
+    The eigendecomposition of a ``d x d`` second moment is derived statistics:
+    it is cached next to them, keyed by the model, the layer, the threshold
+    and a hash of the matrix itself (so a recomputed ``cov`` never meets a
+    stale basis).
+    """
+    from .editing.linalg import nullspace_basis as compute
+
+    digest = hashlib.sha256(cov.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+    mode = "rel" if relative else "abs"
+    path = _stats_dir() / handle.fingerprint / f"null-L{layer}-{mode}{threshold!r}-{digest}.safetensors"
+    if use_cache:
+        got = _load(path)
+        if got is not None:
+            u = got[0].to(cov.device)
+            return u, int(u.shape[1])
+    u, r = compute(cov, threshold, relative)
+    if use_cache:
+        _save(path, u.cpu(), {"version": VERSION, "fingerprint": handle.fingerprint, "layer": layer,
+                              "threshold": threshold, "relative": relative, "cov_sha256_16": digest})
+    return u, r
+
+
 # --------------------------------------------------------------------------- sharing
 
 

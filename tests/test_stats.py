@@ -123,3 +123,26 @@ def test_self_corpus_offline_and_cached(llama_handle):
     b, _ = stats.second_moments(h, [1], "self", token_budget=600, tol=0.0, use_cache=False)
     assert path.stat().st_mtime_ns == mtime  # the sampled text was reused, not generated again
     torch.testing.assert_close(a[1], b[1])
+
+
+def test_nullspace_basis_is_cached_by_matrix(llama_handle, monkeypatch):
+    """AlphaEdit's eigendecomposition is computed once per (model, layer, threshold, matrix) and then read."""
+    from backends.editing import linalg
+
+    h = llama_handle
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(h.adapter.mlp_width, 20, generator=g)
+    C = k @ k.T / 20
+    U, r = stats.nullspace_basis(h, 1, C, 1e-6, relative=True)
+    assert r == h.adapter.mlp_width - 20 and U.shape == (h.adapter.mlp_width, r)
+
+    def boom(*a, **kw):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(linalg, "nullspace_basis", boom)
+    U2, r2 = stats.nullspace_basis(h, 1, C, 1e-6, relative=True)
+    assert r2 == r and torch.equal(U2, U)
+    with pytest.raises(AssertionError, match="recomputed"):      # another matrix is another key
+        stats.nullspace_basis(h, 1, C * 2.0, 1e-6, relative=True)
+    with pytest.raises(AssertionError, match="recomputed"):      # another threshold too
+        stats.nullspace_basis(h, 1, C, 1e-5, relative=True)

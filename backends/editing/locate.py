@@ -38,7 +38,7 @@ from ..errors import NonFiniteError
 from ..events import Log, Tracker
 from ..subjects import resolve_subject
 from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
-from .linalg import alphaedit_update, memit_update, nullspace_basis, rome_update
+from .linalg import alphaedit_update, memit_update, rome_update
 from .templates import context_templates
 from .values import ValueSettings, optimise_value
 
@@ -129,8 +129,10 @@ def _projectors(handle: Any, layers: Sequence[int], mats: dict, p: Any, ctx: Any
     out, dims = {}, {}
     for l in layers:
         key = (handle.fingerprint, l, p.corpus, p.token_budget, p.nullspace_threshold, p.relative_threshold)
-        if key not in cache:
-            cache[key] = nullspace_basis(mats[l], p.nullspace_threshold, p.relative_threshold)
+        if key not in cache:   # and on disk, next to the statistics (one eigendecomposition per model)
+            from .. import stats
+
+            cache[key] = stats.nullspace_basis(handle, l, mats[l], p.nullspace_threshold, p.relative_threshold)
         out[l], dims[l] = cache[key]
     return out, dims
 
