@@ -206,20 +206,13 @@ class UnlearnApp(App):
     # ---- forget / retain selection
     def toggle_item(self, item_id: str, which: str) -> None:
         f, r = self.forget_ids, self.retain_ids
-        if which == "forget":
-            if item_id in f:
-                f.remove(item_id)
-            else:
-                f.append(item_id)
-                if item_id in r:
-                    r.remove(item_id)
+        mine, other = (f, r) if which == "forget" else (r, f)
+        if item_id in mine:
+            mine.remove(item_id)
         else:
-            if item_id in r:
-                r.remove(item_id)
-            else:
-                r.append(item_id)
-                if item_id in f:
-                    f.remove(item_id)
+            mine.append(item_id)     # an item is in one set at most
+            if item_id in other:
+                other.remove(item_id)
         self.session.data.forget, self.session.data.retain = f, r
         self.mark_dirty()
         p = self.pane("forget")
