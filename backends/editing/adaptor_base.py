@@ -11,9 +11,10 @@ import); the tensor work lives in :mod:`.lifelong`, :mod:`.wise_memory` and
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from ..errors import UserError
+from ..events import Tracker
 
 # both reference configs edit layer 27 of a 32-layer Llama: 27/31 of the way down the stack
 REF_DEPTH_SHARE = 0.93
@@ -41,6 +42,7 @@ def inner_params_layer(value: Any) -> int:
 class OneLayerAdaptor:
     """Base of the WISE and GRACE method classes: the adaptor's layer and the (empty) touched weights."""
 
+    name: ClassVar[str] = ""
     depth_share: ClassVar[float] = REF_DEPTH_SHARE
     params: Any
 
@@ -53,3 +55,18 @@ class OneLayerAdaptor:
     def touched_parameters(self, handle: Any) -> list[str]:
         self.layer(handle)  # validate before the transaction starts
         return []
+
+    def edit_each(self, requests: list, ctx: Any, n_iter: int,
+                  train: Callable[[Any, Callable[[float], None]], dict],
+                  detail: Callable[[dict], str]) -> list[dict]:
+        """Train the requests one after another with progress per edit and per step; the per-edit reports."""
+        edits = Tracker(ctx.on_event, ctx.cancel, f"{self.name}: edits", len(requests))
+        per_edit = []
+        for i, r in enumerate(requests):
+            steps = Tracker(ctx.on_event, ctx.cancel, f"{self.name}: edit {i + 1}/{len(requests)}", n_iter,
+                            detail=r.prompt[:60])
+            info = train(r, lambda loss: steps.step(loss=loss))
+            info["item_ids"] = list(r.item_ids)
+            per_edit.append(info)
+            edits.step(loss=info.get("nll"), detail=detail(info))
+        return per_edit

@@ -103,16 +103,10 @@ class GraceMethod(OneLayerAdaptor):
         cfg = GraceConfig(eps=eps, lr=p.edit_lr, n_iter=p.n_iter, eps_expand=p.eps_expand, val_init=p.val_init,
                           stop_loss=p.stop_loss, seed=int(getattr(ctx, "seed", 0)))
         runner = SuffixRunner(handle, layer)
-        edits = Tracker(ctx.on_event, ctx.cancel, "grace: edits", len(requests))
-        per_edit = []
-        for i, r in enumerate(requests):
-            steps = Tracker(ctx.on_event, ctx.cancel, f"grace: edit {i + 1}/{len(requests)}", p.n_iter,
-                            detail=r.prompt[:60])
-            info = add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg,
-                            lambda loss: steps.step(loss=loss))
-            info["item_ids"] = list(r.item_ids)
-            per_edit.append(info)
-            edits.step(loss=info.get("nll"), detail=info["action"])
+        per_edit = self.edit_each(
+            requests, ctx, p.n_iter,
+            lambda r, on_step: add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
+            lambda info: info["action"])
         if runner.fast is False:
             ctx.on_event(Log("grace: the suffix shortcut did not match this architecture; used full forwards",
                              "warning"))

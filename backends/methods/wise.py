@@ -148,16 +148,10 @@ class WiseMethod(OneLayerAdaptor):
                          merge_freq=p.merge_freq, merge_density=p.merge_density, contexts=p.contexts,
                          stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)))
         runner = SuffixRunner(handle, layer)
-        edits = Tracker(ctx.on_event, ctx.cancel, "wise: edits", len(requests))
-        per_edit = []
-        for i, r in enumerate(requests):
-            steps = Tracker(ctx.on_event, ctx.cancel, f"wise: edit {i + 1}/{len(requests)}", p.n_iter,
-                            detail=r.prompt[:60])
-            info = train_edit(mem, handle, runner, r.prompt, r.target, r.item_ids, cfg,
-                              lambda loss: steps.step(loss=loss))
-            info["item_ids"] = list(r.item_ids)
-            per_edit.append(info)
-            edits.step(loss=info["nll"], detail=f"threshold {mem.threshold:.3g}")
+        per_edit = self.edit_each(
+            requests, ctx, p.n_iter,
+            lambda r, on_step: train_edit(mem, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
+            lambda info: f"threshold {mem.threshold:.3g}")
         if runner.fast is False:
             ctx.on_event(Log("wise: the suffix shortcut did not match this architecture; used full forwards",
                              "warning"))
