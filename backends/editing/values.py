@@ -61,10 +61,6 @@ def target_ids(handle: Any, target: str, stop_token: bool) -> list[int]:
     return ids
 
 
-class _NoReplay(Exception):
-    pass
-
-
 class _BlockReplay:
     """Replays blocks ``0..L`` of a row's suffix from cached outputs: only the blocks after L run per step.
 
@@ -212,10 +208,9 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
 
     replay = _BlockReplay(model, [ad.block_name(i) for i in range(layer + 1)])
     all_rows = rows + [ess_row]
-    fast = False
-    try:
-        if not replay_blocks:
-            raise _NoReplay
+
+    def replay_is_exact() -> bool:
+        """Record blocks 0..L per row, then compare both paths under a probe delta (delta is zero after)."""
         for r in all_rows:
             replay.record(model, r)
         # a probe delta (half the residual norm, seeded) through both paths: the MLP-output hook on the full
@@ -231,9 +226,12 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
                 full = [r.logits(model) for r in all_rows]
             finally:
                 hp.remove()
-            delta.zero_()
-        fast = replay.verify(model, all_rows, full, probe)
-    except Exception:  # noqa: BLE001 - the full forward is always correct (also _NoReplay)
+                delta.zero_()   # the optimisation starts from zero whatever happened above
+        return replay.verify(model, all_rows, full, probe)
+
+    try:
+        fast = replay_blocks and replay_is_exact()
+    except Exception:  # noqa: BLE001 - the full forward is always correct
         fast = False
     replay.delta = delta
 
