@@ -195,6 +195,8 @@ def main() -> None:
                     route = i.extra.get("wise_route", "") or (
                         "in-ball" if i.extra.get("grace_hit") else ("no-ball" if "grace_hit" in i.extra else ""))
                     act = f" act={i.extra['wise_act']:.3g}" if "wise_act" in i.extra else ""
+                    if i.extra.get("wise_route") == "side" and "wise_memory" in i.extra:
+                        act += f" mem={int(i.extra['wise_memory'])}"
                     print(f"  {split:8s} {i.id} {route:7s}{act} r1={i.rouge1:.2f} {i.question[:45]!r} -> "
                           f"{i.generation[:60]!r}")
         tx.rollback()

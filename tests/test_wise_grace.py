@@ -19,7 +19,10 @@ NEUTRAL = "What is 12 plus 30?"   # one of WISE's out-of-scope prompts (backends
 # edit can do here: the target tokens become top-ranked under teacher forcing (MRR) and the target's
 # probability rises towards that ceiling.  Their activations are also tiny (the main-memory output
 # norm is ~0.005), so WISE gets absolute routing margins and a looser norm constraint sized for them.
-WISE_FAST = {"n_iter": 60, "edit_lr": 0.05, "norm_constraint": 1.0, "act_margin": [0.01, 0.2, 0.1]}
+# Their target NLL also cannot fall much below ln(488) ~ 6.2, so the first-token term (which doubles
+# that unreachable NLL) only fights the routing margins; it is off here and tested on its own.
+WISE_FAST = {"n_iter": 60, "edit_lr": 0.05, "norm_constraint": 1.0, "act_margin": [0.01, 0.2, 0.1],
+             "first_token_weight": 0.0}
 GRACE_FAST = {"n_iter": 80, "edit_lr": 0.3}
 
 
@@ -137,24 +140,91 @@ def test_wise_never_writes_model_weights(llama_handle):
     assert state_hash(h.model) == before
 
 
-def test_wise_sequential_edits_accumulate_first_edit_holds_after_tenth(llama_handle):
+@pytest.mark.parametrize("retrieve", [False, True], ids=["merge", "retrieve"])
+def test_wise_sequential_edits_accumulate_first_edit_holds_after_tenth(llama_handle, retrieve):
     h = llama_handle
     reqs = _requests(10)
     s0 = _target_stats(h, reqs[0].prompt)
     after_first = None
     for i, r in enumerate(reqs):   # step mode: one apply per request, each kept
-        _apply(h, "wise", {**WISE_FAST, "save_freq": 2, "merge_freq": 4}, [r])
+        _apply(h, "wise", {**WISE_FAST, "save_freq": 2, "merge_freq": 4, "retrieve": retrieve}, [r])
         if i == 0:
             after_first = _target_stats(h, r.prompt)
     mem = _wrapper(h, "wise")
     assert len([w for w in h.wrappers if w.name == "wise"]) == 1
-    assert len(mem.edits) == 10 and mem.merged is not None   # merged twice (after edits 4 and 8)
-    assert len(mem.shards) == 1                              # edits 9 and 10 pending in one shard
+    assert len(mem.edits) == 10 and len(mem.shards) == 1     # edits 9 and 10 pending in one shard
+    if retrieve:   # edits 1-4 and 5-8 frozen in their own side memories; 9-10 in the active one
+        assert [m["edits"] for m in mem.archive] == [4, 4] and mem.active_from == 8 and mem.merged is None
+        assert len(mem.memories()) == 3
+        assert mem.describe_query(h, reqs[0].prompt)["wise_memory"] >= 0.0
+    else:          # merged twice (after edits 4 and 8) into the one side memory
+        assert mem.archive == [] and mem.merged is not None and len(mem.memories()) == 1
     assert mem.describe_query(h, reqs[0].prompt)["wise_route"] == "side"
     assert after_first.mrr >= 0.5 and after_first.probability > 1.3 * s0.probability
     last = _target_stats(h, reqs[0].prompt)   # still holds after the 10th edit and two merges
     assert last.mrr >= 0.4 and last.mrr > 5 * s0.mrr and last.probability > 1.2 * s0.probability
     assert mem.describe_query(h, NEUTRAL)["wise_route"] == "main"
+
+
+def test_wise_retrieval_answers_with_the_memory_most_over_its_threshold(tiny_handle):
+    """Top-1 by score / threshold (not by raw score); below every threshold the main memory answers."""
+    import torch
+
+    from backends.editing.lifelong import weight_apply
+    from backends.editing.wise_memory import WiseMemory, projection_inputs, template_header_len
+
+    h = tiny_handle
+    layer = h.adapter.n_layers - 1
+    w = h.adapter.mlp_out(layer).weight
+    layout = h.adapter.spec.out_proj_layout
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(tuple(w.shape), generator=g) * float(w.float().std())
+    mem = WiseMemory(layer, layout, tuple(w.shape), skip=template_header_len(h), pool="max")
+    base = _logits(h, UNRELATED)
+    s = float(mem.scores_of(projection_inputs(h, layer, h.prompt_ids(UNRELATED)), M))
+    assert s > 0
+    # memory 1 scores twice as high, but memory 0 is further over its own threshold (2.0 vs 1.33)
+    mem.archive = [{"delta": M, "threshold": 0.5 * s, "edits": 1},
+                   {"delta": 2 * M, "threshold": 1.5 * s, "edits": 1}]
+    h.add_wrapper(mem)
+    info = mem.describe_query(h, UNRELATED)
+    assert info["wise_route"] == "side" and info["wise_memory"] == 0.0
+    assert info["wise_act"] == pytest.approx(s, rel=1e-4) and info["wise_threshold"] == pytest.approx(0.5 * s)
+    # the output is the main memory's plus memory 0's offset, from the first token after the header
+    h.remove_wrapper(mem)
+    mem2 = WiseMemory(layer, layout, tuple(w.shape), skip=mem.skip, pool="max")
+    mem2.archive = [{"delta": M, "threshold": 0.0, "edits": 1}]   # threshold 0: always routed
+
+    def expected_hook(mod, args, out):
+        d = weight_apply(args[0], M.to(args[0].dtype), layout)
+        d[:, :mem.skip] = 0
+        return out + d
+
+    hd = h.adapter.mlp_out(layer).register_forward_hook(expected_hook)
+    try:
+        want = _logits(h, UNRELATED)
+    finally:
+        hd.remove()
+    h.add_wrapper(mem)
+    assert torch.allclose(_logits(h, UNRELATED), want, atol=1e-5)
+    # both memories below their thresholds: main memory, bit for bit
+    mem.archive = [{"delta": M, "threshold": 1.5 * s, "edits": 1}, {"delta": 2 * M, "threshold": 3 * s, "edits": 1}]
+    assert mem.describe_query(h, UNRELATED)["wise_route"] == "main"
+    assert torch.equal(_logits(h, UNRELATED), base)
+
+
+def test_wise_first_token_weight_lifts_the_first_target_token():
+    """The extra first-token NLL term moves the first refusal token more than the plain mean NLL does."""
+    from backends import tiny
+
+    def first_token_logprob(weight: float) -> float:
+        h = tiny.handle("llama")
+        req = _requests(1)
+        _apply(h, "wise", {**WISE_FAST, "n_iter": 20, "first_token_weight": weight}, req)
+        first = h.encode_answer(req[0].target)[0]
+        return float(_logits(h, req[0].prompt)[-1].log_softmax(-1)[first])
+
+    assert first_token_logprob(4.0) > first_token_logprob(0.0) + 0.1   # measured: -5.80 vs -6.11
 
 
 def test_wise_cancel_restores_side_memory_exactly(llama_handle):

@@ -326,8 +326,14 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"unlearn_tui": json.dumps(meta)})
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():   # safetensors refuses tensors sharing storage: copy the repeats
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(out, str(tmp), metadata={"unlearn_tui": json.dumps(meta)})
     tmp.replace(p)
 
 

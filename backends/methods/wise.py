@@ -48,7 +48,8 @@ class WiseMethod(OneLayerAdaptor):
         "mask_ratio": "mask_ratio", "act_ratio": "act_ratio", "alpha": "alpha", "beta": "beta",
         "gamma": "gamma", "act_margin": "act_margin", "edit_lr": "edit_lr", "n_iter": "n_iter",
         "norm_constraint": "norm_constraint", "save_freq": "save_freq", "merge_freq": "merge_freq",
-        "merge_alg": "merge_alg", "inner_params": ("layer", inner_params_layer),
+        "merge_alg": "merge_alg", "retrieve": "retrieve",
+        "inner_params": ("layer", inner_params_layer),
     }
 
     @dataclass
@@ -79,14 +80,21 @@ class WiseMethod(OneLayerAdaptor):
                                               auto="2.5 x the weights' standard deviation")
         save_freq: int = param(5, "edits per knowledge shard (each shard has its own random mask)", min=1,
                                max=100000)
-        merge_freq: int = param(20, "edits per merge: the shards trained since the last merge are merged "
-                                "(a multiple of save_freq)", min=1, max=100000)
+        merge_freq: int = param(5, "edits per merge: the shards trained since the last merge are merged "
+                                "(a multiple of save_freq); with retrieve, the edits each side memory holds",
+                                min=1, max=100000)
         merge_alg: str = param("ties", "how shards are merged", choices=("ties",))
+        retrieve: bool = param(True, "WISE-Retrieve: after every merge_freq edits the merged side memory is "
+                               "frozen and a new one starts; each query goes to the side memory that "
+                               "activates most (over its threshold), else to the main memory")
         merge_density: float = param(0.8, "TIES: share of each shard's changed elements kept (by magnitude)",
                                      min=0.01, max=1.0)
         routing_pool: str = param("max", "how a query's token scores make its routing score: their mean "
                                   "(the paper) or their maximum (lets the edited entity carry the decision)",
                                   choices=("mean", "max"))
+        first_token_weight: float = param(1.0, "extra weight of each target's first token in the NLL "
+                                          "(greedy decoding follows the first token; 0 = plain mean NLL)",
+                                          min=0.0, max=100.0)
         contexts: int = param(1, "context prefixes the edit prompt is also trained under (besides the bare "
                               "prompt)", min=0, max=5)
         load_state: str = param("", "re-create the side memory from this saved state file instead of training")
@@ -146,7 +154,8 @@ class WiseMethod(OneLayerAdaptor):
         cfg = WiseConfig(layer=layer, mask_ratio=p.mask_ratio, act_ratio=p.act_ratio, alpha=alpha, beta=beta,
                          gamma=gamma, lr=lr, n_iter=p.n_iter, norm_constraint=c, save_freq=p.save_freq,
                          merge_freq=p.merge_freq, merge_density=p.merge_density, contexts=p.contexts,
-                         stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)))
+                         stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)),
+                         retrieve=p.retrieve, first_token_weight=p.first_token_weight)
         runner = SuffixRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
@@ -159,4 +168,4 @@ class WiseMethod(OneLayerAdaptor):
             mem.save_state(p.save_state)
         return {"edits": len(requests), "memory_edits": len(mem.edits), "layer": layer,
                 "threshold": mem.threshold, "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
-                "shards_pending": len(mem.shards), "per_edit": per_edit}
+                "shards_pending": len(mem.shards), "memories": len(mem.memories()), "per_edit": per_edit}
