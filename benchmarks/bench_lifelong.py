@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--retain", type=int, default=20)
     ap.add_argument("--params", default="{}", help="JSON of method parameters")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the edit context (WISE's shard masks)")
     ap.add_argument("--items", action="store_true", help="print per-item generations and routing")
     ap.add_argument("--out", default="", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
     retain = items[max_n:max_n + args.retain] if len(items) >= max_n + args.retain else items[-args.retain:]
     settings = EvalSettings(max_new_tokens=32, batch_size=16)
     pool = data.builtin_refusals()
-    results = {"method": args.method, "params": json.loads(args.params), "runs": []}
+    results = {"method": args.method, "params": json.loads(args.params), "seed": args.seed, "runs": []}
 
     t = time.perf_counter()
     base_forget_all = items[:max_n]
@@ -145,7 +146,7 @@ def main() -> None:
         targets = simple_targets("idk", forget, pool, seed=0)
         reqs = build_requests(forget, targets, 1)
         m = methods.make(args.method, json.loads(args.params))
-        ctx = EditContext(lambda e: None, CancelToken(), forget, retain, {}, seed=0)
+        ctx = EditContext(lambda e: None, CancelToken(), forget, retain, {}, seed=args.seed)
         rss0 = peak_rss_mb()
         t = time.perf_counter()
         with handle.transaction(m.touched_parameters(handle)) as tx:
@@ -170,7 +171,7 @@ def main() -> None:
                     row[f"{split}.{k}"] = summ[k]
         row["retain_ratio"] = (row["retain.rouge1"] / row["retain.baseline_rouge1"]
                                if row.get("retain.baseline_rouge1") else None)
-        keys = ("threshold", "entries", "actions", "eps", "margins", "norm_constraint", "lr", "layer")
+        keys = ("threshold", "thresholds", "memories", "entries", "actions", "eps", "margins", "norm_constraint", "lr", "layer")
         row["report"] = {k: report[k] for k in keys if k in report}
         if args.method == "wise":
             pe = report["per_edit"]
@@ -196,7 +197,7 @@ def main() -> None:
                         "in-ball" if i.extra.get("grace_hit") else ("no-ball" if "grace_hit" in i.extra else ""))
                     act = f" act={i.extra['wise_act']:.3g}" if "wise_act" in i.extra else ""
                     if i.extra.get("wise_route") == "side" and "wise_memory" in i.extra:
-                        act += f" mem={int(i.extra['wise_memory'])}"
+                        act += f" mem={i.extra['wise_memory']}"
                     print(f"  {split:8s} {i.id} {route:7s}{act} r1={i.rouge1:.2f} {i.question[:45]!r} -> "
                           f"{i.generation[:60]!r}")
         tx.rollback()

@@ -295,7 +295,8 @@ class WiseMemory(HookedWrapper):
         thr = float(self.last_thresholds[0]) if self.last_thresholds is not None else float(self.threshold)
         return {"wise_route": "side" if side else "main", "wise_side": 1.0 if side else 0.0,
                 "wise_act": act, "wise_threshold": thr,
-                "wise_memory": float(self.last_choice[0]) if self.last_choice is not None else -1.0}
+                # which side memory answered ("0", "1", ...; "-" = the main memory); a label, not a score
+                "wise_memory": str(int(self.last_choice[0])) if side and self.last_choice is not None else "-"}
 
     # ---- transaction state ----------------------------------------------------------------
     def get_state(self) -> dict:

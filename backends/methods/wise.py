@@ -12,9 +12,16 @@ own out-of-scope prompts and questions when the two are separated (never below
 the paper's ``act_ratio x min in-scope``); ``routing_pool`` chooses the mean
 (the paper) or the maximum of the token scores as a query's score.
 
-Edits applied one after another accumulate in the same side memory, across
-runs in step mode too (an existing side memory at the same layer is extended,
-never reset).  The algorithm lives in :mod:`backends.editing.wise_memory`.
+Edits applied one after another accumulate, across runs in step mode too (an
+existing WISE wrapper at the same layer is extended, never reset).  By default
+(``retrieve = true``, the paper's WISE-Retrieve) every ``merge_freq`` (5) edits
+the side memory is frozen with its own threshold and a new one starts; a query
+goes to the side memory most over its threshold (``wise_memory`` in the
+per-item results), else to the main memory.  ``retrieve = false`` keeps one
+side memory that absorbs every merge (the paper's WISE-Merge); on the embedded
+model that one stops being selective after about 20 forget edits (see
+:mod:`backends.editing.wise_memory`, where the algorithm lives).  The target
+NLL weighs each target's first token once more (``first_token_weight``).
 
 Scale-free defaults: the margins (alpha, beta, gamma) are fractions of the
 mean main-memory output norm ``r`` measured on the first edit prompt
@@ -160,7 +167,7 @@ class WiseMethod(OneLayerAdaptor):
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
             lambda r, on_step: train_edit(mem, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
-            lambda info: f"threshold {mem.threshold:.3g}")
+            lambda info: f"threshold {info['threshold']:.3g}, {info['memories']} side memories")
         if runner.fast is False:
             ctx.on_event(Log("wise: the suffix shortcut did not match this architecture; used full forwards",
                              "warning"))
@@ -168,4 +175,5 @@ class WiseMethod(OneLayerAdaptor):
             mem.save_state(p.save_state)
         return {"edits": len(requests), "memory_edits": len(mem.edits), "layer": layer,
                 "threshold": mem.threshold, "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
-                "shards_pending": len(mem.shards), "memories": len(mem.memories()), "per_edit": per_edit}
+                "shards_pending": len(mem.shards), "memories": len(mem.memories()),
+                "thresholds": [thr for _, thr in mem.memories()], "per_edit": per_edit}
