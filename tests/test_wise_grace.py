@@ -227,6 +227,26 @@ def test_wise_first_token_weight_lifts_the_first_target_token():
     assert first_token_logprob(4.0) > first_token_logprob(0.0) + 0.1   # measured: -5.80 vs -6.11
 
 
+def test_wise_threshold_sits_between_out_of_scope_and_in_scope_scores():
+    import torch
+
+    from backends.editing.wise_memory import WiseMemory
+
+    mem = WiseMemory(0, "out_in", (2, 3), pool="max")
+    mem.delta = torch.eye(2, 3)
+    mem.acts = [torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 6.0, 0.0]])]   # in-scope scores 4 and 6
+    mem.edits = [{}, {}]
+    mem.update_threshold(0.5, torch.tensor([1.0, 2.0]), position=0.75)   # separable: 2 + 0.75 * (4 - 2)
+    assert mem.threshold == pytest.approx(3.5)
+    mem.update_threshold(0.5, torch.tensor([1.0, 2.0]))                  # default: halfway
+    assert mem.threshold == pytest.approx(3.0)
+    mem.update_threshold(0.5, torch.tensor([5.0]), position=0.75)        # overlap: the paper's 0.5 x min
+    assert mem.threshold == pytest.approx(2.0)
+    mem.active_from = 1                                                  # retrieval: only the active edits
+    mem.update_threshold(0.9, None)
+    assert mem.threshold == pytest.approx(5.4)
+
+
 def test_wise_cancel_restores_side_memory_exactly(llama_handle):
     import torch
 

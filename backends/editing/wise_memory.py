@@ -61,12 +61,13 @@ every query -- retain questions included -- scored the same (about 207) and
 was routed to it (forget 0.58 / retain 0.63 at 40 edits); memories of 10 edits
 each stay separable (``benchmarks/bench_lifelong.py``).
 
-Threshold.  After every edit the in-scope score of every edit prompt so far is
+Threshold.  After every edit the in-scope score of every edit prompt of the active memory is
 recomputed with the current (merged) side memory from its stored projection
 inputs, and the out-of-scope scores of the neutral prompts and questions
 (:data:`OUT_OF_SCOPE`) with the same side memory.  The paper's threshold is
 ``act_ratio * min(in-scope)``; when the two sets are separated
-(``max(out-of-scope) < min(in-scope)``) we raise it to halfway between them,
+(``max(out-of-scope) < min(in-scope)``) we raise it to a point between them
+(``threshold_position``: 0 = the out-of-scope maximum, 1 = the in-scope minimum; halfway by default),
 so unseen in-distribution queries (retain questions) that score like the
 out-of-scope questions stay on the main memory.  When they overlap the paper's
 rule is kept (every edit stays routed to its side memory).
@@ -112,6 +113,7 @@ class WiseConfig:
     seed: int
     pool: str = "mean"
     retrieve: bool = False
+    threshold_position: float = 0.5
     first_token_weight: float = 0.0
 
 
@@ -196,7 +198,8 @@ class WiseMemory(HookedWrapper):
         tok = weight_apply(acts.to(d.dtype), d, self.layout).norm(dim=-1)
         return tok.max() if self.pool == "max" else tok.mean()
 
-    def update_threshold(self, act_ratio: float, out_scores: torch.Tensor | None = None) -> None:
+    def update_threshold(self, act_ratio: float, out_scores: torch.Tensor | None = None,
+                         position: float = 0.5) -> None:
         """Threshold between the in-scope and the out-of-scope scores (see the module doc)."""
         active = self.acts[self.active_from:]
         if not active or self.delta is None:
@@ -210,8 +213,8 @@ class WiseMemory(HookedWrapper):
         if out_scores is not None and out_scores.numel():
             high_out = float(out_scores.max())
             self.out_scope_max = high_out
-            if high_out < low:   # separable: sit halfway between, never below the paper's rule
-                self.threshold = max(self.threshold, 0.5 * (low + high_out))
+            if high_out < low:   # separable: sit between them, never below the paper's rule
+                self.threshold = max(self.threshold, high_out + position * (low - high_out))
         self.act_ratio = act_ratio
 
     def memories(self) -> list[tuple[torch.Tensor, float]]:
@@ -556,7 +559,7 @@ def train_edit(mem: WiseMemory, handle: Any, runner: SuffixRunner, question: str
     mem.acts = [a.to(dev) for a in mem.acts]
     with torch.no_grad():
         s_out = _out_scores(mem, mem.delta, shared, own, owner, own_count, n_out)
-    mem.update_threshold(cfg.act_ratio, s_out)
+    mem.update_threshold(cfg.act_ratio, s_out, cfg.threshold_position)
     in_act = float(mem.scores_of(mem.acts[-1]))
     threshold = mem.threshold
     if merged_now and cfg.retrieve:

@@ -99,6 +99,9 @@ class WiseMethod(OneLayerAdaptor):
         routing_pool: str = param("max", "how a query's token scores make its routing score: their mean "
                                   "(the paper) or their maximum (lets the edited entity carry the decision)",
                                   choices=("mean", "max"))
+        threshold_position: float = param(0.5, "where the routing threshold sits between the highest "
+                                          "out-of-scope score (0) and the lowest in-scope score (1) when "
+                                          "they are separated", min=0.0, max=1.0)
         first_token_weight: float = param(1.0, "extra weight of each target's first token in the NLL "
                                           "(greedy decoding follows the first token; 0 = plain mean NLL)",
                                           min=0.0, max=100.0)
@@ -162,7 +165,8 @@ class WiseMethod(OneLayerAdaptor):
                          gamma=gamma, lr=lr, n_iter=p.n_iter, norm_constraint=c, save_freq=p.save_freq,
                          merge_freq=p.merge_freq, merge_density=p.merge_density, contexts=p.contexts,
                          stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)),
-                         retrieve=p.retrieve, first_token_weight=p.first_token_weight)
+                         retrieve=p.retrieve, first_token_weight=p.first_token_weight,
+                         threshold_position=p.threshold_position)
         runner = SuffixRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
