@@ -171,7 +171,7 @@ def main() -> None:
                     row[f"{split}.{k}"] = summ[k]
         row["retain_ratio"] = (row["retain.rouge1"] / row["retain.baseline_rouge1"]
                                if row.get("retain.baseline_rouge1") else None)
-        keys = ("threshold", "thresholds", "memories", "entries", "actions", "eps", "margins", "norm_constraint", "lr", "layer")
+        keys = ("thresholds", "memories", "entries", "actions", "eps", "margins", "norm_constraint", "lr", "layer")
         row["report"] = {k: report[k] for k in keys if k in report}
         if args.method == "wise":
             pe = report["per_edit"]

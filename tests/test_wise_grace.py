@@ -192,8 +192,6 @@ def test_wise_retrieval_answers_with_the_memory_most_over_its_threshold(tiny_han
     assert info["wise_act"] == pytest.approx(s, rel=1e-4) and info["wise_threshold"] == pytest.approx(0.5 * s)
     # the output is the main memory's plus memory 0's offset, from the first token after the header
     h.remove_wrapper(mem)
-    mem2 = WiseMemory(layer, layout, tuple(w.shape), skip=mem.skip, pool="max")
-    mem2.archive = [{"delta": M, "threshold": 0.0, "edits": 1}]   # threshold 0: always routed
 
     def expected_hook(mod, args, out):
         d = weight_apply(args[0], M.to(args[0].dtype), layout)

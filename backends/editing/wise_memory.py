@@ -58,8 +58,9 @@ inference each query is scored by every side memory; the one with the highest
 memory does.  Why: one side memory holding many edits stops being selective.
 On the embedded model, after about 20 forget edits merged into one memory
 every query -- retain questions included -- scored the same (about 207) and
-was routed to it (forget 0.58 / retain 0.63 at 40 edits); memories of 10 edits
-each stay separable (``benchmarks/bench_lifelong.py``).
+was routed to it (forget 0.58 / retain 0.63 at 40 edits).  With memories of 5
+edits each (and the first-token term) 40 edits gave forget 0.175 / retain 0.90;
+with 10 per memory retain fell to 0.575 (``benchmarks/bench_lifelong.py``).
 
 Threshold.  After every edit the in-scope score of every edit prompt of the active memory is
 recomputed with the current (merged) side memory from its stored projection

@@ -143,7 +143,7 @@ class WiseMethod(OneLayerAdaptor):
             if p.save_state:
                 mem.save_state(p.save_state)
             return {"edits": 0, "loaded": p.load_state, "memory_edits": len(mem.edits),
-                    "threshold": mem.threshold, "layer": mem.layer}
+                    "thresholds": [thr for _, thr in mem.memories()], "layer": mem.layer}
 
         w = handle.adapter.mlp_out(layer).weight
         if existing is None:
@@ -178,6 +178,6 @@ class WiseMethod(OneLayerAdaptor):
         if p.save_state:
             mem.save_state(p.save_state)
         return {"edits": len(requests), "memory_edits": len(mem.edits), "layer": layer,
-                "threshold": mem.threshold, "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
+                "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
                 "shards_pending": len(mem.shards), "memories": len(mem.memories()),
                 "thresholds": [thr for _, thr in mem.memories()], "per_edit": per_edit}
