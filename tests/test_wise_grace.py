@@ -20,9 +20,11 @@ NEUTRAL = "What is 12 plus 30?"   # one of WISE's out-of-scope prompts (backends
 # probability rises towards that ceiling.  Their activations are also tiny (the main-memory output
 # norm is ~0.005), so WISE gets absolute routing margins and a looser norm constraint sized for them.
 # Their target NLL also cannot fall much below ln(488) ~ 6.2, so the first-token term (which doubles
-# that unreachable NLL) only fights the routing margins; it is off here and tested on its own.
+# that unreachable NLL) only fights the routing margins; it is off here and tested on its own.  On
+# tiny gpt2 one edit's score overlaps the out-of-scope scores, so these tests keep the paper's
+# threshold rule (act_ratio x min in-scope); above_out_of_scope is tested on its own too.
 WISE_FAST = {"n_iter": 60, "edit_lr": 0.05, "norm_constraint": 1.0, "act_margin": [0.01, 0.2, 0.1],
-             "first_token_weight": 0.0}
+             "first_token_weight": 0.0, "above_out_of_scope": False}
 GRACE_FAST = {"n_iter": 80, "edit_lr": 0.3}
 
 
@@ -240,6 +242,8 @@ def test_wise_threshold_sits_between_out_of_scope_and_in_scope_scores():
     assert mem.threshold == pytest.approx(3.0)
     mem.update_threshold(0.5, torch.tensor([5.0]), position=0.75)        # overlap: the paper's 0.5 x min
     assert mem.threshold == pytest.approx(2.0)
+    mem.update_threshold(0.5, torch.tensor([5.0]), above_out_of_scope=True)   # overlap, but never route 5.0
+    assert 5.0 < mem.threshold < 5.0001
     mem.active_from = 1                                                  # retrieval: only the active edits
     mem.update_threshold(0.9, None)
     assert mem.threshold == pytest.approx(5.4)

@@ -9,7 +9,8 @@ untouched main memory; ``describe_query`` reports the decision per item
 (``wise_route`` = "side" | "main", ``wise_act``, ``wise_side`` as 0/1).
 The threshold sits halfway between the in-scope scores and the scores of our
 own out-of-scope prompts and questions when the two are separated (never below
-the paper's ``act_ratio x min in-scope``); ``routing_pool`` chooses the mean
+the paper's ``act_ratio x min in-scope``), and just above every out-of-scope
+score when they overlap (``above_out_of_scope``); ``routing_pool`` chooses the mean
 (the paper) or the maximum of the token scores as a query's score.
 
 Edits applied one after another accumulate, across runs in step mode too (an
@@ -102,6 +103,9 @@ class WiseMethod(OneLayerAdaptor):
         threshold_position: float = param(0.5, "where the routing threshold sits between the highest "
                                           "out-of-scope score (0) and the lowest in-scope score (1) when "
                                           "they are separated", min=0.0, max=1.0)
+        above_out_of_scope: bool = param(True, "when in-scope and out-of-scope scores overlap, raise the "
+                                         "threshold above every out-of-scope score (edits scoring below "
+                                         "it then stay on the main memory)")
         first_token_weight: float = param(1.0, "extra weight of each target's first token in the NLL "
                                           "(greedy decoding follows the first token; 0 = plain mean NLL)",
                                           min=0.0, max=100.0)
@@ -166,7 +170,7 @@ class WiseMethod(OneLayerAdaptor):
                          merge_freq=p.merge_freq, merge_density=p.merge_density, contexts=p.contexts,
                          stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)),
                          retrieve=p.retrieve, first_token_weight=p.first_token_weight,
-                         threshold_position=p.threshold_position)
+                         threshold_position=p.threshold_position, above_out_of_scope=p.above_out_of_scope)
         runner = SuffixRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
