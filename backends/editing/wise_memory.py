@@ -80,6 +80,7 @@ main memory.  On the embedded model (40 edits, seed 1) this lifted retain from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -222,8 +223,7 @@ class WiseMemory(HookedWrapper):
             if high_out < low:   # separable: sit between them, never below the paper's rule
                 self.threshold = max(self.threshold, high_out + position * (low - high_out))
             elif above_out_of_scope:   # overlap: still never route a known out-of-scope prompt
-                self.threshold = max(self.threshold, float(torch.nextafter(torch.tensor(high_out),
-                                                                           torch.tensor(float("inf")))))
+                self.threshold = max(self.threshold, math.nextafter(high_out, math.inf))
         self.act_ratio = act_ratio
 
     def memories(self) -> list[tuple[torch.Tensor, float]]:
@@ -259,6 +259,7 @@ class WiseMemory(HookedWrapper):
         if a.dim() != 3:
             return None
         B, T = a.shape[0], a.shape[1]
+        offsets: dict[int, torch.Tensor] = {}   # memory -> D a, kept from scoring for the output
         if self._tracker.continuing and self._routes is not None and self._routes.shape[0] == B:
             choice = self._routes
             use = torch.ones(B, T, dtype=torch.bool, device=a.device)
@@ -269,7 +270,8 @@ class WiseMemory(HookedWrapper):
             best_score = torch.zeros(B, device=a.device)
             best_thr = torch.zeros(B, device=a.device)
             for k, (D, thr) in enumerate(mems):
-                tok = weight_apply(a, D.to(a.dtype), self.layout).norm(dim=-1).float()
+                offsets[k] = weight_apply(a, D.to(a.dtype), self.layout)
+                tok = offsets[k].norm(dim=-1).float()
                 if self.pool == "max":
                     score = tok.masked_fill(~use, float("-inf")).max(1).values
                 else:
@@ -292,7 +294,7 @@ class WiseMemory(HookedWrapper):
             return None
         res = out
         for k in sorted({int(x) for x in choice.tolist() if x >= 0}):
-            d = weight_apply(a, mems[k][0].to(a.dtype), self.layout)
+            d = offsets[k] if k in offsets else weight_apply(a, mems[k][0].to(a.dtype), self.layout)
             res = torch.where(((choice == k)[:, None] & use)[:, :, None], res + d, res)
         return res
 
