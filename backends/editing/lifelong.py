@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..compat import call_cache
 from ..errors import UserError
 
 NEUTRAL_PROMPTS = [
@@ -269,7 +270,7 @@ class CallTracker:
 
     def _pre(self, mod, args, kwargs) -> None:
         self.mask = kwargs.get("attention_mask")
-        pkv = kwargs.get("past_key_values")
+        pkv = call_cache(kwargs)   # ``cache=`` in transformers 5.x, ``past_key_values=`` before
         past = 0
         if pkv is not None:
             try:

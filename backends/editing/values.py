@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..compat import cache_kwarg, output_cache
 from ..events import Tracker
 from .keys import edit_prompt, essence_prompt, keys_at
 
@@ -155,7 +156,7 @@ class _Row:
         if index > 0:
             with torch.no_grad():
                 out = model(input_ids=torch.tensor([ids[:index]], device=device), use_cache=True)
-            self.past = out.past_key_values
+            self.past = output_cache(out)
         self.mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
         self.replay: list[Any] | None = None     # block outputs 0..L on the suffix (see _BlockReplay)
 
@@ -164,7 +165,7 @@ class _Row:
         if self.past is not None:
             # a fresh copy per call: the forward appends to the cache, and the appended (graph-carrying)
             # tensors must not leak into the next step
-            kw["past_key_values"] = copy.deepcopy(self.past)
+            kw[cache_kwarg(model)] = copy.deepcopy(self.past)
         try:
             return model(**kw, logits_to_keep=self.keep_t).logits[0]
         except TypeError:
