@@ -114,8 +114,9 @@ def resolve(name: str, base_dir: Path | None = None) -> tuple[str, Path | str]:
     if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
         p = base_dir / p
     if p.suffix == ".gguf":
-        if not p.is_file():
+        if not p.exists():
             raise UserError(f"GGUF file not found: {p}", "model.name")
+        check_gguf(p)
         return "gguf", p.resolve()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -135,10 +136,49 @@ def _cache_root() -> Path:
     return cache_dir() / "models"
 
 
+_GGUF_MAGIC = b"GGUF"
+_HASH_SPAN = 1 << 20   # bytes hashed at each end of a GGUF file for its cache key
+
+
+def gguf_content_key(path: Path) -> str:
+    """A key for a GGUF file's *content*: its size and a hash of its first and last MiB.
+
+    The header (architecture, tokenizer, tensor table) sits at the start and
+    the last tensors at the end, so two different files practically never
+    share a key, while the same file installed into any number of venvs (or
+    moved, or touched) keys one cache.  Reading 2 MiB costs milliseconds; the
+    whole 0.1-1 GB file would cost a second or more at every load.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}|v{CACHE_VERSION}|".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_HASH_SPAN))
+        if size > 2 * _HASH_SPAN:
+            f.seek(size - _HASH_SPAN)
+        h.update(f.read(_HASH_SPAN))
+    return h.hexdigest()
+
+
 def _gguf_cache_dir(path: Path) -> Path:
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|v{CACHE_VERSION}".encode()).hexdigest()
-    return _cache_root() / f"{path.stem}-{key[:16]}"
+    return _cache_root() / f"{path.stem}-{gguf_content_key(path)[:16]}"
+
+
+def check_gguf(path: Path) -> None:
+    """A one-line UserError unless ``path`` is a regular file that starts like a GGUF v2/v3 file."""
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file; expected a .gguf model file", "model.name")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); expected a readable .gguf model file",
+                        "model.name") from None
+    if len(head) < 8 or head[:4] != _GGUF_MAGIC:
+        what = "is empty" if not head else "does not start with the GGUF magic bytes"
+        raise UserError(f"{path} {what}; expected a GGUF model file", "model.name")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise UserError(f"{path} is GGUF version {version}; expected version 2 or 3", "model.name")
 
 
 def _save_plain(model, folder: Path) -> None:
@@ -181,8 +221,13 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
             on_event(Log(f"model cache {cache} unreadable ({exc}); rebuilding", "warning"))
             shutil.rmtree(cache, ignore_errors=True)
     tracker.step(0, detail="dequantizing GGUF (first load only)")
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # a truncated or unsupported file: say which, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not read the GGUF file {path} ({first[:200]}); expected a complete GGUF "
+                        "file of a supported architecture", "model.name") from None
     tmp: Path | None = None
     try:  # write the cache atomically: a temp folder renamed into place
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +263,12 @@ def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel
         if arch not in tiny.ARCHS:
             raise UserError(f'unknown tiny model "{spec.name}"; expected one of '
                             f'{", ".join("tiny:" + a for a in tiny.ARCHS)}', "model.name")
+        device = pick_device(spec.device)
+        dtype = pick_dtype(spec.dtype, device)
         handle = tiny.handle(arch)
+        if device != "cpu" or dtype != handle.dtype:
+            handle.model.to(device=device, dtype=dtype)
+            handle.device = device
         tracker.step(3, detail="ready")
         return handle
     kind, where = resolve(spec.name, base_dir)
