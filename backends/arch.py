@@ -7,6 +7,18 @@ final norm, the input embedding and the unembedding.  ``out_proj_layout`` says
 how the output projection stores its weight: ``"out_in"`` for ``nn.Linear``
 (``W @ k``) and ``"in_out"`` for GPT-2's ``Conv1D`` (``k @ W``).
 
+The names are those of transformers 5.  The top-level parts are resolved
+robustly, because they are the ones transformers renames between versions:
+the input embedding and the unembedding come from the model's own
+``get_input_embeddings()``/``get_output_embeddings()`` when it has them, and
+otherwise from the spec's name or one of its known aliases in other
+transformers versions (:data:`ALIASES`: GPT-NeoX's unembedding was
+``embed_out`` before transformers 5 and is ``lm_head`` since).
+:meth:`Adapter.unembed_logits` is the model's own hidden-state-to-logits map
+(the unembedding plus Gemma 2's final logit soft-capping).
+``tests/test_families.py`` loads a tiny random model of every family through
+the real loader and runs the editors on it, so a rename shows up there.
+
 This module imports nothing heavy; it works on any object with
 ``named_modules``/``get_submodule``.
 """
@@ -52,12 +64,18 @@ SPECS: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec("gpt_neox", layers="gpt_neox.layers", mlp="mlp",
                          mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                          final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in",
-                         unembed="embed_out"),
+                         unembed="lm_head"),
     "phi": ArchSpec("phi", layers="model.layers", mlp="mlp", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2",
                     final_norm="model.final_layernorm", embed="model.embed_tokens", unembed="lm_head"),
     "phi3": ArchSpec("phi3", layers="model.layers", mlp="mlp", mlp_in=("mlp.gate_up_proj",),
                      mlp_out="mlp.down_proj", final_norm="model.norm", embed="model.embed_tokens",
                      unembed="lm_head"),
+}
+
+# Other transformers versions' names for the same module (tried after the spec's own name).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "lm_head": ("embed_out",),     # GPT-NeoX before transformers 5
+    "embed_out": ("lm_head",),
 }
 
 
@@ -113,14 +131,49 @@ class Adapter:
     def mlp_in(self, layer: int) -> list:
         return [self.model.get_submodule(n) for n in self.mlp_in_names(layer)]
 
+    def _named(self, name: str):
+        """The module called ``name``, or by one of its aliases in other transformers versions."""
+        for candidate in (name, *ALIASES.get(name, ())):
+            try:
+                return self.model.get_submodule(candidate)
+            except AttributeError:
+                continue
+        raise AttributeError(f'{type(self.model).__name__} has no module "{name}"'
+                             + (f' (nor {", ".join(ALIASES[name])})' if name in ALIASES else ""))
+
+    def _declared(self, accessor: str, name: str):
+        """The model's own ``get_input_embeddings``/``get_output_embeddings`` when it answers, else by name."""
+        get = getattr(self.model, accessor, None)
+        if callable(get):
+            try:
+                mod = get()
+            except (AttributeError, NotImplementedError):
+                mod = None
+            if mod is not None and hasattr(mod, "weight"):
+                return mod
+        return self._named(name)
+
     def final_norm(self):
-        return self.model.get_submodule(self.spec.final_norm)
+        return self._named(self.spec.final_norm)
 
     def embed(self):
-        return self.model.get_submodule(self.spec.embed)
+        return self._declared("get_input_embeddings", self.spec.embed)
 
     def unembed(self):
-        return self.model.get_submodule(self.spec.unembed)
+        return self._declared("get_output_embeddings", self.spec.unembed)
+
+    def unembed_logits(self, hidden):
+        """Logits of final hidden states (after the final norm), as the model's own head computes them.
+
+        The unembedding, then Gemma 2's final soft-capping ``c * tanh(logits / c)`` when the config sets one.
+        """
+        logits = self.unembed()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            import torch
+
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @property
     def tied_embeddings(self) -> bool:

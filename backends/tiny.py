@@ -1,8 +1,14 @@
-"""Tiny random models (llama, gpt2, qwen2) with a small byte-level BPE tokenizer.
+"""Tiny random models with a small byte-level BPE tokenizer.
 
 Used by the tests, the TUI pilot tests and quick demos (``--model tiny:llama``):
 they load in well under a second, need no download, and exercise the same code
 paths as a real model (chat template, tied embeddings, GPT-2's Conv1D).
+
+:data:`ARCHS` are the public ``tiny:`` names (llama, gpt2, qwen2).
+:data:`ALL_ARCHS` is every family :mod:`backends.arch` has an adapter for;
+:func:`config` builds a tiny random config for each of them, so the
+architecture drift guard (``tests/test_families.py``) can load every family
+through the real loader and run the editors on it.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 ARCHS = ("llama", "gpt2", "qwen2")
+# every family with an adapter in backends.arch.SPECS (tests/test_families.py checks the two agree)
+ALL_ARCHS = ("llama", "gpt2", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "olmo", "gptj", "gpt_neox", "phi",
+             "phi3")
 
 _CORPUS = """
 What is the capital of France? The capital of France is Paris.
@@ -54,6 +63,7 @@ def tokenizer(chat: bool = True):
 
 
 def config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, mlp: int = 64):
+    """A tiny config for ``arch`` (any of :data:`ALL_ARCHS`): 4 heads of width ``hidden // 4``."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -68,7 +78,37 @@ def config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, mlp: i
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=hidden, n_inner=mlp, n_layer=layers, n_head=4, n_positions=512,
                              tie_word_embeddings=True, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHS}")
+    # the other families: only the drift guard builds these.  Tied and untied unembeddings, full and
+    # partial rotary embeddings, parallel residuals, fused MLP inputs and Gemma's embedding scaling
+    # (plus Gemma 2's soft-capping and sliding window) are all represented.
+    head_dim = hidden // 4
+    llama_like = dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(head_dim=head_dim, sliding_window=256, tie_word_embeddings=False, **llama_like)
+    if arch == "qwen3":
+        return tf.Qwen3Config(head_dim=head_dim, tie_word_embeddings=True, **llama_like)
+    if arch == "gemma":
+        return tf.GemmaConfig(head_dim=head_dim, tie_word_embeddings=True, **llama_like)
+    if arch == "gemma2":
+        return tf.Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=256,
+                               tie_word_embeddings=True, **llama_like)
+    if arch == "olmo":
+        return tf.OlmoConfig(tie_word_embeddings=False, **llama_like)
+    if arch == "phi3":
+        return tf.Phi3Config(tie_word_embeddings=False, original_max_position_embeddings=512, **llama_like)
+    if arch == "phi":
+        return tf.PhiConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                            tie_word_embeddings=False, **common)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=True,
+                                tie_word_embeddings=False, **common)
+    if arch == "gptj":
+        return tf.GPTJConfig(n_embd=hidden, n_inner=mlp, n_layer=layers, n_head=4, n_positions=512,
+                             rotary_dim=head_dim // 2, tie_word_embeddings=False, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ALL_ARCHS}")
 
 
 def build(arch: str = "llama", seed: int = 0, chat: bool = True, layers: int = 4, hidden: int = 32,

@@ -241,7 +241,7 @@ class SuffixRunner:
     def logits(self, prep: Prepared, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.hidden(prep)
         sel = h[rows.to(h.device), pos.to(h.device)]
-        return self.handle.adapter.unembed()(sel).float()
+        return self.handle.adapter.unembed_logits(sel).float()
 
     def nll(self, prep: Prepared, rows: torch.Tensor, pos: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         lg = self.logits(prep, rows, pos)
