@@ -12,7 +12,12 @@ and never imported.
 :meth:`ModelHandle.transaction` snapshots the parameters a method says it will
 change (plus the installed inference-time wrappers and their state) and
 restores them bit for bit on any exception or cancel; an update that leaves a
-touched parameter non-finite is rolled back too.
+touched parameter, or any state entry of a wrapper it changed, non-finite is
+rolled back too.  A kept transaction (step mode) records only the wrapper
+state entries the edit changed, so undo costs the size of the change.
+
+GGUF files are keyed in the cache by their content (size and a hash of their
+first and last MiB), so every venv holding the same wheel shares one cache.
 """
 
 from __future__ import annotations
@@ -241,8 +246,8 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
         os.replace(tmp, cache)
         # re-open the plain copy so the first load yields the same kind of model as every later one
         # (the GGUF-loaded object still carries a "quantized" marker that training code trips over)
-        del model
-        return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), AutoTokenizer.from_pretrained(cache), False
+        plain = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        return plain, AutoTokenizer.from_pretrained(cache), False
     except Exception as exc:  # a cache we cannot write costs time, never the load
         on_event(Log(f"could not write the model cache ({exc}); the next load will dequantize again",
                      "warning"))
@@ -315,9 +320,18 @@ class Wrapper(Protocol):
     """An inference-time modification (IKE prompts, WISE/GRACE adaptors).
 
     ``install``/``remove`` attach and detach hooks; ``transform_question``
-    rewrites the user's question before the chat template (IKE);
-    ``get_state``/``set_state`` let a transaction snapshot and restore the
-    wrapper's mutable state (codebooks, side memories).
+    rewrites the user's question before the chat template (IKE).
+
+    Optional state, for the transaction: ``get_state()`` returns the wrapper's
+    mutable state as a flat dict of named entries (tensors and plain values)
+    and ``set_state(entries)`` installs such a dict.  A wrapper that sets
+    ``copy_on_write = True`` promises never to modify a tensor of its state in
+    place (it assigns a new tensor instead) nor to mutate a plain value it put
+    there: the transaction then shares its entries instead of copying them and
+    keeps only the entries an edit changed, so an undo step costs the size of
+    the change (the transaction checks the promise with the tensors' version
+    counters).  Any other wrapper's state is deep-copied before and after, and
+    diffed by value.
     """
 
     name: str
@@ -327,9 +341,106 @@ class Wrapper(Protocol):
     def remove(self, handle: "ModelHandle") -> None: ...
 
 
-def _wrapper_state(w: Any) -> Any:
+_MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()   # an entry absent on one side
+_WHOLE = "__state__"   # a get_state() that is not a dict travels as this one entry
+
+
+def _shares_state(w: Any) -> bool:
+    return bool(getattr(w, "copy_on_write", False))
+
+
+def _tensor_version(t: Any) -> int | None:
+    try:
+        return int(t._version)
+    except Exception:  # inference-mode tensors have no version counter
+        return None
+
+
+def _wrapper_state(w: Any) -> tuple[dict, dict] | None:
+    """(entries, tensor versions) of a wrapper's state now; None for a wrapper without state.
+
+    Copy-on-write wrappers: the entries themselves (shared); others: a deep copy.
+    """
+    import torch
+
     get = getattr(w, "get_state", None)
-    return copy.deepcopy(get()) if get else None
+    if get is None:
+        return None
+    state = get()
+    entries = dict(state) if isinstance(state, dict) else {_WHOLE: state}
+    if not _shares_state(w):
+        return copy.deepcopy(entries), {}
+    return entries, {k: _tensor_version(v) for k, v in entries.items() if isinstance(v, torch.Tensor)}
+
+
+def _same_entry(a: Any, b: Any, shared: bool) -> bool:
+    """Whether an entry is unchanged: the same tensor object (shared) or an equal value."""
+    import torch
+
+    if a is _MISSING or b is _MISSING:
+        return a is b
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if shared:
+            return a is b
+        return (a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+                and bool(torch.equal(a, b)))
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # containers of tensors: compared as changed
+        return False
+
+
+def _non_finite(v: Any) -> bool:
+    """Whether a state entry holds a floating tensor with a NaN or inf (nested lists/dicts too)."""
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return (v.is_floating_point() or v.is_complex()) and v.numel() > 0 and not bool(torch.isfinite(v).all())
+    if isinstance(v, dict):
+        return any(_non_finite(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_non_finite(x) for x in v)
+    return False
+
+
+def _set_entries(w: Any, values: dict, replace: bool) -> None:
+    """Install ``values`` into a wrapper's state (``_MISSING`` deletes an entry).
+
+    ``replace``: ``values`` is the whole state; otherwise it is laid over the
+    current state.  Values are copied for wrappers that are not copy-on-write,
+    so a stored snapshot never aliases live state they may modify in place.
+    """
+    shared = _shares_state(w)
+    if replace:
+        state: dict = {}
+    else:
+        cur = w.get_state()
+        state = dict(cur) if isinstance(cur, dict) else {_WHOLE: cur}
+    for k, v in values.items():
+        if v is _MISSING:
+            state.pop(k, None)
+        else:
+            state[k] = v if shared else copy.deepcopy(v)
+    w.set_state(state.get(_WHOLE) if _WHOLE in state else state)
+
+
+def _storage_bytes(obj: Any, seen: dict) -> None:
+    """Add the tensor storages reachable through dicts/lists/tuples to ``seen`` ({pointer: bytes})."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        seen.setdefault((str(obj.device), st.data_ptr()), st.nbytes())
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storage_bytes(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storage_bytes(v, seen)
 
 
 # --------------------------------------------------------------------------- handle
@@ -421,17 +532,23 @@ class ModelHandle:
     def find_wrapper(self, kind: type) -> Any:
         return next((w for w in self.wrappers if isinstance(w, kind)), None)
 
-    def _restore_wrappers(self, saved: list[tuple[Any, Any]]) -> None:
-        keep = [w for w, _ in saved]
+    def _restore_wrappers(self, order: list[Any], states: dict[int, dict], replace: bool = False) -> None:
+        """Install exactly the wrappers of ``order`` (in that order) and set their states.
+
+        ``states`` maps ``id(wrapper)`` to the entries to install (see
+        :func:`_set_entries`; ``replace``: they are the whole state).
+        Wrappers not in ``order`` are removed and their state is left alone.
+        """
         for w in list(self.wrappers):
-            if not any(w is k for k in keep):
+            if not any(w is k for k in order):
                 self.remove_wrapper(w)
-        for w, state in saved:
-            if state is not None:
-                w.set_state(copy.deepcopy(state))
+        for w in order:
+            values = states.get(id(w))
+            if values is not None and (values or replace):
+                _set_entries(w, values, replace)
             if not any(w is x for x in self.wrappers):
                 w.install(self)
-        self.wrappers = keep
+        self.wrappers = list(order)
 
     # ---- transactions
     @contextlib.contextmanager
@@ -439,7 +556,7 @@ class ModelHandle:
         tx = Transaction(self, names)
         try:
             yield tx
-            tx.check_finite()
+            tx.finish()
         except BaseException:
             tx.rollback()
             raise
@@ -448,7 +565,24 @@ class ModelHandle:
 
 
 class Transaction:
-    """Snapshot of touched parameters and wrapper state; undo/redo."""
+    """Snapshot of touched parameters and wrapper state; undo/redo.
+
+    Parameters: the named parameters are cloned at the start (``before``) and,
+    once kept, at the end (``after``).  Wrappers: the installed wrappers are
+    recorded at the start (``wrappers_before``) with a snapshot of each one's
+    state; :meth:`finish` (the end of the ``with`` block) compares every
+    wrapper's state with its snapshot and keeps only the entries that changed
+    (``changes``: per wrapper, those entries' values before and after), then
+    drops the snapshots.  For copy-on-write wrappers (WISE, GRACE) the kept
+    values are shared with the live state, not copied, so a step-mode undo
+    stack grows with the size of each edit, not with the size of the state.
+    Undo and redo lay the recorded entries over the current state, which is
+    exact as long as transactions are undone in reverse order (the undo stack).
+
+    An update that leaves a touched parameter, or a tensor of a changed
+    wrapper-state entry, non-finite raises :class:`NonFiniteError` from
+    :meth:`finish` and is rolled back.
+    """
 
     def __init__(self, handle: ModelHandle, names: Iterable[str]) -> None:
         self.handle = handle
@@ -459,9 +593,13 @@ class Transaction:
                 self.before[n] = handle.parameter(n).detach().clone()
             except AttributeError:
                 raise UserError(f'the model has no parameter "{n}"', "transaction") from None
-        self.wrappers_before = [(w, _wrapper_state(w)) for w in handle.wrappers]
+        self.wrappers_before = list(handle.wrappers)
+        self._snapshots: dict[int, tuple[dict, dict] | None] = {id(w): _wrapper_state(w)
+                                                                 for w in self.wrappers_before}
         self.after: dict | None = None
         self.wrappers_after: list | None = None
+        self.changes: list[tuple[Any, dict, dict]] = []   # (wrapper, changed entries before, after)
+        self.finished = False
         self.rolled_back = False
 
     def _write(self, values: dict) -> None:
@@ -473,7 +611,12 @@ class Transaction:
 
     def rollback(self) -> None:
         self._write(self.before)
-        self.handle._restore_wrappers(self.wrappers_before)
+        if self.finished:
+            self.handle._restore_wrappers(self.wrappers_before, {id(w): b for w, b, _ in self.changes})
+        else:   # inside the block (an exception, a cancel, a failed check): the whole snapshots
+            self.handle._restore_wrappers(self.wrappers_before,
+                                          {i: s[0] for i, s in self._snapshots.items() if s is not None},
+                                          replace=True)
         self.rolled_back = True
 
     def check_finite(self) -> None:
@@ -483,9 +626,53 @@ class Transaction:
             if not torch.isfinite(self.handle.parameter(n)).all():
                 raise NonFiniteError(f'the update made "{n}" non-finite (NaN or inf); the edit was rolled back')
 
+    def finish(self) -> None:
+        """End of the block: check finiteness, keep the changed wrapper entries, drop the snapshots."""
+        import torch
+
+        if self.finished:
+            return
+        self.check_finite()
+        after = list(self.handle.wrappers)
+        installed = {id(w) for w in after}
+        changes: list[tuple[Any, dict, dict]] = []
+        seen: set[int] = set()
+        for w in self.wrappers_before + after:
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            start = self._snapshots.get(id(w))
+            now = _wrapper_state(w)
+            if start is None and now is None:
+                continue
+            b_entries, versions = start if start is not None else ({}, {})
+            a_entries = now[0] if now is not None else {}
+            shared = _shares_state(w)
+            old: dict = {}
+            new: dict = {}
+            for k in dict.fromkeys([*b_entries, *a_entries]):
+                b, a = b_entries.get(k, _MISSING), a_entries.get(k, _MISSING)
+                if shared and a is b and isinstance(a, torch.Tensor) and _tensor_version(a) != versions.get(k):
+                    raise RuntimeError(f'the {getattr(w, "name", type(w).__name__)} wrapper modified its state '
+                                       f'tensor "{k}" in place; copy-on-write wrappers must assign new tensors')
+                if not _same_entry(b, a, shared):
+                    old[k], new[k] = b, a
+            if id(w) in installed:
+                for k, v in new.items():
+                    if _non_finite(v):
+                        raise NonFiniteError(f'the edit made the {getattr(w, "name", type(w).__name__)} state '
+                                             f'"{k}" non-finite (NaN or inf); the edit was rolled back')
+            if new:
+                changes.append((w, old, new))
+        self.wrappers_after = after
+        self.changes = changes
+        self._snapshots = {}
+        self.finished = True
+
     def capture_after(self) -> None:
+        if not self.finished:
+            self.finish()
         self.after = {n: self.handle.parameter(n).detach().clone() for n in self.names}
-        self.wrappers_after = [(w, _wrapper_state(w)) for w in self.handle.wrappers]
 
     def undo(self) -> None:
         if self.after is None:
@@ -496,8 +683,19 @@ class Transaction:
         if self.after is None:
             raise RuntimeError("nothing to redo: the transaction did not record its result")
         self._write(self.after)
-        self.handle._restore_wrappers(self.wrappers_after or [])
+        self.handle._restore_wrappers(self.wrappers_after or [], {id(w): a for w, _, a in self.changes})
         self.rolled_back = False
+
+    def stored_bytes(self, seen: dict | None = None) -> int:
+        """Bytes of tensor storage this transaction's records hold (each storage once).
+
+        Pass one ``seen`` dict for a whole undo stack to count storages shared
+        between transactions once; the result is the total in ``seen``.
+        """
+        seen = {} if seen is None else seen
+        _storage_bytes([self.before, self.after or {}, [(b, a) for _, b, a in self.changes],
+                        [s[0] for s in self._snapshots.values() if s is not None]], seen)
+        return sum(seen.values())
 
 
 def state_hash(model) -> str:

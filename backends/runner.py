@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import methods
@@ -35,6 +36,10 @@ class EditContext:
     state: dict            # per-session, per-method scratch (e.g. accumulated keys)
     seed: int = 0
     cache: dict = field(default_factory=dict)
+    # the session's folder: file paths in the params are relative to it and confined to it (None: the
+    # engine driven from Python, paths relative to the current directory)
+    base_dir: Path | None = None
+    where: str = "params"  # where the params live in the session, for error messages ("runs[2].params")
 
 
 @dataclass
@@ -285,9 +290,10 @@ class Workbench:
                             f'set [data] retain to a number, a list of ids or "rest"', f"runs[{index}]")
         return m
 
-    def context(self, method_name: str) -> EditContext:
+    def context(self, method_name: str, index: int = 0) -> EditContext:
         return EditContext(self.on_event, self.cancel, self.forget, self.retain,
-                           self.method_state.setdefault(method_name, {}), seed=self.session.targets.seed)
+                           self.method_state.setdefault(method_name, {}), seed=self.session.targets.seed,
+                           base_dir=self.session.base_dir(), where=f"runs[{index}].params")
 
     def apply(self, run_cfg: Any, requests: list[Request] | None = None, index: int = 0, keep: bool = False):
         """Apply one method inside a transaction; returns (transaction, report, seconds)."""
@@ -296,7 +302,7 @@ class Workbench:
         requests = self.requests() if requests is None else requests
         t0 = time.perf_counter()
         with self.handle.transaction(method.touched_parameters(self.handle), keep_after=keep) as tx:
-            report = method.apply(self.handle, requests, self.context(run_cfg.method))
+            report = method.apply(self.handle, requests, self.context(run_cfg.method, index))
         return tx, method, report or {}, time.perf_counter() - t0
 
     def run_one(self, index: int, run_cfg: Any, total: int = 1, keep: bool = False) -> RunResult:

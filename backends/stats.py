@@ -15,6 +15,9 @@ articles; here the default is cheap, offline and cached:
   A path to a ``.txt`` file — the user's own text.
   A path to a ``.safetensors`` file — statistics exported earlier
   (:func:`export_stats`), used as they are.
+  With ``base_dir`` (the session's folder) a path is relative to it and must
+  resolve inside it (a ``..``, an absolute path or a symlink leading out of
+  it is a UserError) unless ``allow_outside`` or ``UNLEARN_TUI_ALLOW_OUTSIDE=1``.
 * **Budget and early stop**: keys are accumulated in float32 over batches of
   ``seq_len``-token chunks until ``token_budget`` tokens (default 8,192) were seen, or earlier
   when the estimate has converged: the relative Frobenius change of ``C``
@@ -81,6 +84,26 @@ def _stats_dir() -> Path:
     from sessions.paths import cache_dir
 
     return cache_dir() / "stats"
+
+
+def resolve_corpus(corpus: str, base_dir: str | os.PathLike | None = None, where: str = "stats.corpus",
+                   allow_outside: bool = False) -> str:
+    """``corpus`` with a file path resolved against the session's folder and confined to it.
+
+    ``"self"`` and ``"hub:..."`` are returned as they are; a path becomes an
+    absolute, resolved one (see :func:`backends.editing.lifelong.session_path`:
+    a one-line UserError at ``where`` when it leaves ``base_dir``).  Without
+    ``base_dir`` a path is relative to the current directory.
+    """
+    if corpus == "self" or corpus.startswith("hub:"):
+        return corpus
+    from .editing.lifelong import ALLOW_OUTSIDE_ENV, session_path
+
+    p = session_path(corpus, base_dir, where, allow_outside, opt_in=f"set {ALLOW_OUTSIDE_ENV}=1")
+    if not p.is_file():
+        raise UserError(f'corpus file not found: {corpus} ({p}); expected "self", "hub:wikitext", a .txt file or '
+                        f'a .safetensors statistics file', where)
+    return str(p)
 
 
 def corpus_key(corpus: str) -> str:
@@ -324,12 +347,18 @@ def compute(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS, to
 def second_moments(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS,
                    token_budget: int = DEFAULT_BUDGET, tol: float = DEFAULT_TOL, use_cache: bool = True,
                    on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-                   **kw: Any) -> tuple[dict, StatsInfo]:
-    """``{layer: E[k k^T]}`` for the layers, from the cache when possible (see the module doc)."""
+                   base_dir: str | os.PathLike | None = None, where: str = "stats.corpus",
+                   allow_outside: bool = False, **kw: Any) -> tuple[dict, StatsInfo]:
+    """``{layer: E[k k^T]}`` for the layers, from the cache when possible (see the module doc).
+
+    ``base_dir`` is the session's folder: a corpus path is relative to it and
+    confined to it (:func:`resolve_corpus`; errors name ``where``).
+    """
     t0 = time.perf_counter()
     ad = handle.adapter
     layers = list(dict.fromkeys(ad.check_layer(l, "stats.layers") for l in layers))
     info = StatsInfo(corpus, layers)
+    corpus = resolve_corpus(corpus, base_dir, where, allow_outside)
     out: dict = {}
     if corpus.endswith(".safetensors"):
         loaded = read_export(corpus, handle)

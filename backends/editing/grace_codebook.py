@@ -64,12 +64,18 @@ class GraceCodebook(HookedWrapper):
 
     name = "grace"
 
+    # Copy-on-write (see backends.model.Wrapper): each entry's key, value and radius is its own tensor,
+    # replaced (never written in place) when a rule changes it, so a transaction keeps only the entries an
+    # edit touched.  ``keys`` / ``values`` / ``radii`` are the stacked views the lookup uses (derived).
+    copy_on_write = True
+
     def __init__(self, layer: int, hidden: int) -> None:
         self.layer = layer
         self.hidden = hidden
-        self.keys = torch.zeros((0, hidden))
-        self.values = torch.zeros((0, hidden))
-        self.radii = torch.zeros((0,))
+        self._keys: list[torch.Tensor] = []       # per entry: [hidden] float32
+        self._values: list[torch.Tensor] = []     # per entry: [hidden] float32
+        self._radii: list[torch.Tensor] = []      # per entry: a 0-d tensor
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.labels: list[str] = []
         self.item_ids: list[list[str]] = []
         self.log: list[str] = []            # what each edit did: add | expand | split
@@ -80,7 +86,50 @@ class GraceCodebook(HookedWrapper):
         self.last_info: dict | None = None
 
     def __len__(self) -> int:
-        return int(self.keys.shape[0])
+        return len(self._keys)
+
+    # ---- the codebook as stacked tensors ---------------------------------------------------
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
+            if self._keys:
+                self._stacked = (torch.stack(self._keys), torch.stack(self._values), torch.stack(self._radii))
+            else:
+                self._stacked = (torch.zeros((0, self.hidden)), torch.zeros((0, self.hidden)), torch.zeros((0,)))
+        return self._stacked
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._stack()[0]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor) -> None:
+        self._keys, self._stacked = list(t.unbind(0)), None
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._stack()[1]
+
+    @values.setter
+    def values(self, t: torch.Tensor) -> None:
+        self._values, self._stacked = list(t.unbind(0)), None
+
+    @property
+    def radii(self) -> torch.Tensor:
+        return self._stack()[2]
+
+    @radii.setter
+    def radii(self, t: torch.Tensor) -> None:
+        self._radii, self._stacked = list(t.unbind(0)), None
+
+    def set_key(self, i: int, key: torch.Tensor) -> None:
+        self._keys[i] = key
+        self._stacked = None
+
+    def set_radius(self, i: int, radius: float) -> None:
+        """Entry ``i``'s radius (rounded to the radii's dtype, as writing into the stacked tensor would)."""
+        old = self._radii[i]
+        self._radii[i] = torch.tensor(radius, dtype=old.dtype, device=old.device)
+        self._stacked = None
 
     # ---- hooks ----------------------------------------------------------------------------
     def hook_module(self, handle: Any) -> Any:
@@ -143,21 +192,37 @@ class GraceCodebook(HookedWrapper):
 
     # ---- transaction state ----------------------------------------------------------------
     def get_state(self) -> dict:
-        return {"keys": self.keys, "values": self.values, "radii": self.radii, "labels": list(self.labels),
-                "item_ids": [list(i) for i in self.item_ids], "log": list(self.log)}
+        """The codebook as flat named entries: key, value, radius, label and item ids per entry; the log."""
+        s: dict = {"entries": len(self._keys), "labels": len(self.labels), "item_ids": len(self.item_ids),
+                   "log": len(self.log)}
+        for i, (k, v, r) in enumerate(zip(self._keys, self._values, self._radii)):
+            s[f"key.{i}"], s[f"value.{i}"], s[f"radius.{i}"] = k, v, r
+        for i, label in enumerate(self.labels):
+            s[f"label.{i}"] = label
+        for i, ids in enumerate(self.item_ids):
+            s[f"item_ids.{i}"] = tuple(ids)
+        for i, action in enumerate(self.log):
+            s[f"log.{i}"] = action
+        return s
 
     def set_state(self, state: dict) -> None:
-        self.keys, self.values, self.radii = state["keys"], state["values"], state["radii"]
-        self.labels = list(state["labels"])
-        self.item_ids = [list(i) for i in state["item_ids"]]
-        self.log = list(state["log"])
+        n = state["entries"]
+        self._keys = [state[f"key.{i}"] for i in range(n)]
+        self._values = [state[f"value.{i}"] for i in range(n)]
+        self._radii = [state[f"radius.{i}"] for i in range(n)]
+        self._stacked = None
+        self.labels = [state[f"label.{i}"] for i in range(state["labels"])]
+        self.item_ids = [list(state[f"item_ids.{i}"]) for i in range(state["item_ids"])]
+        self.log = [state[f"log.{i}"] for i in range(state["log"])]
         self._rows = None
 
     # ---- persistence ----------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, where: str = "params.save_state", overwrite: bool = False) -> None:
+        """Write the state to ``path`` (see :func:`~backends.editing.lifelong.save_tensors` for the rules)."""
         meta = {"kind": STATE_KIND, "version": STATE_VERSION, "layer": self.layer, "hidden": self.hidden,
                 "labels": self.labels, "item_ids": self.item_ids, "log": self.log}
-        save_tensors(path, {"keys": self.keys, "values": self.values, "radii": self.radii}, meta)
+        save_tensors(path, {"keys": self.keys, "values": self.values, "radii": self.radii}, meta, where,
+                     overwrite)
 
     @classmethod
     def load_state(cls, path: str, where: str = "params.load_state") -> "GraceCodebook":
@@ -173,9 +238,12 @@ class GraceCodebook(HookedWrapper):
 
     # ---- editing --------------------------------------------------------------------------
     def _append(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: str, ids: list[str]) -> None:
-        self.keys = torch.cat([self.keys.to(key.device), key[None].float()])
-        self.values = torch.cat([self.values.to(key.device), value[None].float()])
-        self.radii = torch.cat([self.radii.to(key.device), torch.tensor([radius], device=key.device)])
+        dev = key.device
+        # own copies: ``key`` is typically a row of a captured activation, which it would keep alive
+        self._keys = [k.to(dev) for k in self._keys] + [key.detach().float().clone()]
+        self._values = [v.to(dev) for v in self._values] + [value.detach().to(dev).float().clone()]
+        self._radii = [r.to(dev) for r in self._radii] + [torch.tensor(radius, device=dev)]
+        self._stacked = None
         self.labels.append(label)
         self.item_ids.append(list(ids))
 
@@ -213,14 +281,14 @@ def add_edit(cb: GraceCodebook, handle: Any, runner: SuffixRunner, question: str
                 if cb.labels[near] == target:
                     action = "expand"
                     if cfg.eps_expand == "moving_avg":
-                        cb.keys[near] = (cb.keys[near] + key.to(cb.keys.device)) / 2
-                        cb.radii[near] = max(float(cb.radii[near]), d / 2 + cfg.eps / 2)
+                        cb.set_key(near, (cb.keys[near] + key.to(cb.keys.device)) / 2)
+                        cb.set_radius(near, max(float(cb.radii[near]), d / 2 + cfg.eps / 2))
                     else:
-                        cb.radii[near] = max(float(cb.radii[near]), d)
+                        cb.set_radius(near, max(float(cb.radii[near]), d))
                     cb.item_ids[near] = cb.item_ids[near] + list(item_ids)
                 else:
                     action, radius = "split", d / 2
-                    cb.radii[near] = d / 2
+                    cb.set_radius(near, d / 2)
         info: dict[str, Any] = {"action": action, "radius": radius, "nearest": near}
         if action == "expand":
             on_step(0.0)

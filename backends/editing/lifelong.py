@@ -16,7 +16,11 @@
   a cached generation (one new token per step) or starts new sequences.
 * :func:`sequence_batch` builds right-padded ``prompt + target`` batches.
 * :func:`save_tensors` / :func:`load_tensors`: safetensors plus a JSON header
-  (no pickle) for persisting wrapper state.
+  (no pickle) for persisting wrapper state; :func:`session_path` resolves a
+  session's ``save_state`` / ``load_state`` against the session's folder and
+  confines it there, and :func:`save_tensors` never creates folders, replaces
+  only its own kind of state file and writes atomically (mkstemp, fsync,
+  ``os.replace``).
 * :data:`NEUTRAL_PROMPTS`: generic requests unrelated to any fact set, used as
   out-of-scope examples (WISE's routing loss) and to size GRACE's radius;
   :data:`NEUTRAL_QUESTIONS`: short factual questions in the usual question
@@ -320,13 +324,105 @@ def weight_apply(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.nn.functional.linear(x, w) if layout == "out_in" else x @ w
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """One safetensors file; ``meta`` (JSON-able) goes into the header."""
-    from safetensors.torch import save_file
+ALLOW_OUTSIDE_ENV = "UNLEARN_TUI_ALLOW_OUTSIDE"   # "1": paths in a session may leave the session's folder
+
+
+def outside_allowed(flag: bool = False) -> bool:
+    """The explicit opt-in for paths outside the session's folder: a param, or ``UNLEARN_TUI_ALLOW_OUTSIDE=1``."""
+    import os
+
+    return bool(flag) or os.environ.get(ALLOW_OUTSIDE_ENV, "").strip() == "1"
+
+
+def session_path(value: str | Path, base_dir: str | Path | None, where: str, allow_outside: bool = False,
+                 opt_in: str = f"set allow_outside = true, or {ALLOW_OUTSIDE_ENV}=1") -> Path:
+    """A file path from a session, resolved against the session's folder and confined to it.
+
+    ``value`` (``~`` expanded) is taken relative to ``base_dir`` and resolved
+    (every symlink followed).  When the result lies outside ``base_dir`` --
+    through ``..``, an absolute path or a symlink -- it is a one-line
+    :class:`UserError` at ``where``, unless the user opted in
+    (:func:`outside_allowed`; ``opt_in`` says how, in the message).  Without a session folder (``base_dir`` None:
+    the engine driven from Python) the path is relative to the current
+    directory and not confined.  Returns the resolved path.
+    """
+    try:
+        p = Path(value).expanduser()
+        if base_dir is None:
+            return p.resolve()
+        base = Path(base_dir).expanduser().resolve()
+        real = (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:   # a symlink loop, an unknown ~user, a NUL byte
+        raise UserError(f'cannot resolve the path "{value}" ({exc}); expected a file path inside the session '
+                        f'folder', where) from None
+    if not outside_allowed(allow_outside) and real != base and base not in real.parents:
+        raise UserError(f'"{value}" resolves to {real}, outside the session folder {base}; expected a path inside '
+                        f'it (or {opt_in})', where)
+    return real
+
+
+def state_file_kind(path: str | Path) -> str | None:
+    """The ``kind`` in the unlearn-tui header of a safetensors state file; None for any other file.
+
+    Reads only the safetensors header (8-byte length + JSON), never the tensors.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if not 2 <= n <= 100_000_000:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+        meta = json.loads((header.get("__metadata__") or {}).get("unlearn_tui") or "null")
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        return kind if isinstance(kind, str) else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def check_state_target(path: str | Path, kind: str, where: str, overwrite: bool = False) -> None:
+    """Fail (UserError at ``where``) unless a state file of ``kind`` may be written at ``path``.
+
+    The folder must exist (it is never created); an existing file is replaced
+    only when it is a state file of the same ``kind`` (its header says so)
+    or ``overwrite`` is set; a folder is never replaced.
+    """
+    p = Path(path)
+    try:
+        parent_ok, is_dir, exists = p.parent.is_dir(), p.is_dir(), p.exists()
+    except OSError as exc:
+        raise UserError(f"cannot inspect {p} ({exc.strerror or exc}); expected a writable file path", where) from None
+    if not parent_ok:
+        raise UserError(f"the folder {p.parent} does not exist; expected an existing folder (state files never "
+                        f"create folders)", where)
+    if is_dir:
+        raise UserError(f"{p} is a folder; expected a .safetensors file name", where)
+    if exists and not overwrite:
+        found = state_file_kind(p) if p.is_file() else None   # never open a pipe or a device
+        if found != kind:
+            what = f"a {found} state file" if found else "not an unlearn-tui state file"
+            raise UserError(f"{p} exists and is {what}; expected a new file name or a {kind} state file to "
+                            f"replace (or set overwrite = true)", where)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, where: str = "params.save_state",
+                 overwrite: bool = False) -> None:
+    """One safetensors file; ``meta`` (JSON-able, with its ``kind``) goes into the header.
+
+    The target is checked first (:func:`check_state_target`), then written
+    atomically: the bytes go to a temp file made by ``tempfile.mkstemp`` in
+    the target's folder, are fsynced, and ``os.replace`` puts the file in
+    place; on any error the temp file is removed and the target is untouched.
+    """
+    import os
+    import tempfile
+
+    from safetensors.torch import save
 
     p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    check_state_target(p, str(meta.get("kind", "")), where, overwrite)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for k, v in tensors.items():   # safetensors refuses tensors sharing storage: copy the repeats
@@ -334,8 +430,38 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
-    save_file(out, str(tmp), metadata={"unlearn_tui": json.dumps(meta)})
-    tmp.replace(p)
+    data = save(out, metadata={"unlearn_tui": json.dumps(meta)})
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as exc:
+        raise UserError(f"could not write {p} ({exc.strerror or exc}); expected a writable file in an existing "
+                        f"folder", where) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    try:   # the rename itself survives a crash once the folder is synced (best effort: not every OS allows it)
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def load_tensors(path: str | Path, where: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -76,7 +76,9 @@ def _stats(handle: Any, layers: Sequence[int], p: Any, ctx: Any) -> tuple[dict, 
     from .. import stats
 
     mats, info = stats.second_moments(handle, layers, p.corpus, p.token_budget, p.stats_tol,
-                                      on_event=ctx.on_event, cancel=ctx.cancel)
+                                      on_event=ctx.on_event, cancel=ctx.cancel,
+                                      base_dir=getattr(ctx, "base_dir", None),
+                                      where=f'{getattr(ctx, "where", "params")}.corpus')
     return mats, {"corpus": info.corpus, "tokens": info.tokens, "seconds": round(info.seconds, 3),
                   "cached_layers": info.cached_layers, "converged": info.converged}
 

@@ -313,28 +313,47 @@ class WiseMemory(HookedWrapper):
                 "wise_memory": str(int(self.last_choice[0])) if side and self.last_choice is not None else "-"}
 
     # ---- transaction state ----------------------------------------------------------------
+    # Copy-on-write (see backends.model.Wrapper): every tensor of the state is replaced when it changes,
+    # never written in place, so a transaction shares the entries and keeps only those an edit changed.
+    copy_on_write = True
+
     def get_state(self) -> dict:
-        return {"merged": self.merged, "shards": [dict(s) for s in self.shards], "acts": list(self.acts),
-                "edits": [dict(e) for e in self.edits], "threshold": self.threshold, "scale": self.scale,
-                "delta": self.delta, "shard_masks_made": self.shard_masks_made, "skip": self.skip,
-                "archive": [dict(m) for m in self.archive], "active_from": self.active_from}
+        """The mutable state as flat named entries: one per shard, edit, projection input and frozen memory."""
+        s: dict = {"merged": self.merged, "delta": self.delta, "threshold": self.threshold, "scale": self.scale,
+                   "shard_masks_made": self.shard_masks_made, "skip": self.skip, "active_from": self.active_from,
+                   "out_scope_max": self.out_scope_max, "shards": len(self.shards), "acts": len(self.acts),
+                   "edits": len(self.edits), "archive": len(self.archive)}
+        for i, sh in enumerate(self.shards):
+            s[f"shard.{i}.tau"], s[f"shard.{i}.mask"], s[f"shard.{i}.edits"] = sh["tau"], sh["mask"], sh["edits"]
+        for i, a in enumerate(self.acts):
+            s[f"act.{i}"] = a
+        for i, e in enumerate(self.edits):
+            s[f"edit.{i}"] = e
+        for i, m in enumerate(self.archive):
+            s[f"archive.{i}.delta"], s[f"archive.{i}.threshold"], s[f"archive.{i}.edits"] = \
+                m["delta"], m["threshold"], m["edits"]
+        return s
 
     def set_state(self, state: dict) -> None:
         self.merged = state["merged"]
-        self.shards = [dict(s) for s in state["shards"]]
-        self.acts = list(state["acts"])
-        self.edits = [dict(e) for e in state["edits"]]
+        self.delta = state["delta"]
         self.threshold = state["threshold"]
         self.scale = state["scale"]
-        self.delta = state["delta"]
         self.shard_masks_made = state["shard_masks_made"]
         self.skip = state["skip"]
-        self.archive = [dict(m) for m in state["archive"]]
         self.active_from = state["active_from"]
+        self.out_scope_max = state.get("out_scope_max")
+        self.shards = [{"tau": state[f"shard.{i}.tau"], "mask": state[f"shard.{i}.mask"],
+                        "edits": state[f"shard.{i}.edits"]} for i in range(state["shards"])]
+        self.acts = [state[f"act.{i}"] for i in range(state["acts"])]
+        self.edits = [state[f"edit.{i}"] for i in range(state["edits"])]
+        self.archive = [{"delta": state[f"archive.{i}.delta"], "threshold": state[f"archive.{i}.threshold"],
+                         "edits": state[f"archive.{i}.edits"]} for i in range(state["archive"])]
         self._routes = None
 
     # ---- persistence ----------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, where: str = "params.save_state", overwrite: bool = False) -> None:
+        """Write the state to ``path`` (see :func:`~backends.editing.lifelong.save_tensors` for the rules)."""
         tensors: dict[str, torch.Tensor] = {}
         if self.merged is not None:
             tensors["merged"] = self.merged
@@ -352,7 +371,7 @@ class WiseMemory(HookedWrapper):
                 "edits": self.edits, "shard_edits": [s["edits"] for s in self.shards],
                 "shard_masks_made": self.shard_masks_made, "pool": self.pool, "active_from": self.active_from,
                 "archive": [{"threshold": m["threshold"], "edits": m["edits"]} for m in self.archive]}
-        save_tensors(path, tensors, meta)
+        save_tensors(path, tensors, meta, where, overwrite)
 
     @classmethod
     def load_state(cls, path: str, where: str = "params.load_state") -> "WiseMemory":

@@ -17,6 +17,11 @@ weakness, reported honestly by the rephrase split; ``grace_hit`` and
 Scale-free defaults: the initial radius ``eps`` is ``0.25 x`` the mean key
 norm of a few neutral prompts at that layer (the reference's ``eps = 1`` was
 set for Llama-2-7B's key scale); the layer is at 90 % of the depth.
+
+Persistence: ``save_state`` / ``load_state`` are relative to the session's
+folder and must stay inside it (``allow_outside`` opts out); ``save_state``
+never creates folders, replaces only a GRACE state file (``overwrite`` opts
+out) and writes atomically.
 """
 
 from __future__ import annotations
@@ -59,28 +64,39 @@ class GraceMethod(OneLayerAdaptor):
         dist_fn: str = param("euc", "key distance", choices=("euc",))
         replacement: str = param("replace_from_hit", "which outputs a hit replaces: from the first in-ball "
                                  "token to the end, kept for generated tokens", choices=("replace_from_hit",))
-        load_state: str = param("", "re-create the codebook from this saved state file instead of training")
-        save_state: str = param("", "write the codebook to this .safetensors file after the edits")
+        load_state: str = param("", "re-create the codebook from this saved state file instead of training "
+                                "(relative to the session's folder)")
+        save_state: str = param("", "write the codebook to this .safetensors file after the edits (relative "
+                                "to the session's folder, which must exist; replaces only a GRACE state file)")
+        allow_outside: bool = param(False, "let load_state / save_state name a file outside the session's "
+                                    "folder (through .., an absolute path or a symlink)")
+        overwrite: bool = param(False, "let save_state replace an existing file that is not a GRACE state file")
 
     def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
-        from ..editing.grace_codebook import GraceCodebook, GraceConfig, add_edit, key_scale
-        from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner
+        from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, add_edit, key_scale
+        from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner, check_state_target, session_path
 
         p = self.params
         layer = self.layer(handle)
+        where = getattr(ctx, "where", "params")
+        base = getattr(ctx, "base_dir", None)
+        load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
+        save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
+        if save_path is not None:   # before any work: a bad target fails now, not after the edits
+            check_state_target(save_path, STATE_KIND, f"{where}.save_state", p.overwrite)
         existing = next((w for w in handle.wrappers if isinstance(w, GraceCodebook) and w.layer == layer), None)
-        if p.load_state:
-            cb = GraceCodebook.load_state(p.load_state)
+        if load_path is not None:
+            cb = GraceCodebook.load_state(str(load_path), f"{where}.load_state")
             if cb.hidden != handle.adapter.hidden_size:
                 raise UserError(f"the saved codebook has keys of size {cb.hidden} but this model's hidden size "
                                 f"is {handle.adapter.hidden_size}; it was saved for another model",
-                                "params.load_state")
+                                f"{where}.load_state")
             if existing is not None:
                 handle.remove_wrapper(existing)
             handle.add_wrapper(cb)
             Tracker(ctx.on_event, ctx.cancel, "grace: load codebook", 1).step(detail=p.load_state)
-            if p.save_state:
-                cb.save_state(p.save_state)
+            if save_path is not None:
+                cb.save_state(str(save_path), f"{where}.save_state", p.overwrite)
             return {"edits": 0, "loaded": p.load_state, "entries": len(cb), "layer": cb.layer}
         if existing is None:
             cb = GraceCodebook(layer, handle.adapter.hidden_size)
@@ -110,7 +126,7 @@ class GraceMethod(OneLayerAdaptor):
         if runner.fast is False:
             ctx.on_event(Log("grace: the suffix shortcut did not match this architecture; used full forwards",
                              "warning"))
-        if p.save_state:
-            cb.save_state(p.save_state)
+        if save_path is not None:
+            cb.save_state(str(save_path), f"{where}.save_state", p.overwrite)
         return {"edits": len(requests), "entries": len(cb), "layer": layer, "eps": eps,
                 "actions": {a: cb.log.count(a) for a in ("add", "expand", "split")}, "per_edit": per_edit}

@@ -33,6 +33,9 @@ at 90 % of the depth (the reference edits layer 27 of 32).
 
 Persistence: ``save_state = "file.safetensors"`` writes the side memory after
 the edits; ``load_state`` re-creates it exactly (no training) in a replay.
+Both paths are relative to the session's folder and must stay inside it
+(``allow_outside`` opts out); ``save_state`` never creates folders, replaces
+only a WISE state file (``overwrite`` opts out) and writes atomically.
 """
 
 from __future__ import annotations
@@ -111,8 +114,13 @@ class WiseMethod(OneLayerAdaptor):
                                           min=0.0, max=100.0)
         contexts: int = param(1, "context prefixes the edit prompt is also trained under (besides the bare "
                               "prompt)", min=0, max=5)
-        load_state: str = param("", "re-create the side memory from this saved state file instead of training")
-        save_state: str = param("", "write the side memory to this .safetensors file after the edits")
+        load_state: str = param("", "re-create the side memory from this saved state file instead of training "
+                                "(relative to the session's folder)")
+        save_state: str = param("", "write the side memory to this .safetensors file after the edits (relative "
+                                "to the session's folder, which must exist; replaces only a WISE state file)")
+        allow_outside: bool = param(False, "let load_state / save_state name a file outside the session's "
+                                    "folder (through .., an absolute path or a symlink)")
+        overwrite: bool = param(False, "let save_state replace an existing file that is not a WISE state file")
 
     def _margins(self, scale: float) -> tuple[float, float, float]:
         p = self.params
@@ -127,25 +135,31 @@ class WiseMethod(OneLayerAdaptor):
     def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
         import torch
 
-        from ..editing.lifelong import SuffixRunner
-        from ..editing.wise_memory import (WiseConfig, WiseMemory, projection_inputs, template_header_len,
-                                           train_edit)
+        from ..editing.lifelong import SuffixRunner, check_state_target, session_path
+        from ..editing.wise_memory import (STATE_KIND, WiseConfig, WiseMemory, projection_inputs,
+                                           template_header_len, train_edit)
 
         p = self.params
         layer = self.layer(handle)
+        where = getattr(ctx, "where", "params")
         if p.merge_freq % p.save_freq:
             raise UserError(f"merge_freq ({p.merge_freq}) must be a multiple of save_freq ({p.save_freq})",
-                            "params.merge_freq")
+                            f"{where}.merge_freq")
+        base = getattr(ctx, "base_dir", None)
+        load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
+        save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
+        if save_path is not None:   # before any work: a bad target fails now, not after the edits
+            check_state_target(save_path, STATE_KIND, f"{where}.save_state", p.overwrite)
         existing = next((w for w in handle.wrappers if isinstance(w, WiseMemory) and w.layer == layer), None)
-        if p.load_state:
-            mem = WiseMemory.load_state(p.load_state)
-            mem.check_compatible(handle, "params.load_state")
+        if load_path is not None:
+            mem = WiseMemory.load_state(str(load_path), f"{where}.load_state")
+            mem.check_compatible(handle, f"{where}.load_state")
             if existing is not None:
                 handle.remove_wrapper(existing)
             handle.add_wrapper(mem)
             Tracker(ctx.on_event, ctx.cancel, "wise: load side memory", 1).step(detail=p.load_state)
-            if p.save_state:
-                mem.save_state(p.save_state)
+            if save_path is not None:
+                mem.save_state(str(save_path), f"{where}.save_state", p.overwrite)
             return {"edits": 0, "loaded": p.load_state, "memory_edits": len(mem.edits),
                     "thresholds": [thr for _, thr in mem.memories()], "layer": mem.layer}
 
@@ -179,8 +193,8 @@ class WiseMethod(OneLayerAdaptor):
         if runner.fast is False:
             ctx.on_event(Log("wise: the suffix shortcut did not match this architecture; used full forwards",
                              "warning"))
-        if p.save_state:
-            mem.save_state(p.save_state)
+        if save_path is not None:
+            mem.save_state(str(save_path), f"{where}.save_state", p.overwrite)
         return {"edits": len(requests), "memory_edits": len(mem.edits), "layer": layer,
                 "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
                 "shards_pending": len(mem.shards), "memories": len(mem.memories()),
