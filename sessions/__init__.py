@@ -10,10 +10,26 @@ Textual-free and torch-free (a test enforces it)::
 
 from __future__ import annotations
 
-from .loader import load, loads
+import functools
+from pathlib import Path
+
+from . import loader as _loader
+from .loader import loads
 from .schema import (SCHEMA_VERSION, DataConfig, EvalConfig, ModelConfig, Paraphrase,
                      RunConfig, Session, TargetItem, TargetsConfig, new_session, to_plain)
-from .writer import dumps, save
+from .writer import atomic_write, clean_stale_temps, dumps, save
+
+
+@functools.wraps(_loader.load)
+def load(path, *args, **kwargs) -> Session:
+    # a save killed half-way leaves a temporary file next to the session: loading from that
+    # folder removes the stale ones (the rule is in sessions/writer.py), then reads the file
+    try:
+        real = Path(path).expanduser().resolve()    # where a save writes (through a symlink)
+        clean_stale_temps(real.parent, real.name)
+    except (OSError, RuntimeError, TypeError, ValueError):  # best effort; the loader reports bad paths
+        pass
+    return _loader.load(path, *args, **kwargs)
 
 
 def validate(session: Session) -> None:
@@ -33,5 +49,5 @@ def validate(session: Session) -> None:
 __all__ = [
     "SCHEMA_VERSION", "Session", "ModelConfig", "DataConfig", "TargetsConfig", "TargetItem",
     "Paraphrase", "EvalConfig", "RunConfig", "load", "loads", "save", "dumps", "new_session",
-    "validate", "to_plain",
+    "validate", "to_plain", "atomic_write",
 ]

@@ -44,6 +44,22 @@ def cache_dir(create: bool = False) -> Path:
     return _dir("UNLEARN_TUI_CACHE_DIR", "cache", create)
 
 
+AUTOSAVE_NAME = "autosave.session.json"
+LEGACY_AUTOSAVE_NAMES = ("autosave.toml", "autosave.json")
+
+
 def autosave_path() -> Path:
-    """Where the TUI autosaves the current session."""
-    return data_dir() / "autosave.toml"
+    """Where the TUI autosaves the current session.
+
+    One file, written atomically (``sessions.writer.atomic_write``), holds
+    everything the restore needs: a JSON object ``{"format": 1, "path": the
+    session's file or null, "saved_at": seconds, "session": its TOML text}``.
+    (Earlier versions wrote a pair, ``autosave.toml`` + ``autosave.json``,
+    that a crash could leave half written: :func:`legacy_autosave_paths`.)
+    """
+    return data_dir() / AUTOSAVE_NAME
+
+
+def legacy_autosave_paths() -> tuple[Path, ...]:
+    """The two files of the old autosave pair (never restored: a half-written pair cannot be told)."""
+    return tuple(data_dir() / n for n in LEGACY_AUTOSAVE_NAMES)

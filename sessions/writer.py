@@ -5,9 +5,30 @@ plain form of what it held (``Session._doc`` / ``Session._baseline``).
 :func:`dumps` diffs the current session against that baseline and edits only
 the keys that changed, so untouched lines (and their comments) stay byte for
 byte.  A session without a document is rendered fresh, with short comments.
-:func:`save` writes atomically: a temporary file in the same directory,
-flush + fsync, ``os.replace``; on error the original is untouched and the
-temporary file removed.
+
+:func:`atomic_write` is the one atomic file writer (the session save and the
+TUI's autosave use it; anything else that replaces a file should too): a
+temporary file made with :func:`tempfile.mkstemp` in the target's folder
+(``O_CREAT | O_EXCL``: it never opens an existing file or follows a symlink),
+write, flush + fsync, ``os.replace`` onto the target, then an fsync of the
+folder on POSIX.  On any error (or interruption) the original is untouched
+and the temporary file removed.
+
+Stale temporary files.  A writer killed between creating its temporary file
+and the rename leaves the file behind; every :func:`atomic_write` (and every
+``sessions.load``) first removes such leftovers from that folder
+(:func:`clean_stale_temps`).  A file is removed only when all of these hold:
+
+* its name is ours: ``.<target name>.unlearn-tui-<pid>-<8 random>.tmp``, or
+  ``.<name>.<8 random>.tmp`` (the name earlier versions used) where ``<name>``
+  is the file being written now;
+* it is a regular file owned by the current user (``lstat``: a symlink or a
+  folder with such a name is never touched, nor followed);
+* it is stale: the process ``<pid>`` no longer runs on this machine (POSIX;
+  checked with signal 0), or it was last modified more than
+  :data:`STALE_TEMP_SECONDS` ago (the only test for the old names and on
+  Windows).  A temporary file of a running writer that is younger than that
+  is kept.
 """
 
 from __future__ import annotations
@@ -16,9 +37,11 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +229,17 @@ def _rebased(p: str | None, old_base: Path, new_base: Path) -> str | None:
         return str(target)
 
 
+TEMP_MARK = "unlearn-tui"
+"""Part of every temporary file name :func:`atomic_write` makes (see the module doc)."""
+
+STALE_TEMP_SECONDS = 3600.0
+"""A temporary file of ours not modified for this long is stale even if its pid is running
+(pids are reused, e.g. after a reboot); an atomic write takes well under a second."""
+
+_TEMP_RE = re.compile(rf"^\.(?P<name>.+)\.{TEMP_MARK}-(?P<pid>\d+)-[a-z0-9_]{{8}}\.tmp$")
+_OLD_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
 def _fsync_dir(directory: Path) -> None:
     if os.name != "posix":
         return
@@ -217,26 +251,101 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (raises OSError; never leaves a temp file)."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+def _pid_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (True when that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:
+        return True     # os.kill(pid, 0) would terminate the process on Windows: age decides there
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True     # it exists (another user's), or we cannot tell: keep the file
+    return True
+
+
+def clean_stale_temps(directory: Path | str, name: str | None = None, *,
+                      max_age: float = STALE_TEMP_SECONDS, now: float | None = None) -> list[Path]:
+    """Remove stale temporary files of :func:`atomic_write` from ``directory``; returns those removed.
+
+    The rule is in the module doc.  ``name`` is the file about to be written
+    (its temporary files in the old naming are recognised too).  Best effort:
+    an unreadable folder or a file that cannot be removed is skipped, never an error.
+    """
+    directory = Path(directory)
+    now = time.time() if now is None else now
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        pid = int(m["pid"]) if m else None
+        if m is None:
+            old = _OLD_TEMP_RE.match(entry.name)
+            if old is None or name is None or old["name"] != name:
+                continue
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+            continue
+        old_enough = now - st.st_mtime > max_age
+        dead = pid is not None and not _pid_running(pid)
+        if not (old_enough or dead):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def atomic_write(path: Path | str, data: str | bytes, *, encoding: str = "utf-8",
+                 mode: int | None = None) -> Path:
+    """Replace the file ``path`` with ``data`` atomically; returns the file written.
+
+    ``data`` is bytes, or text encoded with ``encoding`` (line endings are
+    written as given).  A symlink at ``path`` is followed: the file it points
+    to is replaced and the link stays.  The new file keeps the old one's
+    permission bits; a new file gets ``mode`` (default 0o644).  Raises
+    OSError; on any error or interruption the original file is untouched and
+    no temporary file is left.  Stale temporary files of killed writers in the
+    folder are removed first (module doc).
+    """
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    directory = target.parent
+    payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
+    clean_stale_temps(directory, target.name)
+    try:
+        keep = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        keep = 0o644 if mode is None else mode
+    # O_CREAT | O_EXCL, mode 0600: never an existing file, never through a symlink
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.{TEMP_MARK}-{os.getpid()}-",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), keep)
+            os.fsync(f.fileno())
+        if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
+            os.chmod(tmp, keep)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+    return target
 
 
 def save(session: Session, path: Path | str | None = None) -> Path:
@@ -255,7 +364,7 @@ def save(session: Session, path: Path | str | None = None) -> Path:
     label = str(path) if path is not None else str(target)
     if target.is_dir():
         raise UserError("is a directory; give a file name for the session", label)
-    real = target.resolve() if target.is_symlink() else target
+    real = target.resolve() if target.is_symlink() else target   # atomic_write follows the link too
     if not real.parent.is_dir():
         raise UserError(f"cannot save: directory {real.parent} does not exist", label)
 
@@ -269,7 +378,7 @@ def save(session: Session, path: Path | str | None = None) -> Path:
     work._doc, work._baseline = session._doc, session._baseline
     text, doc, plain = _render(work)
     try:
-        atomic_write_text(real, text)
+        atomic_write(real, text)
     except OSError as e:
         raise UserError(f"cannot save the session: {e.strerror or e}", label) from e
     session.data.path, session.targets.pool = data_path, pool

@@ -591,7 +591,9 @@ def test_paths_env_overrides(tmp_path, monkeypatch):
     assert session_paths.data_dir() == tmp_path / "d"
     assert session_paths.cache_dir(create=True) == tmp_path / "k"
     assert (tmp_path / "k").is_dir() and not (tmp_path / "c").exists()
-    assert session_paths.autosave_path() == tmp_path / "d" / "autosave.toml"
+    assert session_paths.autosave_path() == tmp_path / "d" / "autosave.session.json"   # one file, not a pair
+    assert session_paths.legacy_autosave_paths() == (tmp_path / "d" / "autosave.toml",
+                                                     tmp_path / "d" / "autosave.json")
 
 
 def test_paths_default_to_platformdirs(monkeypatch):

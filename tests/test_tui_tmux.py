@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from sessions.paths import AUTOSAVE_NAME
 from test_tui_flow import ITEMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,6 @@ def test_real_app_in_tmux(tmp_path):
         final = t.wait_for("UNLEARN-EXIT=", timeout=60)
         assert "UNLEARN-EXIT=0" in final, final
         assert "Traceback" not in final, final
-        assert not (tmp_path / "data" / "autosave.toml").exists()   # a clean quit drops the autosave
+        assert not (tmp_path / "data" / AUTOSAVE_NAME).exists()   # a clean quit drops the autosave
     finally:
         t.kill()

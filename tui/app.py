@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,9 +47,11 @@ class UnlearnApp(App):
 
     def __init__(self, session: Any, session_label: str | None = None, restored: bool = False,
                  model: str | None = None, settings: Settings | None = None,
-                 problems: Iterable[str] = (), handle: Any = None, autostart: bool = True) -> None:
+                 problems: Iterable[str] = (), handle: Any = None, autostart: bool = True,
+                 trust_remote_code: bool = False) -> None:
         super().__init__()
         self.session = session
+        self.trust_remote_code = trust_remote_code   # --trust-remote-code: sessions may ask for model code
         self.settings = settings or Settings()
         self._problems = list(problems)
         self._restored = restored
@@ -114,7 +117,8 @@ class UnlearnApp(App):
 
         if self.first_frame is None:  # fallback if _display below was not reached
             self._mark_first_frame()
-        self.bridge = EngineBridge(self, self.session, self._handle, self.settings.progress_hz)
+        self.bridge = EngineBridge(self, self.session, self._handle, self.settings.progress_hz,
+                                   refuse_model=self.remote_code_refusal)
         if self.autostart:
             self.start_startup()
 
@@ -158,10 +162,18 @@ class UnlearnApp(App):
         return list(r) if isinstance(r, list) else []
 
     def item_by_id(self, item_id: str):
+        """The loaded item ``item_id``; KeyError when it is not loaded (see :meth:`find_item`)."""
+        it = self.find_item(item_id)
+        if it is None:
+            raise KeyError(item_id)
+        return it
+
+    def find_item(self, item_id: str | None):
+        """The loaded item ``item_id``, or None (no data loaded, a failed load, an id of other data)."""
         for it in self.items or []:
             if it.id == item_id:
                 return it
-        raise KeyError(item_id)
+        return None
 
     def forget_items(self) -> list:
         by = {it.id: it for it in self.items or []}
@@ -178,7 +190,8 @@ class UnlearnApp(App):
 
     def update_title(self) -> None:
         name = self.session.path.name if self.session.path is not None else "untitled"
-        model = self.model_name + ("" if self.model_ready else " (loading)")
+        state = " (not loaded)" if self.remote_code_refusal() else " (loading)"
+        model = self.model_name + ("" if self.model_ready else state)
         self.sub_title = f"{name}{' *' if self.dirty else ''} · {model}"
 
     def mark_dirty(self) -> None:
@@ -261,10 +274,10 @@ class UnlearnApp(App):
         if o is not None:
             return o.target, o.source, {"leak": o.leak, "mentions_subject": o.mentions_subject}
         t = self.session.targets
+        item = self.find_item(item_id)
         try:
-            item = self.item_by_id(item_id)
-            out = simple_targets(t.mode, [item], self._target_pool(), t.seed, t.dummy, {})
-        except (UserError, KeyError):
+            out = simple_targets(t.mode, [item], self._target_pool(), t.seed, t.dummy, {}) if item else {}
+        except UserError:
             out = {}
         if item_id in out:
             return out[item_id].text, out[item_id].source, {}
@@ -423,9 +436,22 @@ class UnlearnApp(App):
 
         return prepare
 
+    def remote_code_refusal(self, session: Any = None) -> str | None:
+        """The one-line error when ``session`` (default: the app's) may not load its model, else None.
+
+        A session with ``[model] trust_remote_code = true`` would run Python code shipped with the
+        model; the app loads it only when started with ``--trust-remote-code``.
+        """
+        s = session if session is not None else self.session
+        if not getattr(s.model, "trust_remote_code", False) or self.trust_remote_code:
+            return None
+        where = f"{s.path}: " if s.path is not None else ""
+        return (f"{where}model.trust_remote_code = true would run code shipped with the model; the model "
+                f"was not loaded: start unlearn-tui with --trust-remote-code to allow it")
+
     def _load_model(self, wb: Any) -> None:
         if wb.handle is None:
-            wb.load_model()
+            wb.load_model()        # refused (UserError) for a session we may not load: see the bridge
             self.bridge.handle_for = wb.session.model.name
             self.post_message(msg.EngineNote("model", "model", wb.session.model.name))
 
@@ -462,8 +488,14 @@ class UnlearnApp(App):
     def on_engine_note(self, m: msg.EngineNote) -> None:
         if m.kind == "data":
             if m.error:
-                self.report_error(m.error)
+                # a failed load leaves nothing of the previous data behind: no items, no baseline
+                # scores, and every pane redrawn from that (the selection's ids stay in the session;
+                # panes show only loaded items, so nothing indexes an item that is not there)
                 self.items = None
+                self.baseline_scores = {}
+                self.baseline_pending = False
+                self.report_error(m.error)
+                self.refresh_panes("forget", "targets")
             else:
                 self.items = m.value
                 self.baseline_scores = {}
@@ -926,6 +958,10 @@ class UnlearnApp(App):
         except UserError as exc:
             self.report_error(_quiet(exc))
             return False
+        refusal = self.remote_code_refusal(s)
+        if refusal:                    # not opened: the current session (and model) stay
+            self.report_error(_quiet(refusal))
+            return False
         self.replace_session(s)
         self.notify(f"opened {path}", timeout=3)
         return True
@@ -989,9 +1025,9 @@ class UnlearnApp(App):
 
     # ---- autosave and quitting
     def autosave(self) -> None:
-        import sessions
+        """Write the unsaved session to the autosave file: one file, replaced atomically (see below)."""
         from sessions.paths import autosave_path
-        from sessions.writer import atomic_write_text
+        from sessions.writer import atomic_write
 
         self._autosave_timer = None
         if not self.dirty:
@@ -999,20 +1035,17 @@ class UnlearnApp(App):
         try:
             path = autosave_path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, sessions.dumps(self.session))
-            meta = {"path": str(self.session.path) if self.session.path else None, "saved_at": time.time()}
-            atomic_write_text(path.with_suffix(".json"), json.dumps(meta))
+            atomic_write(path, autosave_text(self.session))
         except Exception as exc:  # never let the safety net take the app down
             self.notify(f"autosave failed: {_quiet(exc)}", severity="warning", timeout=5)
 
     def _drop_autosave(self) -> None:
         from sessions.paths import autosave_path
 
-        for p in (autosave_path(), autosave_path().with_suffix(".json")):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        try:
+            autosave_path().unlink()
+        except OSError:
+            pass
 
     async def action_quit(self) -> None:
         def leave() -> None:
@@ -1051,32 +1084,107 @@ def _score_known(wb: Any, items: list) -> dict[str, float]:
     return {s.id: s.rouge1 for s in split.items} if split else {}
 
 
-# ==================================================================== factory
-def _restore_autosave() -> tuple[Any, bool, list[str]]:
-    import sessions
-    from sessions.paths import autosave_path
+# ==================================================================== autosave
+# The autosave is ONE file (sessions.paths.autosave_path()), replaced atomically by
+# sessions.writer.atomic_write, so a crash or a kill mid-write leaves the previous complete
+# autosave (never half a pair): a JSON object {"format": 1, "path": the session's file or null,
+# "saved_at": seconds since the epoch, "session": the session as TOML text}.  At start-up a file
+# that cannot be read, is not UTF-8, not that JSON, or holds a session that does not validate is
+# renamed aside (<name>.corrupt-<YYYYmmdd-HHMMSS>) with a one-line warning, and the app starts
+# without it.  The old two-file autosave (autosave.toml + autosave.json, written one after the
+# other) is never restored, whole or half: its files are renamed aside (<name>.old-<stamp>) with a
+# warning.
+AUTOSAVE_FORMAT = 1
 
+
+def autosave_text(session: Any) -> str:
+    """The autosave file's content for ``session`` (see above)."""
+    import sessions
+
+    return json.dumps({"format": AUTOSAVE_FORMAT,
+                       "path": str(session.path) if session.path is not None else None,
+                       "saved_at": time.time(), "session": sessions.dumps(session)},
+                      ensure_ascii=False, indent=1) + "\n"
+
+
+def _set_aside(path: Path, tag: str) -> Path | None:
+    """Rename ``path`` to ``<name>.<tag>-<timestamp>`` next to it (never over a file); None if it fails."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        dest = path.with_name(f"{path.name}.{tag}-{stamp}" + (f"-{n}" if n else ""))
+        if os.path.lexists(dest):
+            continue
+        try:
+            os.rename(path, dest)
+        except OSError:
+            return None
+        return dest
+    return None
+
+
+def _read_autosave(path: Path) -> Any:
+    """The session in the autosave file; raises ValueError (one line) when it is not a valid autosave."""
+    import sessions
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != AUTOSAVE_FORMAT:
+        raise ValueError("not an unlearn-tui autosave (no format 1 object)")
+    where, toml_text = obj.get("path"), obj.get("session")
+    if not isinstance(toml_text, str) or not (where is None or isinstance(where, str)):
+        raise ValueError("not an unlearn-tui autosave (session or path missing)")
+    try:
+        return sessions.loads(toml_text, where)
+    except UserError as exc:
+        raise ValueError(f"the session in it is invalid ({exc})") from None
+    except Exception as exc:  # whatever it holds, a bad autosave must never stop the app
+        raise ValueError(f"the session in it cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _restore_autosave() -> tuple[Any, bool, list[str]]:
+    """(session or None, restored, warnings): the autosave if it is valid (see above)."""
+    from sessions.paths import autosave_path, legacy_autosave_paths
+
+    problems: list[str] = []
+    old = [p for p in legacy_autosave_paths() if os.path.lexists(p)]
+    if old:
+        moved = [(p, _set_aside(p, "old")) for p in old]
+        names = ", ".join(f"{p.name} -> {d.name}" if d else f"{p.name} (could not be renamed)" for p, d in moved)
+        problems.append(f"an autosave in the old two-file format was not restored (a crash can leave that "
+                        f"pair half written); set aside in {old[0].parent}: {names}")
     path = autosave_path()
-    if not path.is_file():
-        return None, False, []
+    if not os.path.lexists(path):
+        return None, False, problems
     try:
-        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    try:
-        s = sessions.loads(path.read_text(encoding="utf-8"), meta.get("path"))
-    except (UserError, OSError) as exc:
-        return None, False, [f"the autosave could not be restored ({_quiet(exc)})"]
-    return s, True, []
+        s = _read_autosave(path)
+    except ValueError as exc:
+        dest = _set_aside(path, "corrupt")
+        aside = f"moved to {dest}" if dest else "and it could not be moved aside"
+        problems.append(f"the autosave {path} was not restored: {exc}; {aside}")
+        return None, False, problems
+    return s, True, problems
 
 
 def create_app(session_path: str | Path | None = None, model: str | None = None, device: str | None = None,
                *, settings: Settings | None = None, handle: Any = None, autostart: bool = True,
-               restore: bool = True) -> UnlearnApp:
+               restore: bool = True, trust_remote_code: bool = False) -> UnlearnApp:
     """The app for a session file (or the autosave, or a new session).
 
     ``model``/``device`` override the session's ``[model]``; ``handle`` (tests)
-    is an already loaded model handle.  Raises UserError for a bad session file.
+    is an already loaded model handle.  Without ``trust_remote_code`` (the CLI's
+    ``--trust-remote-code``) a session with ``[model] trust_remote_code = true``
+    is shown but its model is not loaded (an error notification says why).
+    Raises UserError for a bad session file.
     """
     import sessions
 
@@ -1097,10 +1205,11 @@ def create_app(session_path: str | Path | None = None, model: str | None = None,
     if device:
         session.model.device = device
     return UnlearnApp(session, restored=restored, model=model, settings=settings, problems=problems,
-                      handle=handle, autostart=autostart)
+                      handle=handle, autostart=autostart, trust_remote_code=trust_remote_code)
 
 
-def run_app(session_path: str | Path | None = None, model: str | None = None, device: str | None = None) -> int:
-    app = create_app(session_path, model, device)
+def run_app(session_path: str | Path | None = None, model: str | None = None, device: str | None = None,
+            trust_remote_code: bool = False) -> int:
+    app = create_app(session_path, model, device, trust_remote_code=trust_remote_code)
     result = app.run()
     return int(result or 0) if isinstance(result, int) else 0

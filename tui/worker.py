@@ -73,15 +73,34 @@ class Coalescer:
             self._flush_locked()
 
 
+def _guarded_workbench(session: Any, cancel: ev.CancelToken, handle: Any,
+                       refuse_model: Callable[[Any], str | None] | None) -> Any:
+    """A Workbench whose every model load (the engine loads on demand) first asks ``refuse_model``.
+
+    ``refuse_model(session)`` returns a one-line reason not to load that session's model (e.g.
+    ``model.trust_remote_code = true`` without ``--trust-remote-code``), raised as UserError, or None.
+    """
+    from backends.runner import Workbench  # torch-free import
+
+    class GuardedWorkbench(Workbench):
+        def load_model(self):
+            if self.handle is None and refuse_model is not None:
+                why = refuse_model(self.session)
+                if why:
+                    raise UserError(why)
+            return super().load_model()
+
+    return GuardedWorkbench(session, ev.ignore, cancel, handle)
+
+
 class EngineBridge:
     """One Workbench, one cancel token, at most one running job."""
 
-    def __init__(self, app: Any, session: Any, handle: Any = None, progress_hz: float = 10.0) -> None:
-        from backends.runner import Workbench  # torch-free import
-
+    def __init__(self, app: Any, session: Any, handle: Any = None, progress_hz: float = 10.0,
+                 refuse_model: Callable[[Any], str | None] | None = None) -> None:
         self.app = app
         self.cancel = ev.CancelToken()
-        self.workbench = Workbench(session, ev.ignore, self.cancel, handle)
+        self.workbench = _guarded_workbench(session, self.cancel, handle, refuse_model)
         self.progress_hz = progress_hz
         self.job: str | None = None
         self.worker: Any = None

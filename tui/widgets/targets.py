@@ -91,15 +91,19 @@ class TargetsPane(Vertical):
 
     def _show(self, item_id: str | None) -> None:
         app = self.app
+        # only a loaded item is shown: an id may outlive its data (a failed or pending load)
+        item = app.find_item(item_id) if item_id is not None else None
+        if item is None:
+            item_id = None
         self._current = item_id
         area = self.query_one("#tg-text", TextArea)
-        if item_id is None:
-            self.query_one("#tg-question", Static).update("select forget items in the Forget set pane")
+        if item is None:
+            self.query_one("#tg-question", Static).update("select forget items in the Forget set pane"
+                                                          if app.items is not None else "no data loaded")
             self._loaded_text = ""
             area.load_text("")
             self.query_one("#tg-warn", Static).update("")
             return
-        item = app.item_by_id(item_id)
         text, source, flags = app.target_text(item_id)
         self.query_one("#tg-question", Static).update(
             f"[b]{escape(item_id)}[/b] {escape(item.question)}  [dim]gold: {escape(item.answer)} · {source}[/dim]")
@@ -117,21 +121,27 @@ class TargetsPane(Vertical):
 
     # ------------------------------------------------------------------ events
     def on_list_view_highlighted(self, event: ListView.Highlighted) -> None:
-        if event.item is not None and not self._loading:
-            self._loading = True
-            try:
-                self._show(event.item.name)
-            finally:
-                self._loading = False
+        # Highlighted is delivered later than it is posted: the list (or the data) may have changed
+        # since, e.g. a data load failed in between; an item that is no longer a loaded forget item
+        # is ignored (the list is rebuilt from the current state anyway)
+        if event.item is None or self._loading:
+            return
+        if event.item.name not in {it.id for it in self.app.forget_items()}:
+            return
+        self._loading = True
+        try:
+            self._show(event.item.name)
+        finally:
+            self._loading = False
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if self._loading or self._current is None or event.text_area.text == self._loaded_text:
             return
-        if self._current not in self.app.forget_ids:
+        item = self.app.find_item(self._current)
+        if self._current not in self.app.forget_ids or item is None:
             return
         self._loaded_text = event.text_area.text
         self.app.edit_target(self._current, event.text_area.text)
-        item = self.app.item_by_id(self._current)
         text, _, flags = self.app.target_text(self._current)
         self.refresh_warnings(item, text, flags)
         self.refresh_preview()
