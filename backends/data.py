@@ -126,6 +126,8 @@ def load_items(spec: str | os.PathLike, base_dir: Path | None = None, format: st
     text_spec = os.fspath(spec).strip()
     if not text_spec:
         raise UserError("no data given; expected a file path, builtin:NAME or hub:OWNER/NAME", "data")
+    if "\x00" in text_spec:
+        raise UserError(f"the data path {text_spec!r} contains a NUL character; expected a file path", "data")
     if isinstance(spec, str) and text_spec.startswith("builtin:"):
         return _load_builtin(text_spec[len("builtin:"):].strip(), format)
     if format == "hub" or (isinstance(spec, str) and text_spec.startswith("hub:")):
@@ -141,6 +143,7 @@ def load_items(spec: str | os.PathLike, base_dir: Path | None = None, format: st
                         "and answers (or builtin:NAME, hub:OWNER/NAME)", where)
     if path.is_dir():
         raise UserError("is a directory; expected a .json, .jsonl, .csv or .parquet file", where)
+    _require_regular(path, "a .json, .jsonl, .csv or .parquet file")
 
     container = format if format in ("json", "jsonl", "csv", "parquet") else _detect_container(path)
     if container == "parquet":
@@ -153,6 +156,59 @@ def load_items(spec: str | os.PathLike, base_dir: Path | None = None, format: st
             records = _parse_json_text(text, where, jsonl_only=(container == "jsonl"))
     schema = format if format in ("tofu", "pistol", "easyedit") else "auto"
     return _to_items(records, where, schema)
+
+
+def _require_regular(path: Path, expected: str) -> None:
+    """A FIFO would block the read forever and a device never end: only regular files are read."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise UserError(f"cannot read file ({exc.strerror or exc})", str(path)) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        raise UserError(f"is {kind}, not a regular file; expected {expected}", str(path))
+
+
+# Records nested deeper than this are refused (question/answer records are a few levels deep;
+# the limit keeps every recursive walk of a record far from Python's recursion limit).
+MAX_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists/dicts in ``value`` nest more than ``limit`` levels (iterative, no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return False
+
+
+def _json_loads(text: str, where: str, what: str) -> Any:
+    """``json.loads`` whose non-syntax failures (nesting, huge integers) are one-line UserErrors.
+
+    ``json.JSONDecodeError`` is passed on for the caller to word.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise UserError(f"{what}arrays or objects nested too deeply to read; expected question/answer "
+                        f"records (at most {MAX_DEPTH} levels deep)", where) from None
+    except ValueError as exc:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise UserError(f"{what}cannot read a JSON value ({_first_line(exc)[:100]}); expected "
+                        "question/answer records", where) from None
 
 
 def _detect_container(path: Path) -> str:
@@ -191,7 +247,7 @@ def _parse_json_text(text: str, where: str, jsonl_only: bool = False) -> list[_R
         raise UserError("the file is empty; expected question/answer records", where)
     if not jsonl_only or text.lstrip().startswith("["):  # a .jsonl holding one JSON array is fine too
         try:
-            data = json.loads(text)
+            data = _json_loads(text, where, "")
         except json.JSONDecodeError as exc:
             lines = [ln for ln in text.splitlines() if ln.strip()]
             # Several lines that each start an object: JSON Lines (TOFU's *.json files).
@@ -209,7 +265,7 @@ def _parse_jsonl(text: str, where: str) -> list[_Record]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _json_loads(line, where, f"line {lineno}: ")
         except json.JSONDecodeError as exc:
             raise UserError(f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected one "
                             "JSON object per line", where) from None
@@ -293,6 +349,10 @@ def _read_parquet(path: Path) -> list[_Record]:
 
 
 def _to_items(records: list[_Record], where: str, schema: str) -> list[QAItem]:
+    for loc, rec in records:
+        if _too_deep(rec):
+            raise UserError(f"{loc}: nested more than {MAX_DEPTH} levels deep; expected a flat record with "
+                            "question and answer", where)
     if schema == "auto":
         easyedit = any("target_new" in rec or "requested_rewrite" in rec for _, rec in records)
         schema = "easyedit" if easyedit else "generic"
@@ -393,7 +453,7 @@ def _text_list(value: Any) -> list[str]:
         if s.startswith("["):
             try:
                 parsed = json.loads(s)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not a JSON array after all: read as text
                 parsed = None
             if isinstance(parsed, list):
                 return _text_list(parsed)
@@ -443,6 +503,8 @@ def load_lines(path: str | os.PathLike, base_dir: Path | None = None) -> list[st
     plain text despite its name and loads as such.
     """
     text = os.fspath(path).strip()
+    if "\x00" in text:
+        raise UserError(f"the path {text!r} contains a NUL character; expected a file path", "targets.pool")
     name = Path(text).name
     # A builtin: spec, also when a caller already joined it to a directory.
     if name.startswith("builtin:") and (text.startswith("builtin:") or not Path(text).exists()):
@@ -452,8 +514,11 @@ def load_lines(path: str | os.PathLike, base_dir: Path | None = None) -> list[st
     p = Path(text).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
-    if not p.is_file():
+    if not p.exists():
         raise UserError("file not found; expected a text file with one sentence per line", str(p))
+    if p.is_dir():
+        raise UserError("is a directory; expected a text file with one sentence per line", str(p))
+    _require_regular(p, "a text file with one sentence per line")
     return _lines_from_text(_read_text(p), str(p))
 
 
@@ -462,7 +527,7 @@ def _lines_from_text(text: str, where: str) -> list[str]:
     if stripped.startswith("["):
         try:
             parsed = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not a JSON array of strings: read as lines
             parsed = None
         if isinstance(parsed, list) and all(isinstance(s, str) for s in parsed):
             lines = [s.strip() for s in parsed if s.strip()]
@@ -476,7 +541,7 @@ def _lines_from_text(text: str, where: str) -> list[str]:
         if len(line) >= 2 and line[0] == '"' and line[-1] == '"':
             try:
                 decoded = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 decoded = None
             if isinstance(decoded, str):
                 line = decoded.strip()

@@ -10,26 +10,10 @@ Textual-free and torch-free (a test enforces it)::
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
-from . import loader as _loader
-from .loader import loads
+from .loader import load, loads
 from .schema import (SCHEMA_VERSION, DataConfig, EvalConfig, ModelConfig, Paraphrase,
                      RunConfig, Session, TargetItem, TargetsConfig, new_session, to_plain)
 from .writer import atomic_write, clean_stale_temps, dumps, save
-
-
-@functools.wraps(_loader.load)
-def load(path, *args, **kwargs) -> Session:
-    # a save killed half-way leaves a temporary file next to the session: loading from that
-    # folder removes the stale ones (the rule is in sessions/writer.py), then reads the file
-    try:
-        real = Path(path).expanduser().resolve()    # where a save writes (through a symlink)
-        clean_stale_temps(real.parent, real.name)
-    except (OSError, RuntimeError, TypeError, ValueError):  # best effort; the loader reports bad paths
-        pass
-    return _loader.load(path, *args, **kwargs)
 
 
 def validate(session: Session) -> None:

@@ -7,9 +7,11 @@ can be found in the text (best effort), else the file.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,6 +25,7 @@ from backends.errors import UserError
 from backends.params import unknown_key_message
 
 from ._lines import LineIndex
+from .writer import clean_stale_temps
 from .schema import (DATA_FORMATS, DEFAULT_DATA, DEFAULT_DUMMY, DEFAULT_MODEL, DEVICE_PATTERN,
                      DTYPES, EVAL_LIMITS, SUPPORTED_VERSIONS, TARGET_MODES, TARGET_SOURCES,
                      DataConfig, EvalConfig, ModelConfig, Paraphrase, RunConfig, Session,
@@ -198,9 +201,29 @@ class _Checker:
         return list(v)
 
     def file_path(self, kp: tuple, p: str, what: str) -> None:
+        """The file must exist and be a regular file (a FIFO or a device would block or never end)."""
         resolved = self.resolve(p)
-        if not resolved.exists():
+        try:
+            mode = resolved.stat().st_mode
+        except FileNotFoundError:
             self.fail(kp, f"{what} {format_value(p)} not found (looked for {resolved})")
+        except OSError as e:
+            self.fail(kp, f"cannot read {what} {format_value(p)} ({e.strerror or e})")
+        if stat.S_ISDIR(mode):
+            self.fail(kp, f"{what} {format_value(p)} is a directory; expected a file")
+        if not stat.S_ISREG(mode):
+            self.fail(kp, f"{what} {format_value(p)} is {_file_kind(mode)}, not a regular file; "
+                          f"expected a file")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 # ------------------------------------------------------------------ sections
@@ -214,15 +237,36 @@ def _builtin_names() -> list[str]:
         return []
 
 
+# The rules of the [model] strings; command-line overrides (--model, --device, --dtype) are
+# checked with the same ones (:func:`check_override`).
+_MODEL_RULES: dict[str, dict[str, Any]] = {
+    "name": dict(expected="a model (built-in name, hub id, local directory or .gguf file)"),
+    "device": dict(pattern=DEVICE_PATTERN, expected="auto, cpu, mps, cuda or cuda:N"),
+    "dtype": dict(choices=DTYPES),
+}
+_MODEL_DEFAULTS = {"name": DEFAULT_MODEL, "device": "auto", "dtype": "auto"}
+
+
+def check_override(key: str, value: Any, flag: str) -> str:
+    """Validate a command-line override of ``model.KEY`` (``--device tpu`` ...) like the file's key.
+
+    Raises UserError ``FLAG: expected ..., got ...``; returns the value.
+    """
+    c = _Checker("", None, flag, with_lines=False)
+    try:
+        return c.string({key: value}, (), key, **_MODEL_RULES[key])
+    except UserError as e:  # drop the key path: the flag is the where
+        raise UserError(e.message.split(": ", 1)[1] if e.message.startswith(f"{key}: ") else e.message,
+                        flag) from None
+
+
 def _model(c: _Checker, root: dict) -> ModelConfig:
     t = c.section(root, "model")
     kp = ("model",)
     return ModelConfig(
-        name=c.string(t, kp, "name", DEFAULT_MODEL,
-                      expected="a model (built-in name, hub id, local directory or .gguf file)"),
-        device=c.string(t, kp, "device", "auto", pattern=DEVICE_PATTERN,
-                        expected="auto, cpu, mps, cuda or cuda:N"),
-        dtype=c.string(t, kp, "dtype", "auto", choices=DTYPES),
+        name=c.string(t, kp, "name", _MODEL_DEFAULTS["name"], **_MODEL_RULES["name"]),
+        device=c.string(t, kp, "device", _MODEL_DEFAULTS["device"], **_MODEL_RULES["device"]),
+        dtype=c.string(t, kp, "dtype", _MODEL_DEFAULTS["dtype"], **_MODEL_RULES["dtype"]),
         trust_remote_code=c.boolean(t, kp, "trust_remote_code", False),
         revision=c.string(t, kp, "revision", "", allow_empty=True) or None,
     )
@@ -394,9 +438,22 @@ def parse(text: str, path: Path | None, label: str, *, with_lines: bool = True,
           keep_doc: bool = True) -> Session:
     """Validate ``text`` into a Session (``path`` anchors relative paths)."""
     try:
+        return _parse(text, path, label, with_lines=with_lines, keep_doc=keep_doc)
+    except RecursionError:  # tomllib (and anything walking the values) recurses per nesting level
+        raise UserError("invalid TOML: arrays or tables nested too deeply; expected a session file "
+                        "(a few levels of nesting)", label) from None
+
+
+def _parse(text: str, path: Path | None, label: str, *, with_lines: bool, keep_doc: bool) -> Session:
+    try:
         root = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _toml_error(e, label, text) from None
+    except ValueError as e:  # e.g. an integer of more digits than int() reads (sys.get_int_max_str_digits)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if "integer string conversion" in first:
+            first = f"an integer with more than {sys.get_int_max_str_digits()} digits"
+        raise UserError(f"invalid TOML: {first[:120]}; expected a session file", label) from None
     c = _Checker(text, path, label, with_lines)
 
     version = root.get("version", _MISSING)
@@ -408,10 +465,13 @@ def parse(text: str, path: Path | None, label: str, *, with_lines: bool = True,
         c.fail(("version",), f"unsupported session version {format_value(version)}; "
                              f"supported versions: {supported}")
     c.table(root, (), "")
+    _no_nul(c, root)
 
     session = Session(version=version, model=_model(c, root), data=_data(c, root),
                       targets=_targets(c, root), eval=_eval(c, root), runs=_runs(c, root),
                       path=path)
+    session._label = label
+    session._lines = c._lines
     if keep_doc:
         try:
             import tomlkit
@@ -423,6 +483,34 @@ def parse(text: str, path: Path | None, label: str, *, with_lines: bool = True,
     return session
 
 
+def _no_nul(c: _Checker, root: dict) -> None:
+    """No key or string may hold a NUL character (paths cannot, and messages would break)."""
+    stack: list[tuple[tuple, Any]] = [((), root)]
+    while stack:
+        kp, v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if "\x00" in k:
+                    c.fail(kp, f"a key contains a NUL character (\\u0000): {format_value(k)}")
+                stack.append((kp + (k,), x))
+        elif isinstance(v, list):
+            stack.extend((kp + (i,), x) for i, x in enumerate(v))
+        elif isinstance(v, str) and "\x00" in v:
+            c.fail(kp, f"expected text without NUL characters (\\u0000), got {format_value(v)}")
+
+
+def check_remote_code(session: Session) -> None:
+    """Refuse ``model.trust_remote_code = true`` unless the user also asked on the command line.
+
+    A shared session file must not run the model folder's Python code unconfirmed:
+    the error names the key's ``file:line`` and the flag that allows it.
+    """
+    if session.model.trust_remote_code:
+        raise UserError("model.trust_remote_code = true would run Python code shipped with the model; "
+                        "pass --trust-remote-code to allow it (or set the key to false)",
+                        session.locate("model.trust_remote_code") or session._label)
+
+
 def loads(text: str, path: Path | str | None = None) -> Session:
     """Validate a session given as TOML text; ``path`` is where it lives (or None)."""
     p = Path(path).expanduser().absolute() if path is not None else None
@@ -430,10 +518,29 @@ def loads(text: str, path: Path | str | None = None) -> Session:
     return parse(text, p, label)
 
 
-def load(path: Path | str) -> Session:
-    """Read and validate a session file."""
+def load(path: Path | str, *, allow_remote_code: bool = True) -> Session:
+    """Read and validate a session file.
+
+    ``allow_remote_code=False`` (the CLI without ``--trust-remote-code``) refuses a
+    session with ``model.trust_remote_code = true`` (:func:`check_remote_code`).
+    """
     label = str(path)
     p = Path(path).expanduser()
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise UserError("session file not found", label) from None
+    except OSError as e:
+        raise UserError(f"cannot read the session file: {e.strerror or e}", label) from None
+    if stat.S_ISDIR(mode):
+        raise UserError("is a directory, not a session file", label)
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
+        raise UserError(f"is {_file_kind(mode)}, not a regular file; expected a session TOML file", label)
+    # a save killed half-way leaves a temporary file next to the session: loading from that folder
+    # removes the stale ones (the rule is in sessions/writer.py); best effort, never fatal
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        real = p.resolve()                          # where a save writes (through a symlink)
+        clean_stale_temps(real.parent, real.name)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
@@ -446,4 +553,7 @@ def load(path: Path | str) -> Session:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"not UTF-8 text (bad byte at offset {e.start})", label) from None
-    return parse(text, p.absolute(), label)
+    session = parse(text, p.absolute(), label)
+    if not allow_remote_code:
+        check_remote_code(session)
+    return session

@@ -113,6 +113,29 @@ class Session:
     # session it reflects; dumps() diffs against these to edit the file in place.
     _doc = None
     _baseline = None
+    # Set by the loader: the name the file was given by (for messages) and its
+    # key -> line index, so problems found after loading (a layer out of range
+    # for the model, an unavailable device) can still say ``file:line``.
+    _label = None
+    _lines = None
+
+    def locate(self, where: str | None) -> str | None:
+        """``file:line`` (else the file) of a session key path such as ``runs[0].params.layer``.
+
+        None when ``where`` is not a key path of this session (a data file, a flag).
+        """
+        from .loader import format_path, parse_path
+
+        if not where or not isinstance(where, str):
+            return None
+        keypath = parse_path(where)
+        if not keypath or keypath[0] not in _TOP_KEYS or format_path(keypath) != where:
+            return None
+        label = self._label or (str(self.path) if self.path is not None else None)
+        if label is None:
+            return None
+        line = self._lines.line(keypath) if self._lines is not None else None
+        return f"{label}:{line}" if line else label
 
     def base_dir(self) -> Path:
         """Directory that relative paths in the session are relative to."""
@@ -156,6 +179,8 @@ class Session:
         self.targets.items = [t for t in self.targets.items if t.id != item_id]
         return len(self.targets.items) != before
 
+
+_TOP_KEYS = ("version", "model", "data", "targets", "eval", "runs")
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "targets": TargetsConfig,
              "eval": EvalConfig}
