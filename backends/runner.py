@@ -21,25 +21,9 @@ from .errors import Cancelled, NonFiniteError, UserError
 from .events import (CancelToken, EventCallback, Failure, Log, RunFinished, RunStarted, SessionFinished,
                      StageStarted, ignore)
 from .metrics import EvalResult, EvalSettings, evaluate
+from .methods.base import EditContext  # noqa: F401  (re-exported: runner.EditContext)
 from .params import to_dict
 from .targets import GENERATED_SOURCES, Request, Target, build_requests, load_pool, simple_targets
-
-
-@dataclass
-class EditContext:
-    """What a method's ``apply`` gets besides the handle and the requests."""
-
-    on_event: EventCallback
-    cancel: CancelToken
-    forget: list
-    retain: list
-    state: dict            # per-session, per-method scratch (e.g. accumulated keys)
-    seed: int = 0
-    cache: dict = field(default_factory=dict)
-    # the session's folder: file paths in the params are relative to it and confined to it (None: the
-    # engine driven from Python, paths relative to the current directory)
-    base_dir: Path | None = None
-    where: str = "params"  # where the params live in the session, for error messages ("runs[2].params")
 
 
 @dataclass

@@ -12,7 +12,10 @@ Examples
 
 Losses (the TOFU / open-unlearning definitions; ``NLL`` is the mean token
 negative log-likelihood of the batch's completions, ``logp`` the SUM of a
-completion's token log-probabilities, ``ref`` the original model):
+completion's token log-probabilities, ``ref`` the original model).  Each
+objective is its method class in :mod:`backends.methods.finetune`, whose
+``forget_term`` / ``retain_term`` / ``loss`` hooks read the mini-batch through
+:class:`LossBatch`; :func:`step_loss` only builds the batch:
 
 * ``ga``:  ``-NLL(forget)``
 * ``gd``:  ``gamma * -NLL(forget) + alpha * NLL(retain)``
@@ -60,16 +63,19 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import NonFiniteError, UserError
 from .events import Log, Tracker
 
-OBJECTIVES = ("ga", "gd", "kl", "dpo", "npo")
-NEEDS_REFERENCE = ("kl", "dpo", "npo")
+if TYPE_CHECKING:
+    from .methods.base import EditContext
+    from .methods.finetune import FineTune
+    from .model import ModelHandle
+    from .targets import Request
+
 KL_FULL_BUDGET = 128 * 2 ** 20   # bytes of full retain distributions kept before switching to top-k
 KL_AUTO_TOP_K = 512
 
@@ -90,14 +96,14 @@ class ForgetExample:
     refusal: Example       # question -> refusal target (preferred by DPO)
 
 
-def make_example(handle: Any, question: str, answer: str) -> Example:
+def make_example(handle: ModelHandle, question: str, answer: str) -> Example:
     comp = handle.encode_answer(answer)
     if not comp:
         raise UserError(f"the answer {answer!r} encodes to no tokens", f"question {question!r}")
     return Example(handle.prompt_ids(question), comp)
 
 
-def forget_examples(handle: Any, requests: Sequence[Any]) -> list[ForgetExample]:
+def forget_examples(handle: ModelHandle, requests: Sequence[Request]) -> list[ForgetExample]:
     out = []
     for r in requests:
         questions = list(r.questions) or [r.prompt]
@@ -111,7 +117,7 @@ def forget_examples(handle: Any, requests: Sequence[Any]) -> list[ForgetExample]
     return out
 
 
-def retain_examples(handle: Any, items: Sequence[Any]) -> list[Example]:
+def retain_examples(handle: ModelHandle, items: Sequence[Any]) -> list[Example]:
     return [make_example(handle, it.question, it.answer) for it in items]
 
 
@@ -297,34 +303,38 @@ def resolve_kl_top_k(requested: int | None, n_positions: int, vocab: int) -> int
 # --------------------------------------------------------------------------- config and trainable weights
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    objective: str
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 0
-    stop_forget_nll: float = 0.0
-    stop_retain_ratio: float = 0.0
-    alpha: float = 1.0       # retain weight
-    gamma: float = 1.0       # forget weight
-    beta: float = 0.1
-    kl_top_k: int | None = None
-    reference: str = "precomputed"
-    seed: int = 0
+    """The loop's settings: a view of a fine-tuning method's Params with the auto values resolved.
+
+    No defaults: built only by ``FineTune.train_config`` (through
+    :func:`backends.methods.base.settings_view`, same field names as the
+    Params).  The loss weights (alpha, gamma, beta) are read by the objective's
+    own loss hooks from its Params.
+    """
+
+    epochs: int
+    lr: float                   # resolved: 1e-4 for full fine-tuning, 1e-3 for LoRA unless given
+    batch_size: int
+    weight_decay: float
+    warmup_epochs: float
+    max_grad_norm: float
+    max_steps: int
+    stop_forget_nll: float
+    stop_retain_ratio: float
+    seed: int                   # resolved: the session's seed unless given
+    reference: str | None       # "precomputed" | "live"; None for objectives without a reference
+    kl_top_k: int | None        # resolved: None = the full retain distributions (only KL reads it)
 
 
-def trainable_names(handle: Any, layers: Sequence[int], scope: str) -> list[str]:
+def trainable_names(handle: ModelHandle, layers: Sequence[int], scope: str) -> list[str]:
     """Parameter names of the chosen blocks (``scope``: "block" = every weight, "mlp" = MLP only)."""
     ad = handle.adapter
     prefixes = [(ad.mlp_name(layer) if scope == "mlp" else ad.block_name(layer)) + "." for layer in layers]
     return [n for n, _ in handle.model.named_parameters() if any(n.startswith(p) for p in prefixes)]
 
 
-def lora_module_names(handle: Any, layers: Sequence[int], scope: str) -> list[str]:
+def lora_module_names(handle: ModelHandle, layers: Sequence[int], scope: str) -> list[str]:
     """Linear / Conv1D modules of the chosen blocks (where LoRA adapters go)."""
     ad = handle.adapter
     prefixes = [(ad.mlp_name(layer) if scope == "mlp" else ad.block_name(layer)) + "." for layer in layers]
@@ -338,7 +348,7 @@ def lora_module_names(handle: Any, layers: Sequence[int], scope: str) -> list[st
 
 
 @contextlib.contextmanager
-def lora_adapters(handle: Any, module_names: Sequence[str], rank: int, alpha: float) -> Iterator[dict]:
+def lora_adapters(handle: ModelHandle, module_names: Sequence[str], rank: int, alpha: float) -> Iterator[dict]:
     """Inject LoRA (peft) into ``module_names``; on success merge it into the base weights.
 
     The caller sets ``state["merge"] = True`` when training finished; on an
@@ -406,74 +416,78 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, 1.0 - (step - warmup) / span) if total > warmup else 1.0
 
 
-def build_reference(cfg: TrainConfig, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
-                    ctx: Any, device: Any = "cpu", stage: str = "reference") -> Any:
+def build_reference(objective: FineTune, cfg: TrainConfig, model: Any, pad_id: int, forget: list[ForgetExample],
+                    retain: list[Example], ctx: EditContext, device: Any = "cpu", stage: str = "reference") -> Any:
     """The reference the objective needs (None for GA/GD)."""
-    if cfg.objective not in NEEDS_REFERENCE:
+    needs = objective.reference_needs
+    if not needs.any:
         return None
     if cfg.reference == "live":
         return LiveReference(model, cfg.kl_top_k)
-    need_gold = cfg.objective in ("dpo", "npo")
-    need_ref = cfg.objective == "dpo"
-    need_dist = cfg.objective == "kl"
-    total = (len(forget) if need_gold else 0) + (len(forget) if need_ref else 0) + (len(retain) if need_dist else 0)
+    total = ((len(forget) if needs.gold else 0) + (len(forget) if needs.refusal else 0)
+             + (len(retain) if needs.retain_dist else 0))
     tracker = Tracker(ctx.on_event, ctx.cancel, stage, total, detail="original model's log-probabilities")
-    return PrecomputedReference(model, pad_id, forget, retain, need_gold, need_ref, need_dist, cfg.kl_top_k,
-                                tracker=tracker, device=device)
+    return PrecomputedReference(model, pad_id, forget, retain, needs.gold, needs.refusal, needs.retain_dist,
+                                cfg.kl_top_k, tracker=tracker, device=device)
 
 
-def step_loss(cfg: TrainConfig, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
+class LossBatch:
+    """One mini-batch as the objectives' loss hooks see it.
+
+    The forward pass on the forget answers runs first (every objective reports
+    the forget NLL); the refusal and retain passes run when a hook asks.
+    ``parts`` collects the loss parts as floats, in the order they were made.
+    """
+
+    def __init__(self, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
+                 f_idx: list[int], r_idx: list[int], reference: Any, device: Any = "cpu") -> None:
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.forget, self.retain, self.f_idx, self.r_idx = forget, retain, f_idx, r_idx
+        self.reference = reference
+        self.parts: dict[str, float] = {}
+        self.gold = pack([forget[i].gold for i in f_idx], pad_id, device)
+        self.gold_tok = token_logprobs(completion_logits(model, self.gold), self.gold)
+        self.forget_nll = -self.gold_tok.mean()
+        self.parts["forget_nll"] = float(self.forget_nll.detach())
+
+    @staticmethod
+    def positions(packed: Packed) -> int:
+        """Completion positions in a packed batch."""
+        return sum(split_rows(packed))
+
+    def gold_margin(self) -> torch.Tensor:
+        """``logp(gold) - ref`` per forget sequence."""
+        g_seq = torch.stack([c.sum() for c in torch.split(self.gold_tok, split_rows(self.gold))])
+        return g_seq - self.reference.forget_logp("gold", self.f_idx, self.gold).to(g_seq.device)
+
+    def refusal_logprobs(self) -> tuple[Packed, torch.Tensor]:
+        """(the packed refusal targets, ``logp(refusal)`` per sequence)."""
+        ref_p = pack([self.forget[i].refusal for i in self.f_idx], self.pad_id, self.device)
+        return ref_p, sequence_logprobs(completion_logits(self.model, ref_p), ref_p)
+
+    def retain_logits(self) -> tuple[Packed, torch.Tensor]:
+        rp = pack([self.retain[i] for i in self.r_idx], self.pad_id, self.device)
+        return rp, completion_logits(self.model, rp)
+
+    @staticmethod
+    def retain_nll(r_logits: torch.Tensor, rp: Packed) -> torch.Tensor:
+        return -token_logprobs(r_logits, rp).mean()
+
+
+def step_loss(objective: FineTune, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
               f_idx: list[int], r_idx: list[int], reference: Any, device: Any = "cpu") -> tuple[torch.Tensor, dict]:
     """The objective on one mini-batch; returns (loss, parts as floats)."""
-    obj = cfg.objective
-    parts: dict[str, float] = {}
-    gold = pack([forget[i].gold for i in f_idx], pad_id, device)
-    g_logits = completion_logits(model, gold)
-    g_tok = token_logprobs(g_logits, gold)
-    forget_nll = -g_tok.mean()
-    parts["forget_nll"] = float(forget_nll.detach())
-    if obj in ("ga", "gd", "kl"):
-        forget_term = -forget_nll
-    else:
-        g_seq = torch.stack([c.sum() for c in torch.split(g_tok, split_rows(gold))])
-        lose = g_seq - reference.forget_logp("gold", f_idx, gold).to(g_seq.device)
-        if obj == "dpo":
-            ref_p = pack([forget[i].refusal for i in f_idx], pad_id, device)
-            w_seq = sequence_logprobs(completion_logits(model, ref_p), ref_p)
-            win = w_seq - reference.forget_logp("refusal", f_idx, ref_p).to(w_seq.device)
-            forget_term = -(2.0 / cfg.beta) * F.logsigmoid(cfg.beta * (win - lose)).mean()
-            parts["refusal_nll"] = float(-(w_seq.detach().sum() / max(1, sum(split_rows(ref_p)))))
-        else:
-            forget_term = -(2.0 / cfg.beta) * F.logsigmoid(-cfg.beta * lose).mean()
-        parts["forget_term"] = float(forget_term.detach())
-    if obj == "ga":
-        return forget_term, parts
-    loss = cfg.gamma * forget_term
-    if r_idx and cfg.alpha != 0.0:
-        rp = pack([retain[i] for i in r_idx], pad_id, device)
-        r_logits = completion_logits(model, rp)
-        if obj == "kl":
-            kl = reference.retain_kl(r_logits, r_idx, rp).mean()
-            parts["retain_kl"] = float(kl.detach())
-            retain_term = kl
-            with torch.no_grad():
-                parts["retain_nll"] = float(-token_logprobs(r_logits, rp).mean())
-        else:
-            retain_term = -token_logprobs(r_logits, rp).mean()
-            parts["retain_nll"] = float(retain_term.detach())
-        loss = loss + cfg.alpha * retain_term
-    return loss, parts
+    return objective.loss(LossBatch(model, pad_id, forget, retain, f_idx, r_idx, reference, device))
 
 
-def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExample], retain: list[Example],
-          ctx: Any, reference: Any = None, stage: str = "train") -> TrainResult:
-    """Optimise ``params`` on ``cfg.objective``; see the module doc."""
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}")
+def train(handle: ModelHandle, objective: FineTune, cfg: TrainConfig, params: list, forget: list[ForgetExample],
+          retain: list[Example], ctx: EditContext, reference: Any = None, stage: str = "train") -> TrainResult:
+    """Optimise ``params`` on ``objective``'s loss with ``cfg``'s settings; see the module doc."""
+    name = objective.name
     if not forget:
         raise UserError("the forget set is empty; nothing to unlearn", "data.forget")
-    if cfg.objective in ("gd", "kl") and not retain:
-        raise UserError(f'"{cfg.objective}" needs retain data and the retain split is empty; set [data] retain '
+    if objective.needs_retain and not retain:
+        raise UserError(f'"{name}" needs retain data and the retain split is empty; set [data] retain '
                         'to a number, a list of ids or "rest"', "data.retain")
     model = handle.model
     device = next(model.parameters()).device
@@ -488,12 +502,12 @@ def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExampl
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    use_retain = cfg.objective != "ga" and bool(retain) and cfg.alpha != 0.0
+    use_retain = objective.trains_retain() and bool(retain)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
     gen = torch.Generator().manual_seed(cfg.seed)
     tracker = Tracker(ctx.on_event, ctx.cancel, stage, total,
-                      detail=f"{cfg.objective}: {len(forget)} forget, {len(retain) if use_retain else 0} retain, "
+                      detail=f"{name}: {len(forget)} forget, {len(retain) if use_retain else 0} retain, "
                              f"{steps_per_epoch} steps/epoch")
     first_retain: float | None = None
     r_order: list[int] = []
@@ -514,10 +528,10 @@ def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExampl
                             r_order, r_pos = torch.randperm(len(retain), generator=gen).tolist(), 0
                         r_idx.append(r_order[r_pos])
                         r_pos += 1
-                loss, parts = step_loss(cfg, model, pad_id, forget, retain, f_idx, r_idx, reference, device)
+                loss, parts = step_loss(objective, model, pad_id, forget, retain, f_idx, r_idx, reference, device)
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
-                    raise NonFiniteError(f"{cfg.objective}: the loss became {lv} at step {step + 1}; the run was "
+                    raise NonFiniteError(f"{name}: the loss became {lv} at step {step + 1}; the run was "
                                          "rolled back (lower lr or max_grad_norm)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -528,7 +542,7 @@ def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExampl
                         [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
                 gn = float(gnorm)
                 if not math.isfinite(gn):
-                    raise NonFiniteError(f"{cfg.objective}: a gradient became non-finite at step {step + 1}; the "
+                    raise NonFiniteError(f"{name}: a gradient became non-finite at step {step + 1}; the "
                                          "run was rolled back (lower lr)")
                 opt.step()
                 sched.step()
@@ -561,7 +575,7 @@ def train(handle: Any, cfg: TrainConfig, params: list, forget: list[ForgetExampl
     res.seconds = time.perf_counter() - t0
     res.seconds_per_epoch = res.seconds / max(res.epochs_run, 1e-9) if res.steps else 0.0
     if res.stopped != "completed":
-        ctx.on_event(Log(f"{cfg.objective}: early stop after {res.steps} steps: {res.stopped}"))
+        ctx.on_event(Log(f"{name}: early stop after {res.steps} steps: {res.stopped}"))
     return res
 
 

@@ -120,7 +120,7 @@ def main() -> None:
     from backends import data, methods
     from backends.events import CancelToken
     from backends.metrics import EvalSettings, evaluate
-    from backends.runner import EditContext
+    from backends.methods.base import EditContext
     from backends.targets import build_requests, simple_targets
 
     t0 = time.perf_counter()

@@ -92,7 +92,7 @@ def evaluate(handle, forget, retain):
 def run_method(handle, name, forget, retain, merge, params, seed=0):
     from backends import data, methods
     from backends.events import CancelToken
-    from backends.runner import EditContext
+    from backends.methods.base import EditContext
     from backends.targets import build_requests, simple_targets
 
     targets = simple_targets("idk", forget, data.builtin_refusals(), seed)

@@ -30,7 +30,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from backends import data, methods
-    from backends.editing.locate import templates_for, value_settings
+    from backends.editing.locate import templates_for
     from backends.editing.values import optimise_value
     from backends.model import ModelSpec, load
     from backends.subjects import resolve_subject
@@ -42,7 +42,7 @@ def main() -> None:
     m = methods.make(args.method, {})
     layer = m.layers(h)[-1] if hasattr(m, "layers") else m.layer(h)
     templates = templates_for(h, m.params, 0)
-    settings = value_settings(m.params)
+    settings = m.params          # the value optimisation reads the method's Params (v_steps, v_lr, ...)
     times: dict[bool, list[float]] = {True: [], False: []}
     last = {}
     for _ in range(args.rounds):
@@ -54,7 +54,7 @@ def main() -> None:
             last[replay] = vr
     fast, full = min(times[True]), min(times[False])
     print(f"{args.method}, layer {layer} of {h.adapter.n_layers}, {len(templates)} templates + essence, "
-          f"{settings.steps} steps max, torch threads {args.threads}")
+          f"{settings.v_steps} steps max, torch threads {args.threads}")
     print(f"with block replay    {fast:.2f} s (replay used: {last[True].replayed}; steps {last[True].steps})")
     print(f"every block each step {full:.2f} s (steps {last[False].steps})")
     print(f"speed-up {full / fast:.2f}x; NLL {last[True].nll:.4f} vs {last[False].nll:.4f}; "

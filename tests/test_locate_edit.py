@@ -393,11 +393,12 @@ def test_alphaedit_low_rank_solve_equals_the_dense_projected_solve(with_prev):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_value_optimisation_block_replay_matches_the_full_forward(arch):
     """Replaying blocks 0..L from recordings gives the same optimised delta as running every block."""
-    from backends.editing.values import ValueSettings, optimise_value
+    from backends.editing.locate_params import LocateParams
+    from backends.editing.values import optimise_value
 
     h = conditioned(arch)
     item = _items(1)[0]
-    settings = ValueSettings(steps=8, lr=0.5, stop_loss=0.0)
+    settings = LocateParams(v_steps=8, v_lr=0.5, stop_loss=0.0)
     templates = ["{}", "Quick question. {}"]     # two rows with different prefixes, plus the essence row
     layer = 1
     fast = optimise_value(h, layer, item.question, item.subject, TARGET, templates, settings)

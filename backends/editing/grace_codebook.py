@@ -38,25 +38,31 @@ prompt token on (exactly what inference does).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .lifelong import CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors, sequence_batch
 
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+
 STATE_KIND = "unlearn-tui/grace-codebook"
 STATE_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraceConfig:
-    eps: float
-    lr: float
+    """What one edit reads: a view of ``GraceMethod.Params`` with ``eps`` resolved (no defaults of its own;
+    built by :func:`backends.methods.base.settings_view`)."""
+
+    eps: float               # resolved: 0.25 x the mean key norm of neutral prompts unless given
+    edit_lr: float
     n_iter: int
     eps_expand: str
     val_init: str
     stop_loss: float
-    seed: int
+    seed: int                # the session's seed
 
 
 class GraceCodebook(HookedWrapper):
@@ -132,7 +138,7 @@ class GraceCodebook(HookedWrapper):
         self._stacked = None
 
     # ---- hooks ----------------------------------------------------------------------------
-    def hook_module(self, handle: Any) -> Any:
+    def hook_module(self, handle: ModelHandle) -> Any:
         return handle.adapter.mlp(self.layer)
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,7 +186,7 @@ class GraceCodebook(HookedWrapper):
                 new[b, int(start[b]):] = vals[rows[b]]
         return new
 
-    def describe_query(self, handle: Any, question: str) -> dict:
+    def describe_query(self, handle: ModelHandle, question: str) -> dict:
         if len(self) == 0:
             return {"grace_hit": 0.0}
         ids = torch.tensor([handle.prompt_ids(question)], device=handle.device)
@@ -248,7 +254,7 @@ class GraceCodebook(HookedWrapper):
         self.item_ids.append(list(ids))
 
 
-def mlp_io(handle: Any, layer: int, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_io(handle: ModelHandle, layer: int, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The MLP's input and output at the last token of one prompt."""
     from .hooks import capture
 
@@ -260,12 +266,12 @@ def mlp_io(handle: Any, layer: int, prompt_ids: list[int]) -> tuple[torch.Tensor
     return i_st[name][0][0, -1].float(), o_st[name][0][0, -1].float()
 
 
-def key_scale(handle: Any, layer: int, prompts: list[list[int]]) -> float:
+def key_scale(handle: ModelHandle, layer: int, prompts: list[list[int]]) -> float:
     """Mean norm of the keys (MLP inputs at the last token) of some prompts."""
     return float(torch.stack([mlp_io(handle, layer, p)[0] for p in prompts]).norm(dim=-1).mean())
 
 
-def add_edit(cb: GraceCodebook, handle: Any, runner: SuffixRunner, question: str, target: str,
+def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: SuffixRunner, question: str, target: str,
              item_ids: list[str], cfg: GraceConfig, on_step: Callable[[float], None]) -> dict:
     """Apply the codebook rules for one edit and train its value when a new entry is made."""
     was = cb.enabled
@@ -307,7 +313,7 @@ def add_edit(cb: GraceCodebook, handle: Any, runner: SuffixRunner, question: str
         cb.enabled = was
 
 
-def train_value(handle: Any, runner: SuffixRunner, layer: int, prompt: list[int], target: str,
+def train_value(handle: ModelHandle, runner: SuffixRunner, layer: int, prompt: list[int], target: str,
                 init: torch.Tensor, cfg: GraceConfig, on_step: Callable[[float], None]) -> tuple[torch.Tensor, float, int]:
     tgt = handle.encode_answer(target) + end_ids(handle)
     batch = sequence_batch(handle, [prompt], [tgt])
@@ -320,7 +326,7 @@ def train_value(handle: Any, runner: SuffixRunner, layer: int, prompt: list[int]
     else:
         v0 = init.clone()
     v = v0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=cfg.lr)
+    opt = torch.optim.Adam([v], lr=cfg.edit_lr)
     prep = runner.prepare(batch.ids, batch.mask)
 
     def hook(m, args, out):

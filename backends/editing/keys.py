@@ -10,13 +10,16 @@ of a request is the average over its context templates (ROME/MEMIT).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..subjects import subject_last_token
 from .hooks import capture, stop_after
 from .templates import fill
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
 
 
 @dataclass
@@ -25,7 +28,7 @@ class EditPrompt:
     index: int           # subject's last token
 
 
-def edit_prompt(handle: Any, question: str, subject: str | None, template: str = "{}", where: str = "",
+def edit_prompt(handle: ModelHandle, question: str, subject: str | None, template: str = "{}", where: str = "",
                 fact_token: str = "subject_last") -> EditPrompt:
     """``fact_token``: ``"subject_last"`` (the papers' choice) or ``"last"`` (the prompt's last token)."""
     text = handle.format_prompt(fill(template, question))
@@ -37,7 +40,7 @@ def edit_prompt(handle: Any, question: str, subject: str | None, template: str =
     return EditPrompt(ids, idx)
 
 
-def essence_prompt(handle: Any, subject: str | None, where: str = "", fact_token: str = "subject_last",
+def essence_prompt(handle: ModelHandle, subject: str | None, where: str = "", fact_token: str = "subject_last",
                    question: str = "") -> EditPrompt:
     """``"<subject> is a"``: the prompt whose next-token distribution the KL term preserves."""
     if fact_token == "last" or not subject:
@@ -56,7 +59,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int, device: Any = "cpu") -> t
 
 
 @torch.no_grad()
-def keys_at(handle: Any, layers: Sequence[int], prompts: Sequence[EditPrompt], batch_size: int = 16,
+def keys_at(handle: ModelHandle, layers: Sequence[int], prompts: Sequence[EditPrompt], batch_size: int = 16,
             outputs: Sequence[int] = ()) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Keys (float32, ``(n, d_in)``) per layer at each prompt's index, and block outputs per ``outputs`` layer."""
     ad = handle.adapter
@@ -84,12 +87,12 @@ def keys_at(handle: Any, layers: Sequence[int], prompts: Sequence[EditPrompt], b
     return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in outs.items()})
 
 
-def request_prompts(handle: Any, question: str, subject: str | None, templates: Sequence[str],
+def request_prompts(handle: ModelHandle, question: str, subject: str | None, templates: Sequence[str],
                     where: str = "", fact_token: str = "subject_last") -> list[EditPrompt]:
     return [edit_prompt(handle, question, subject, t, where, fact_token) for t in templates]
 
 
-def averaged_keys(handle: Any, layers: Sequence[int], per_request: Sequence[Sequence[EditPrompt]],
+def averaged_keys(handle: ModelHandle, layers: Sequence[int], per_request: Sequence[Sequence[EditPrompt]],
                   batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Per layer ``(d_in, n_requests)``: each request's key averaged over its templates."""
     flat = [p for ps in per_request for p in ps]

@@ -34,12 +34,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..compat import call_cache
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
 
 NEUTRAL_PROMPTS = [
     "Write a short poem about the rain.",
@@ -101,7 +104,7 @@ class _Stop(Exception):
     """Raised by the prefix hook to end a forward pass at block L."""
 
 
-def end_ids(handle: Any) -> list[int]:
+def end_ids(handle: ModelHandle) -> list[int]:
     eos = handle.model.generation_config.eos_token_id
     if eos is None:
         eos = handle.tokenizer.eos_token_id
@@ -143,7 +146,7 @@ class SeqBatch:
         return m
 
 
-def sequence_batch(handle: Any, prompts: Sequence[list[int]], targets: Sequence[list[int]]) -> SeqBatch:
+def sequence_batch(handle: ModelHandle, prompts: Sequence[list[int]], targets: Sequence[list[int]]) -> SeqBatch:
     pad = handle.tokenizer.pad_token_id or 0
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
     width = max(len(s) for s in seqs)
@@ -169,7 +172,7 @@ class Prepared:
 class SuffixRunner:
     """Forward passes from block ``layer`` on, over a cached residual stream (see the module doc)."""
 
-    def __init__(self, handle: Any, layer: int) -> None:
+    def __init__(self, handle: ModelHandle, layer: int) -> None:
         self.handle = handle
         self.layer = layer
         parent_name, attr = handle.adapter.spec.layers.rsplit(".", 1)
@@ -304,15 +307,15 @@ class HookedWrapper:
     _hook: Any
     _tracker: "CallTracker"
 
-    def hook_module(self, handle: Any) -> Any:
+    def hook_module(self, handle: ModelHandle) -> Any:
         raise NotImplementedError
 
-    def install(self, handle: Any) -> None:
+    def install(self, handle: ModelHandle) -> None:
         self.remove(handle)
         self._hook = self.hook_module(handle).register_forward_hook(self._forward)
         self._tracker.install(handle.model)
 
-    def remove(self, handle: Any) -> None:
+    def remove(self, handle: ModelHandle) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

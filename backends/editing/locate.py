@@ -7,9 +7,11 @@
   optimise one ``delta`` per request at the LAST layer of the range, then
   walk the layers in order, each time recomputing the keys and the remaining
   residual on the partly edited model and giving layer ``i`` the share
-  ``1 / (layers left)`` of it (MEMIT's spreading).  AlphaEdit projects every
-  update onto the null space of the preserved keys and adds the keys of the
-  earlier edits of the same session (``ctx.state``) to its normal equations.
+  ``1 / (layers left)`` of it (MEMIT's spreading).  The per-layer update is a
+  :class:`SpreadSolver` the method class picks: :class:`LeastSquares`
+  (MEMIT) or :class:`NullSpaceProjection` (AlphaEdit: every update projected
+  onto the null space of the preserved keys, the keys of the earlier edits of
+  the same session, ``ctx.state``, added to its normal equations).
 
 AlphaEdit's accumulated keys belong to the SESSION and to the weights they
 were computed for: ``ctx.state["history"]`` holds, for each apply, a hash of
@@ -28,9 +30,10 @@ weights), and every loop reports progress and checks the cancel token.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -40,28 +43,31 @@ from ..subjects import resolve_subject
 from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
 from .linalg import alphaedit_update, memit_update, rome_update
 from .templates import context_templates
-from .values import ValueSettings, optimise_value
+from .values import optimise_value
+
+if TYPE_CHECKING:
+    from ..methods.alphaedit import AlphaEdit
+    from ..methods.base import EditContext
+    from ..methods.memit import MEMIT
+    from ..methods.rome import ROME
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .locate_params import LocateParams
 
 HISTORY_LIMIT = 32
 
 
-def value_settings(p: Any) -> ValueSettings:
-    return ValueSettings(steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor, weight_decay=p.v_weight_decay,
-                         clamp_norm_factor=p.clamp_norm_factor, stop_loss=p.stop_loss, stop_token=p.stop_token,
-                         fact_token=p.fact_token)
-
-
-def _subject(req: Any, p: Any) -> str | None:
+def _subject(req: Request, p: LocateParams) -> str | None:
     return None if p.fact_token == "last" else resolve_subject(req)
 
 
-def templates_for(handle: Any, p: Any, seed: int) -> list[str]:
+def templates_for(handle: ModelHandle, p: LocateParams, seed: int) -> list[str]:
     if p.templates <= 0:
         return ["{}"]
     return context_templates(handle, ((5, p.templates), (10, p.templates)), seed=seed)
 
 
-def _where(req: Any) -> str:
+def _where(req: Request) -> str:
     return "item " + ", ".join(getattr(req, "item_ids", []) or ["?"])
 
 
@@ -72,18 +78,19 @@ def _write(W: torch.Tensor, dW: torch.Tensor, name: str) -> None:
         W.add_(dW.to(W.dtype))
 
 
-def _stats(handle: Any, layers: Sequence[int], p: Any, ctx: Any) -> tuple[dict, dict]:
+def _stats(handle: ModelHandle, layers: Sequence[int], p: LocateParams, ctx: EditContext) -> tuple[dict, dict]:
     from .. import stats
 
     mats, info = stats.second_moments(handle, layers, p.corpus, p.token_budget, p.stats_tol,
                                       on_event=ctx.on_event, cancel=ctx.cancel,
-                                      base_dir=getattr(ctx, "base_dir", None),
-                                      where=f'{getattr(ctx, "where", "params")}.corpus')
+                                      base_dir=ctx.base_dir,
+                                      where=f'{ctx.where}.corpus')
     return mats, {"corpus": info.corpus, "tokens": info.tokens, "seconds": round(info.seconds, 3),
                   "cached_layers": info.cached_layers, "converged": info.converged}
 
 
-def apply_rome(handle: Any, requests: Sequence[Any], p: Any, layer: int, ctx: Any, name: str = "rome") -> dict:
+def apply_rome(handle: ModelHandle, requests: Sequence[Request], p: ROME.Params, layer: int, ctx: EditContext,
+               name: str = "rome") -> dict:
     ad = handle.adapter
     t0 = time.perf_counter()
     templates = templates_for(handle, p, ctx.seed)
@@ -91,7 +98,6 @@ def apply_rome(handle: Any, requests: Sequence[Any], p: Any, layer: int, ctx: An
     if p.mom2_adjustment:
         mats, stats_info = _stats(handle, [layer], p, ctx)
         cov = mats[layer]
-    settings = value_settings(p)
     edits = Tracker(ctx.on_event, ctx.cancel, f"{name}: edits", len(requests))
     W = ad.mlp_out_matrix(layer)
     wname = ad.mlp_out_weight_name(layer)
@@ -99,9 +105,9 @@ def apply_rome(handle: Any, requests: Sequence[Any], p: Any, layer: int, ctx: An
     for i, req in enumerate(requests):
         subject = _subject(req, p)
         where = _where(req)
-        steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: edit {i + 1}/{len(requests)}", settings.steps,
+        steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: edit {i + 1}/{len(requests)}", p.v_steps,
                         detail=f"subject: {subject}")
-        vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, settings, steps, where)
+        vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, p, steps, where)
         k = averaged_keys(handle, [layer], [request_prompts(handle, req.prompt, subject, templates, where, p.fact_token)])[layer]
         dW = rome_update(k[:, 0], vr.delta, cov)
         _write(W, dW, wname)
@@ -117,7 +123,7 @@ def apply_rome(handle: Any, requests: Sequence[Any], p: Any, layer: int, ctx: An
 # --------------------------------------------------------------------------- MEMIT / AlphaEdit
 
 
-def weights_hash(handle: Any, layers: Sequence[int]) -> str:
+def weights_hash(handle: ModelHandle, layers: Sequence[int]) -> str:
     h = hashlib.sha256()
     for l in layers:
         w = handle.adapter.mlp_out(l).weight.detach()
@@ -125,42 +131,102 @@ def weights_hash(handle: Any, layers: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def _projectors(handle: Any, layers: Sequence[int], mats: dict, p: Any, ctx: Any) -> tuple[dict, dict]:
+def _projectors(handle: ModelHandle, layers: Sequence[int], mats: dict, p: LocateParams, threshold: float,
+                relative: bool, ctx: EditContext) -> tuple[dict, dict]:
     """Null-space bases ``U`` per layer, cached in the session state (one eigendecomposition per layer)."""
     cache = ctx.state.setdefault("nullspace", {})
     out, dims = {}, {}
     for l in layers:
-        key = (handle.fingerprint, l, p.corpus, p.token_budget, p.nullspace_threshold, p.relative_threshold)
+        key = (handle.fingerprint, l, p.corpus, p.token_budget, threshold, relative)
         if key not in cache:   # and on disk, next to the statistics (one eigendecomposition per model)
             from .. import stats
 
-            cache[key] = stats.nullspace_basis(handle, l, mats[l], p.nullspace_threshold, p.relative_threshold)
+            cache[key] = stats.nullspace_basis(handle, l, mats[l], threshold, relative)
         out[l], dims[l] = cache[key]
     return out, dims
 
 
-def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int], ctx: Any,
-                 name: str = "memit") -> dict:
-    ad = handle.adapter
-    alpha = name == "alphaedit"
-    t0 = time.perf_counter()
-    templates = templates_for(handle, p, ctx.seed)
-    mats, stats_info = _stats(handle, layers, p, ctx)
-    P, null_dims, prev = {}, {}, None
-    if alpha:
-        P, null_dims = _projectors(handle, layers, mats, p, ctx)
+class SpreadSolver(abc.ABC):
+    """The per-layer update of the spread driver; one fresh instance per apply (it may keep state across layers)."""
+
+    def begin(self, handle: ModelHandle, layers: list[int], mats: dict, p: LocateParams, ctx: EditContext) -> None:
+        """Before the first batch (the key statistics ``mats`` are known)."""
+
+    @abc.abstractmethod
+    def update(self, layer: int, K: torch.Tensor, R: torch.Tensor, mats: dict) -> torch.Tensor:
+        """``dW`` for ``layer`` from the keys ``K`` (d_in x n) and the residual share ``R`` (d x n)."""
+
+    def written(self, layer: int, K: torch.Tensor) -> None:
+        """After ``layer``'s update was written."""
+
+    def finish(self, handle: ModelHandle, layers: list[int], ctx: EditContext, report: dict) -> None:
+        """After the last batch; may add to the report."""
+
+
+class LeastSquares(SpreadSolver):
+    """MEMIT: the covariance-regularised least squares ``dW = R K^T (lambda C + K K^T)^-1``."""
+
+    def __init__(self, mom2_update_weight: float) -> None:
+        self.mom2_update_weight = mom2_update_weight
+
+    def update(self, layer: int, K: torch.Tensor, R: torch.Tensor, mats: dict) -> torch.Tensor:
+        return memit_update(K, R, mats[layer], self.mom2_update_weight)
+
+
+class NullSpaceProjection(SpreadSolver):
+    """AlphaEdit: the update projected onto the null space of the preserved keys, earlier edits' keys kept.
+
+    The keys of the session's earlier edits come from ``ctx.state["history"]``
+    (the entry whose weights hash matches the current weights) and the new keys
+    are appended to it at the end (see the module doc).
+    """
+
+    def __init__(self, nullspace_threshold: float, relative_threshold: bool, l2: float) -> None:
+        self.nullspace_threshold = nullspace_threshold
+        self.relative_threshold = relative_threshold
+        self.l2 = l2
+        self.P: dict = {}
+        self.null_dims: dict = {}
+        self.prev: dict = {}
+
+    def begin(self, handle: ModelHandle, layers: list[int], mats: dict, p: LocateParams, ctx: EditContext) -> None:
+        self.P, self.null_dims = _projectors(handle, layers, mats, p, self.nullspace_threshold,
+                                             self.relative_threshold, ctx)
         history = ctx.state.setdefault("history", [])
         current = weights_hash(handle, layers)
+        prev = None
         for entry in reversed(history):
             if entry["hash"] == current and entry["layers"] == tuple(layers):
                 prev = dict(entry["keys"])
                 break
         if prev is None:
             prev = {l: torch.zeros((mats[l].shape[0], 0), dtype=torch.float32, device=handle.device) for l in layers}
+        self.prev = prev
         earlier = min(int(v.shape[1]) for v in prev.values())
-        ctx.on_event(Log(f"alphaedit: null space dims {null_dims}; "
+        ctx.on_event(Log(f"alphaedit: null space dims {self.null_dims}; "
                          f"{f'continuing {earlier} earlier edit keys' if earlier else 'no earlier edits'}"))
-    settings = value_settings(p)
+
+    def update(self, layer: int, K: torch.Tensor, R: torch.Tensor, mats: dict) -> torch.Tensor:
+        return alphaedit_update(K, R, self.P[layer], self.prev[layer], self.l2)
+
+    def written(self, layer: int, K: torch.Tensor) -> None:
+        self.prev[layer] = torch.cat([self.prev[layer], K.detach().float().to(self.prev[layer].device)], 1)
+
+    def finish(self, handle: ModelHandle, layers: list[int], ctx: EditContext, report: dict) -> None:
+        history = ctx.state.setdefault("history", [])
+        history.append({"hash": weights_hash(handle, layers), "layers": tuple(layers), "keys": self.prev})
+        del history[:-HISTORY_LIMIT]
+        report["null_space_dims"] = self.null_dims
+        report["accumulated_edits"] = int(len(ctx.state.get("history", [])))
+
+
+def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Params | AlphaEdit.Params, layers: list[int], ctx: EditContext,
+                 solver: SpreadSolver, name: str = "memit") -> dict:
+    ad = handle.adapter
+    t0 = time.perf_counter()
+    templates = templates_for(handle, p, ctx.seed)
+    mats, stats_info = _stats(handle, layers, p, ctx)
+    solver.begin(handle, layers, mats, p, ctx)
     last = layers[-1]
     bs = p.batch_size or len(requests)
     edits = Tracker(ctx.on_event, ctx.cancel, f"{name}: edits", len(requests))
@@ -172,9 +238,8 @@ def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int]
         deltas = []
         for j, (req, subject) in enumerate(zip(batch, subjects)):
             steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + j + 1}/{len(requests)}",
-                            settings.steps, detail=f"subject: {subject}")
-            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, settings, steps,
-                                wheres[j])
+                            p.v_steps, detail=f"subject: {subject}")
+            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, p, steps, wheres[j])
             deltas.append(vr.delta)
             per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
                              "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
@@ -190,29 +255,19 @@ def apply_spread(handle: Any, requests: Sequence[Any], p: Any, layers: list[int]
             K = averaged_keys(handle, [l], per_req)[l]            # (d_in, n)
             _, outs = keys_at(handle, [], bare, outputs=[last])
             R = (z - outs[last]).T / (len(layers) - i)            # (d, n)
-            if alpha:
-                dW = alphaedit_update(K, R, P[l], prev[l], p.l2)
-            else:
-                dW = memit_update(K, R, mats[l], p.mom2_update_weight)
+            dW = solver.update(l, K, R, mats)
             _write(ad.mlp_out_matrix(l), dW, ad.mlp_out_weight_name(l))
             norms[l] = round(float(dW.norm()), 4)
-            if alpha:
-                prev[l] = torch.cat([prev[l], K.detach().float().to(prev[l].device)], 1)
+            solver.written(l, K)
             layer_tr.step(detail=f"layer {l}")
         _, outs = keys_at(handle, [], bare, outputs=[last])
         miss = float(((z - outs[last]).norm(dim=1) / torch.stack(deltas).norm(dim=1).clamp_min(1e-6)).mean())
         per_batch.append({"size": len(batch), "update_norms": norms, "residual_left": round(miss, 4)})
         edits.step(len(batch))
-    if alpha:
-        history = ctx.state.setdefault("history", [])
-        history.append({"hash": weights_hash(handle, layers), "layers": tuple(layers), "keys": prev})
-        del history[:-HISTORY_LIMIT]
     report = {"edits": len(requests), "layers": layers, "templates": len(templates), "stats": stats_info,
               "batches": per_batch, "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}
-    if alpha:
-        report["null_space_dims"] = null_dims
-        report["accumulated_edits"] = int(len(ctx.state.get("history", [])))
+    solver.finish(handle, layers, ctx, report)
     return report
 
 
-__all__ = ["apply_rome", "apply_spread", "weights_hash"]
+__all__ = ["LeastSquares", "NullSpaceProjection", "SpreadSolver", "apply_rome", "apply_spread", "weights_hash"]

@@ -4,7 +4,8 @@ The value-optimisation, template and statistics fields are declared once in
 :class:`LocateParams`; each method's ``Params`` subclasses it and adds its own
 fields.  ``None`` layers are "auto": scaled to the model's depth from the
 reference Llama configs (ROME edits layer 5 of 32; MEMIT/AlphaEdit layers 4-8
-of 32), see :func:`auto_layer` and :func:`auto_layers`.
+of 32), see :func:`auto_layer` and :func:`auto_layers`.  The MEMIT / AlphaEdit
+method base is :class:`backends.methods.base.SpreadLayers`.
 """
 
 from __future__ import annotations
@@ -78,31 +79,3 @@ EASYEDIT_COMMON: dict[str, Any] = {
     "context_template_length_params": ("templates", "template_count"),
     "fact_token": "fact_token",
 }
-
-
-class SpreadLayers:
-    """What MEMIT and AlphaEdit share: the layer range, the touched matrices, and the spread driver.
-
-    Torch-free (method modules import it at module level); ``apply`` imports
-    the heavy driver lazily.
-    """
-
-    name: str
-    params: Any
-
-    def __init__(self, params: Any) -> None:
-        self.params = params
-
-    def layers(self, handle: Any) -> list[int]:
-        n = handle.adapter.n_layers
-        if self.params.layers is None:
-            return auto_layers(n)
-        return check_layers(list(self.params.layers), n, "params.layers")
-
-    def touched_parameters(self, handle: Any) -> list[str]:
-        return [handle.adapter.mlp_out_weight_name(layer) for layer in self.layers(handle)]
-
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
-        from .locate import apply_spread
-
-        return apply_spread(handle, requests, self.params, self.layers(handle), ctx, self.name)

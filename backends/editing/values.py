@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -30,17 +30,9 @@ from ..compat import cache_kwarg, output_cache
 from ..events import Tracker
 from .keys import edit_prompt, essence_prompt, keys_at
 
-
-@dataclass
-class ValueSettings:
-    steps: int = 25
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    stop_loss: float = 5e-2
-    stop_token: bool = True      # append the end-of-turn token to the target
-    fact_token: str = "subject_last"
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from .locate_params import LocateParams
 
 
 @dataclass
@@ -54,7 +46,7 @@ class ValueResult:
     replayed: bool = False     # blocks 0..L were replayed from recordings (see _BlockReplay)
 
 
-def target_ids(handle: Any, target: str, stop_token: bool) -> list[int]:
+def target_ids(handle: ModelHandle, target: str, stop_token: bool) -> list[int]:
     ids = handle.encode_answer(target)
     eos = handle.tokenizer.eos_token_id
     if stop_token and eos is not None:
@@ -172,9 +164,10 @@ class _Row:
             return model(**kw).logits[0, self.keep_t]
 
 
-def optimise_value(handle: Any, layer: int, question: str, subject: str | None, target: str,
-                   templates: Sequence[str], settings: ValueSettings, tracker: Tracker | None = None,
+def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str | None, target: str,
+                   templates: Sequence[str], settings: LocateParams, tracker: Tracker | None = None,
                    where: str = "", seed: int = 0, replay_blocks: bool = True) -> ValueResult:
+    """Optimise ``delta`` for one request; ``settings`` are the method's Params (``v_steps``, ``v_lr``, ...)."""
     model = handle.model
     ad = handle.adapter
     tgt = target_ids(handle, target, settings.stop_token)
@@ -197,7 +190,7 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
 
     delta = torch.zeros(ad.hidden_size, dtype=torch.float32, device=dev)
     delta.requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=settings.lr)
+    opt = torch.optim.Adam([delta], lr=settings.v_lr)
     max_norm = settings.clamp_norm_factor * h_norm
     mod = model.get_submodule(ad.mlp_name(layer))
     # blocks 0..L replayed from recordings when that reproduces the full forward exactly (checked here)
@@ -244,7 +237,7 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
     steps = 0
     h = None if fast else mod.register_forward_hook(hook)
     try:
-        for step in range(settings.steps):
+        for step in range(settings.v_steps):
             opt.zero_grad()
             per_row = []
             for r in rows:
@@ -254,7 +247,7 @@ def optimise_value(handle: Any, layer: int, question: str, subject: str | None, 
             nll = -per_row_t.mean()
             ess_lp = torch.log_softmax(row_logits(ess_row)[0].float(), -1)
             kl = torch.nn.functional.kl_div(ess_lp, ref, log_target=True, reduction="sum")
-            wd = settings.weight_decay * delta.pow(2).sum() / max(h_norm, 1e-6) ** 2
+            wd = settings.v_weight_decay * delta.pow(2).sum() / max(h_norm, 1e-6) ** 2
             loss = nll + settings.kl_factor * kl + wd
             nll_v, loss_v = float(nll.detach()), float(loss.detach())
             prob = float(per_row_t.detach().exp().mean())

@@ -82,13 +82,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .hooks import stop_after
 from .lifelong import (NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS, CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors,
                        sequence_batch, weight_apply)
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
 
 STATE_KIND = "unlearn-tui/wise-memory"
 STATE_VERSION = 2   # 2: retrieval archive (version 1 files load with an empty archive)
@@ -99,29 +102,34 @@ CONTEXT_PREFIXES = ["Quick question.", "I was wondering about something.", "Plea
                     "Here is what I want to know.", "Help me with this."]
 
 
-@dataclass
+@dataclass(frozen=True)
 class WiseConfig:
-    layer: int
+    """What one edit's training reads: a view of ``WiseMethod.Params`` with the auto values resolved.
+
+    No defaults: built only by :func:`backends.methods.base.settings_view` from
+    the method's Params (same field names), so the engine and the app cannot run
+    different settings.  The routing pool lives on the :class:`WiseMemory`.
+    """
+
     mask_ratio: float
     act_ratio: float
-    alpha: float
-    beta: float
-    gamma: float
-    lr: float
+    alpha: float              # resolved: 0.1 x the main-memory output scale unless given
+    beta: float               # resolved: 0.5 x that scale
+    gamma: float              # resolved: 0.3 x that scale
+    edit_lr: float            # resolved: 0.05 with adam, 1.0 with sgd
+    optimizer: str
     n_iter: int
-    norm_constraint: float
+    stop_loss: float
+    norm_constraint: float    # resolved: 2.5 x the weights' standard deviation
     save_freq: int
     merge_freq: int
     merge_density: float
+    retrieve: bool
+    threshold_position: float
+    above_out_of_scope: bool
+    first_token_weight: float
     contexts: int
-    stop_loss: float
-    optimizer: str
-    seed: int
-    pool: str = "mean"
-    retrieve: bool = False
-    threshold_position: float = 0.5
-    above_out_of_scope: bool = False
-    first_token_weight: float = 0.0
+    seed: int                 # the session's seed
 
 
 def ties_merge(taus: list[torch.Tensor], density: float) -> torch.Tensor:
@@ -246,7 +254,7 @@ class WiseMemory(HookedWrapper):
         self.active_from = len(self.edits)
 
     # ---- hooks ----------------------------------------------------------------------------
-    def hook_module(self, handle: Any) -> Any:
+    def hook_module(self, handle: ModelHandle) -> Any:
         return handle.adapter.mlp_out(self.layer)
 
     def _forward(self, mod, args, out):
@@ -298,7 +306,7 @@ class WiseMemory(HookedWrapper):
             res = torch.where(((choice == k)[:, None] & use)[:, :, None], res + d, res)
         return res
 
-    def describe_query(self, handle: Any, question: str) -> dict:
+    def describe_query(self, handle: ModelHandle, question: str) -> dict:
         if not self.memories():
             return {"wise_route": "main", "wise_side": 0.0, "wise_act": 0.0}
         ids = torch.tensor([handle.prompt_ids(question)], device=handle.device)
@@ -395,7 +403,7 @@ class WiseMemory(HookedWrapper):
                         "edits": int(m["edits"])} for i, m in enumerate(meta.get("archive", []))]
         return mem
 
-    def check_compatible(self, handle: Any, where: str) -> None:
+    def check_compatible(self, handle: ModelHandle, where: str) -> None:
         from ..errors import UserError
 
         w = handle.adapter.mlp_out(self.layer).weight
@@ -410,7 +418,7 @@ class WiseMemory(HookedWrapper):
         self.shard_masks_made += 1
         return {"tau": torch.zeros(self.shape, dtype=torch.float32, device=device), "mask": mask, "edits": 0}
 
-    def neutral_acts(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def neutral_acts(self, handle: ModelHandle) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Projection inputs of the neutral prompts: (shared prefix [P, d], own tokens [N, d], prompt ids)."""
         if self._neutral_cache is None:
             prompts = [handle.prompt_ids(q) for q in OUT_OF_SCOPE]
@@ -423,7 +431,7 @@ class WiseMemory(HookedWrapper):
         return self._neutral_cache
 
 
-def template_header_len(handle: Any) -> int:
+def template_header_len(handle: ModelHandle) -> int:
     """Tokens every formatted prompt starts with (the chat template's header; causal, so query-blind)."""
     a, b = handle.prompt_ids("Alpha?"), handle.prompt_ids("Zulu?")
     n = 0
@@ -441,7 +449,7 @@ def routing_mask(valid: torch.Tensor, skip: int) -> torch.Tensor:
     return torch.where(empty[:, None], valid, use)
 
 
-def projection_inputs(handle: Any, layer: int, prompt_ids: list[int]) -> torch.Tensor:
+def projection_inputs(handle: ModelHandle, layer: int, prompt_ids: list[int]) -> torch.Tensor:
     """The output projection's input at every token of one prompt: ``[T, d_in]``."""
     from .hooks import capture
 
@@ -452,7 +460,7 @@ def projection_inputs(handle: Any, layer: int, prompt_ids: list[int]) -> torch.T
     return st[name][0][0].float()
 
 
-def _forward_until(handle: Any, layer: int, ids: torch.Tensor) -> None:
+def _forward_until(handle: ModelHandle, layer: int, ids: torch.Tensor) -> None:
     """A forward pass that stops right after the given layer's output projection ran."""
     with stop_after(handle.model, handle.adapter.mlp_out_name(layer)):
         handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -471,7 +479,7 @@ def _out_scores(mem: WiseMemory, D: torch.Tensor, shared: torch.Tensor, own: tor
     return (sh + torch.zeros(n_out, device=own.device).index_add(0, owner, ow)) / (shared.shape[0] + own_count)
 
 
-def train_edit(mem: WiseMemory, handle: Any, runner: SuffixRunner, question: str, target: str,
+def train_edit(mem: WiseMemory, handle: ModelHandle, runner: SuffixRunner, question: str, target: str,
                item_ids: list[str], cfg: WiseConfig, on_step: Callable[[float], None]) -> dict:
     """Train one edit into the side memory (see the module doc); returns per-edit figures."""
     import torch.nn.functional as F
@@ -516,8 +524,8 @@ def train_edit(mem: WiseMemory, handle: Any, runner: SuffixRunner, question: str
     prep = runner.prepare(batch.ids, batch.mask)
     mask_f = shard["mask"].float()
     P = shard["tau"].clone().requires_grad_(True)
-    opt = (torch.optim.Adam([P], lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD([P], lr=cfg.lr))
+    opt = (torch.optim.Adam([P], lr=cfg.edit_lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD([P], lr=cfg.edit_lr))
     store: dict[str, torch.Tensor] = {}
 
     def hook(m, args, out):

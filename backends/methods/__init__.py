@@ -5,26 +5,24 @@ with :func:`register`.  Method modules must not import torch at module level
 (the TUI lists methods and builds forms before torch is loaded; a test
 enforces this): heavy work imports torch inside ``apply``.
 
-Contract::
-
-    class Method:
-        name: ClassVar[str]
-        Params: ClassVar[type]          # dataclass built with backends.params.param
-        summary: ClassVar[str]
-        needs_retain: ClassVar[bool]    # refuses to run without a retain split
-        def __init__(self, params): ...
-        def touched_parameters(self, handle) -> list[str]   # names the transaction snapshots
-        def apply(self, handle, requests, ctx) -> dict      # report (free-form, JSON-able)
+The contract is :class:`backends.methods.base.Method` (a Protocol: ``name``,
+``summary``, ``Params``, ``needs_retain``, ``touched_parameters(handle)``,
+``apply(handle, requests, ctx) -> dict``); our methods subclass
+:class:`~backends.methods.base.MethodBase`.  ``Params`` is the only place a
+hyper-parameter default lives.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import UserError
 from ..params import unknown_key_message
+
+if TYPE_CHECKING:
+    from .base import Method
 
 # name -> module that registers it (imported lazily, in this order for listings)
 _MODULES: dict[str, str] = {
@@ -43,8 +41,10 @@ _MODULES: dict[str, str] = {
 }
 _REGISTRY: dict[str, type] = {}
 
+M = TypeVar("M", bound=type)
 
-def register(cls: type) -> type:
+
+def register(cls: M) -> M:
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -75,7 +75,7 @@ def get(name: str) -> type:
     return _REGISTRY[key]
 
 
-def make(name: str, raw_params: dict[str, Any] | None, where: str = "params") -> Any:
+def make(name: str, raw_params: dict[str, Any] | None, where: str = "params") -> Method:
     from ..params import parse_params
 
     cls = get(name)

@@ -13,11 +13,15 @@ undo/redo (see :mod:`backends.editing.locate`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, SpreadLayers
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams
 from ..params import param
 from . import register
+from .base import SpreadLayers
+
+if TYPE_CHECKING:
+    from ..editing.locate import NullSpaceProjection
 
 
 @register
@@ -41,4 +45,11 @@ class AlphaEdit(SpreadLayers):
         # v_weight_decay / clamp_norm_factor: the shared LocateParams defaults (1e-3, 4.0), as in the Llama
         # configs.  The GPT-J values (0.5, 0.75) left delta too small for a refusal target on the embedded
         # model; with 4.0 / 1e-3: forget R1 0.000, retain 0.900, rephrase 0.100 (bench_locate_edit.py quality).
+
+    params: "AlphaEdit.Params"
+
+    def solver(self) -> NullSpaceProjection:
+        from ..editing.locate import NullSpaceProjection
+
+        return NullSpaceProjection(self.params.nullspace_threshold, self.params.relative_threshold, self.params.l2)
 

@@ -8,10 +8,11 @@
 * ``npo`` — negative preference optimisation: DPO without the preferred
   term (+ retain NLL).
 
-Loss formulas, the training loop and the memory-aware reference (the
-original model's log-probabilities are computed once before training, no
-second model copy is kept) live in :mod:`backends.training`, imported lazily
-from ``apply`` (this module never imports torch).
+Each class's loss terms are its own hooks (``forget_term``, ``retain_term``,
+combined by :meth:`FineTune.loss`); the training loop, the batches the hooks
+read and the memory-aware reference (the original model's log-probabilities
+are computed once before training, no second model copy is kept) live in
+:mod:`backends.training`, imported lazily (this module never imports torch).
 
 Which weights train
     ``tuning = "full"`` (default): every weight of the chosen blocks
@@ -49,11 +50,20 @@ Defaults, and why they differ from TOFU's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import UserError
 from ..params import param
 from . import register
+from .base import MethodBase, RetainWhen, settings_view
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import ModelHandle
+    from ..targets import Request
+    from ..training import LossBatch, TrainConfig
+    from .base import EditContext
 
 LR_FULL = 1e-4
 LR_LORA = 1e-3
@@ -96,18 +106,37 @@ class ReferenceParams(RetainParams):
                            "for comparison)", choices=("precomputed", "live"))
 
 
-class _FineTune:
-    """Shared glue: params -> TrainConfig, weights, examples, report."""
+@dataclass(frozen=True)
+class ReferenceNeeds:
+    """What an objective reads from the original model (computed once, see :mod:`backends.training`)."""
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    needs_retain: ClassVar[bool] = False
+    gold: bool          # the summed log-probability of each forget answer
+    refusal: bool       # ... of each refusal target
+    retain_dist: bool   # the next-token distribution at every retain completion position
 
-    def __init__(self, params: Any) -> None:
-        self.params = params
+    @property
+    def any(self) -> bool:
+        return self.gold or self.refusal or self.retain_dist
+
+
+NO_REFERENCE = ReferenceNeeds(gold=False, refusal=False, retain_dist=False)
+
+
+class FineTune(MethodBase):
+    """Shared glue of the five baselines: weights, examples, the training config, the loss, the report.
+
+    The loss is ``gamma * forget_term + alpha * retain_term`` (the retain term
+    only while ``alpha`` is non-zero and the batch has retain examples); each
+    class fills in its own terms (:meth:`forget_term`, :meth:`retain_term`),
+    GA has no retain term at all.  The terms read the mini-batch through a
+    :class:`backends.training.LossBatch` (the forward passes, the reference).
+    """
+
+    reference_needs: ClassVar[ReferenceNeeds] = NO_REFERENCE
+    has_retain_term: ClassVar[bool] = True
 
     # ---- weights
-    def _layers(self, handle: Any) -> list[int]:
+    def _layers(self, handle: ModelHandle) -> list[int]:
         n = handle.adapter.n_layers
         if self.params.layers is None:
             return list(range(n // 2, n))
@@ -121,7 +150,7 @@ class _FineTune:
             out.append(layer % n)
         return sorted(set(out))
 
-    def touched_parameters(self, handle: Any) -> list[str]:
+    def touched_parameters(self, handle: ModelHandle) -> list[str]:
         from .. import training
 
         layers = self._layers(handle)
@@ -131,23 +160,51 @@ class _FineTune:
         return training.trainable_names(handle, layers, self.params.scope)
 
     # ---- config
-    def config(self, ctx: Any, n_retain_positions: int = 0, vocab: int = 0) -> Any:
+    def kl_top_k(self, n_retain_positions: int, vocab: int) -> int | None:
+        """How much of the original retain distributions the reference keeps (None: all; only KL reads it)."""
+        return None
+
+    def train_config(self, ctx: EditContext, n_retain_positions: int, vocab: int) -> TrainConfig:
+        """The training loop's settings: the Params with ``lr``, ``seed`` and ``kl_top_k`` resolved."""
         from .. import training
 
         p = self.params
-        lr = p.lr if p.lr is not None else (LR_LORA if p.tuning == "lora" else LR_FULL)
-        cfg = training.TrainConfig(
-            objective=self.name, epochs=p.epochs, lr=lr, batch_size=p.batch_size, weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs, max_grad_norm=p.max_grad_norm, max_steps=p.max_steps,
-            stop_forget_nll=p.stop_forget_nll, stop_retain_ratio=p.stop_retain_ratio,
-            alpha=getattr(p, "alpha", 0.0), gamma=getattr(p, "gamma", 1.0), beta=getattr(p, "beta", 0.1),
-            reference=getattr(p, "reference", "precomputed"),
-            seed=p.seed if p.seed is not None else int(getattr(ctx, "seed", 0) or 0))
-        if self.name == "kl":
-            cfg.kl_top_k = training.resolve_kl_top_k(p.kl_top_k, n_retain_positions, vocab)
-        return cfg
+        resolved: dict[str, Any] = {
+            "lr": p.lr if p.lr is not None else (LR_LORA if p.tuning == "lora" else LR_FULL),
+            "seed": p.seed if p.seed is not None else int(ctx.seed or 0),
+            "kl_top_k": self.kl_top_k(n_retain_positions, vocab)}
+        if not self.reference_needs.any:
+            resolved["reference"] = None   # GA / GD keep no reference
+        return settings_view(training.TrainConfig, p, **resolved)
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    # ---- loss
+    def trains_retain(self) -> bool:
+        """Whether a step reads retain examples (the retain term exists and its weight is non-zero)."""
+        return self.has_retain_term and self.params.alpha != 0.0
+
+    def forget_term(self, b: LossBatch) -> torch.Tensor:
+        """Gradient ascent on the forget answers: ``-NLL(forget)``."""
+        return -b.forget_nll
+
+    def retain_term(self, b: LossBatch) -> torch.Tensor:
+        """``NLL(retain)``."""
+        rp, r_logits = b.retain_logits()
+        retain_term = b.retain_nll(r_logits, rp)
+        b.parts["retain_nll"] = float(retain_term.detach())
+        return retain_term
+
+    def loss(self, b: LossBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective on one mini-batch: (loss, its parts as floats)."""
+        forget_term = self.forget_term(b)
+        if not self.has_retain_term:
+            return forget_term, b.parts
+        p = self.params
+        loss = p.gamma * forget_term
+        if b.r_idx and p.alpha != 0.0:
+            loss = loss + p.alpha * self.retain_term(b)
+        return loss, b.parts
+
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         from .. import training
 
         p = self.params
@@ -160,17 +217,18 @@ class _FineTune:
         forget = training.forget_examples(handle, requests)
         retain = training.retain_examples(handle, retain_items) if self.needs_retain else []
         n_pos = sum(len(e.completion) for e in retain)
-        cfg = self.config(ctx, n_pos, int(handle.model.config.vocab_size))
+        cfg = self.train_config(ctx, n_pos, int(handle.model.config.vocab_size))
         with training.seeded(cfg.seed):
-            reference = training.build_reference(cfg, handle.model, handle.tokenizer.pad_token_id, forget, retain,
-                                                 ctx, handle.device, stage=f"{self.name}: reference")
+            reference = training.build_reference(self, cfg, handle.model, handle.tokenizer.pad_token_id, forget,
+                                                 retain, ctx, handle.device, stage=f"{self.name}: reference")
             stage = f"{self.name}: train"
             if p.tuning == "lora":
                 mods = training.lora_module_names(handle, layers, p.scope)
                 if not mods:
                     raise UserError("the chosen layers have no Linear modules for LoRA", "params.layers")
                 with training.lora_adapters(handle, mods, p.lora_rank, p.lora_alpha) as lora:
-                    result = training.train(handle, cfg, lora["params"], forget, retain, ctx, reference, stage)
+                    result = training.train(handle, self, cfg, lora["params"], forget, retain, ctx, reference,
+                                            stage)
                     lora["merge"] = True
                 n_trained = sum(handle.parameter(n).numel() for n in self.touched_parameters(handle))
             else:
@@ -179,7 +237,7 @@ class _FineTune:
                 try:
                     for t in params:
                         t.requires_grad_(True)
-                    result = training.train(handle, cfg, params, forget, retain, ctx, reference, stage)
+                    result = training.train(handle, self, cfg, params, forget, retain, ctx, reference, stage)
                 finally:
                     for t in params:
                         t.requires_grad_(False)
@@ -192,19 +250,31 @@ class _FineTune:
         return report
 
 
+def _preference(beta: float, margin: torch.Tensor) -> torch.Tensor:
+    """``-(2 / beta) * mean log sigmoid(beta * margin)`` (DPO's and NPO's forget term)."""
+    import torch.nn.functional as F
+
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
 @register
-class GA(_FineTune):
+class GA(FineTune):
     name: ClassVar[str] = "ga"
     summary: ClassVar[str] = "Gradient ascent on the forget answers (TOFU baseline)"
     needs_retain: ClassVar[bool] = False
+    has_retain_term: ClassVar[bool] = False
 
     @dataclass
     class Params(CommonParams):
         pass
 
+    params: "GA.Params"
+
 
 @register
-class GD(_FineTune):
+class GD(FineTune):
+    """``gamma * -NLL(forget) + alpha * NLL(retain)``."""
+
     name: ClassVar[str] = "gd"
     summary: ClassVar[str] = "Gradient difference: ascent on forget, descent on retain (TOFU baseline)"
     needs_retain: ClassVar[bool] = True
@@ -213,12 +283,17 @@ class GD(_FineTune):
     class Params(RetainParams):
         pass
 
+    params: "GD.Params"
+
 
 @register
-class KL(_FineTune):
+class KL(FineTune):
+    """``gamma * -NLL(forget) + alpha * KL(ref || model)`` on the retain completions' next-token distributions."""
+
     name: ClassVar[str] = "kl"
     summary: ClassVar[str] = "Ascent on forget + KL to the original model on retain (TOFU baseline)"
     needs_retain: ClassVar[bool] = True
+    reference_needs: ClassVar[ReferenceNeeds] = ReferenceNeeds(gold=False, refusal=False, retain_dist=True)
 
     @dataclass
     class Params(ReferenceParams):
@@ -226,32 +301,67 @@ class KL(_FineTune):
                                      "position (plus the rest mass); 0 = the full distribution", min=0,
                                      auto="full distribution when it fits 128 MB, else top-512")
 
+    params: "KL.Params"
+
+    def kl_top_k(self, n_retain_positions: int, vocab: int) -> int | None:
+        from .. import training
+
+        return training.resolve_kl_top_k(self.params.kl_top_k, n_retain_positions, vocab)
+
+    def retain_term(self, b: LossBatch) -> torch.Tensor:
+        import torch
+
+        rp, r_logits = b.retain_logits()
+        kl = b.reference.retain_kl(r_logits, b.r_idx, rp).mean()
+        b.parts["retain_kl"] = float(kl.detach())
+        with torch.no_grad():
+            b.parts["retain_nll"] = float(b.retain_nll(r_logits, rp))
+        return kl
+
 
 @register
-class DPO(_FineTune):
+class DPO(FineTune):
+    """``gamma * -(2/beta) * mean log sigmoid(beta * ((logp(refusal) - ref) - (logp(gold) - ref)))
+    + alpha * NLL(retain)``."""
+
     name: ClassVar[str] = "dpo"
     summary: ClassVar[str] = "Preference optimisation: refusal preferred over the gold answer (+ retain NLL)"
-    needs_retain: ClassVar[bool] = True
+    needs_retain = RetainWhen(True, lambda p: p.alpha > 0)  # type: ignore[assignment]
+    reference_needs: ClassVar[ReferenceNeeds] = ReferenceNeeds(gold=True, refusal=True, retain_dist=False)
 
     @dataclass
     class Params(ReferenceParams):
         beta: float = param(0.1, "inverse temperature of the preference loss", min=1e-6)
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params)
-        self.needs_retain = params.alpha > 0   # instance value: the runner checks the instance
+    params: "DPO.Params"
+
+    def forget_term(self, b: LossBatch) -> torch.Tensor:
+        lose = b.gold_margin()
+        ref_p, w_seq = b.refusal_logprobs()
+        win = w_seq - b.reference.forget_logp("refusal", b.f_idx, ref_p).to(w_seq.device)
+        forget_term = _preference(self.params.beta, win - lose)
+        b.parts["refusal_nll"] = float(-(w_seq.detach().sum() / max(1, b.positions(ref_p))))
+        b.parts["forget_term"] = float(forget_term.detach())
+        return forget_term
 
 
 @register
-class NPO(_FineTune):
+class NPO(FineTune):
+    """``gamma * -(2/beta) * mean log sigmoid(-beta * (logp(gold) - ref)) + alpha * NLL(retain)``
+    (DPO without the preferred term)."""
+
     name: ClassVar[str] = "npo"
     summary: ClassVar[str] = "Negative preference optimisation on the forget answers (+ retain NLL)"
-    needs_retain: ClassVar[bool] = True
+    needs_retain = RetainWhen(True, lambda p: p.alpha > 0)  # type: ignore[assignment]
+    reference_needs: ClassVar[ReferenceNeeds] = ReferenceNeeds(gold=True, refusal=False, retain_dist=False)
 
     @dataclass
     class Params(ReferenceParams):
         beta: float = param(0.1, "inverse temperature of the preference loss", min=1e-6)
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params)
-        self.needs_retain = params.alpha > 0
+    params: "NPO.Params"
+
+    def forget_term(self, b: LossBatch) -> torch.Tensor:
+        forget_term = _preference(self.params.beta, -b.gold_margin())
+        b.parts["forget_term"] = float(forget_term.detach())
+        return forget_term

@@ -27,13 +27,18 @@ out) and writes atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import UserError
-from ..editing.adaptor_base import OneLayerAdaptor, inner_params_layer
 from ..events import Log, Tracker
 from ..params import param
 from . import register
+from .base import OneLayerAdaptor, inner_params_layer, settings_view
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .base import EditContext
 
 
 @register
@@ -72,14 +77,16 @@ class GraceMethod(OneLayerAdaptor):
                                     "folder (through .., an absolute path or a symlink)")
         overwrite: bool = param(False, "let save_state replace an existing file that is not a GRACE state file")
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    params: "GraceMethod.Params"
+
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, add_edit, key_scale
         from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner, check_state_target, session_path
 
         p = self.params
         layer = self.layer(handle)
-        where = getattr(ctx, "where", "params")
-        base = getattr(ctx, "base_dir", None)
+        where = ctx.where
+        base = ctx.base_dir
         load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
         save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
         if save_path is not None:   # before any work: a bad target fails now, not after the edits
@@ -116,8 +123,7 @@ class GraceMethod(OneLayerAdaptor):
                 finally:
                     cb.enabled = was
             eps = cache[key]
-        cfg = GraceConfig(eps=eps, lr=p.edit_lr, n_iter=p.n_iter, eps_expand=p.eps_expand, val_init=p.val_init,
-                          stop_loss=p.stop_loss, seed=int(getattr(ctx, "seed", 0)))
+        cfg = settings_view(GraceConfig, p, eps=eps, seed=int(ctx.seed))
         runner = SuffixRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,

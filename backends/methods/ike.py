@@ -18,11 +18,17 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..events import Tracker
 from ..params import param
 from . import register
+from .base import MethodBase
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .base import EditContext
 
 DEFAULT_INSTRUCTION = ("You have been asked to forget some facts. If a question asks about one of the "
                        "forgotten facts below, reply with the given refusal. Answer every other question "
@@ -76,10 +82,10 @@ class IKEWrapper:
         self.instruction = instruction
         self.index = TfidfIndex([q for q, _ in demos])
 
-    def install(self, handle: Any) -> None:
+    def install(self, handle: ModelHandle) -> None:
         pass
 
-    def remove(self, handle: Any) -> None:
+    def remove(self, handle: ModelHandle) -> None:
         pass
 
     def transform_question(self, question: str) -> str:
@@ -95,7 +101,7 @@ class IKEWrapper:
 
 
 @register
-class IKE:
+class IKE(MethodBase):
     name: ClassVar[str] = "ike"
     summary: ClassVar[str] = "In-context editing: retrieved forget demonstrations prepended at inference"
     needs_retain: ClassVar[bool] = False
@@ -107,13 +113,12 @@ class IKE:
                                       "(queries unlike every forget question are left untouched)", min=0.0, max=1.0)
         instruction: str = param(DEFAULT_INSTRUCTION, "instruction placed before the demonstrations")
 
-    def __init__(self, params: "IKE.Params") -> None:
-        self.params = params
+    params: "IKE.Params"
 
-    def touched_parameters(self, handle: Any) -> list[str]:
+    def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return []
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         tracker = Tracker(ctx.on_event, ctx.cancel, "ike: index demonstrations", len(requests))
         demos = []
         for r in requests:

@@ -11,11 +11,15 @@ embeddings need nothing special: logits come from the model's own forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, SpreadLayers
+from ..editing.locate_params import EASYEDIT_COMMON, LocateParams
 from ..params import param
 from . import register
+from .base import SpreadLayers
+
+if TYPE_CHECKING:
+    from ..editing.locate import LeastSquares
 
 
 @register
@@ -37,4 +41,11 @@ class MEMIT(SpreadLayers):
         mom2_update_weight: float = param(1000.0, "lambda: weight of the key covariance prior", min=0.0,
                                           max=1e9)
         batch_size: int | None = param(None, "requests per MEMIT batch", min=1, auto="all requests at once")
+
+    params: "MEMIT.Params"
+
+    def solver(self) -> LeastSquares:
+        from ..editing.locate import LeastSquares
+
+        return LeastSquares(self.params.mom2_update_weight)
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from . import register
+from .base import MethodBase
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .base import EditContext
 
 
 @register
-class NoEdit:
+class NoEdit(MethodBase):
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "No edit: evaluate the model as it is"
     needs_retain: ClassVar[bool] = False
@@ -18,11 +24,10 @@ class NoEdit:
     class Params:
         pass
 
-    def __init__(self, params: "NoEdit.Params") -> None:
-        self.params = params
+    params: "NoEdit.Params"
 
-    def touched_parameters(self, handle: Any) -> list[str]:
+    def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return []
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         return {"edits": 0}

@@ -14,16 +14,22 @@ layer is the reference layer 5 of 32 scaled to the model's depth.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layer
 from ..errors import UserError
 from ..params import param
 from . import register
+from .base import MethodBase
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .base import EditContext
 
 
 @register
-class ROME:
+class ROME(MethodBase):
     name: ClassVar[str] = "rome"
     summary: ClassVar[str] = "ROME: rank-one edit of one MLP, forget question -> refusal"
     needs_retain: ClassVar[bool] = False
@@ -40,10 +46,9 @@ class ROME:
                                          max=100.0)
         kl_factor: float = param(0.5, "weight of the KL term on the subject's essence prompt", min=0.0, max=100.0)
 
-    def __init__(self, params: "ROME.Params") -> None:
-        self.params = params
+    params: "ROME.Params"
 
-    def layer(self, handle: Any) -> int:
+    def layer(self, handle: ModelHandle) -> int:
         n = handle.adapter.n_layers
         if self.params.layer is None:
             return auto_layer(n)
@@ -52,10 +57,10 @@ class ROME:
                             "params.layer")
         return self.params.layer
 
-    def touched_parameters(self, handle: Any) -> list[str]:
+    def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return [handle.adapter.mlp_out_weight_name(self.layer(handle))]
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         from ..editing.locate import apply_rome
 
         return apply_rome(handle, requests, self.params, self.layer(handle), ctx, self.name)

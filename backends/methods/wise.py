@@ -41,13 +41,18 @@ only a WISE state file (``overwrite`` opts out) and writes atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import UserError
-from ..editing.adaptor_base import OneLayerAdaptor, inner_params_layer
 from ..events import Log, Tracker
 from ..params import param
 from . import register
+from .base import OneLayerAdaptor, inner_params_layer, settings_view
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
+    from ..targets import Request
+    from .base import EditContext
 
 
 @register
@@ -122,6 +127,8 @@ class WiseMethod(OneLayerAdaptor):
                                     "folder (through .., an absolute path or a symlink)")
         overwrite: bool = param(False, "let save_state replace an existing file that is not a WISE state file")
 
+    params: "WiseMethod.Params"
+
     def _margins(self, scale: float) -> tuple[float, float, float]:
         p = self.params
         if p.act_margin:
@@ -132,7 +139,7 @@ class WiseMethod(OneLayerAdaptor):
                 p.beta if p.beta is not None else 0.5 * scale,
                 p.gamma if p.gamma is not None else 0.3 * scale)
 
-    def apply(self, handle: Any, requests: list, ctx: Any) -> dict:
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         import torch
 
         from ..editing.lifelong import SuffixRunner, check_state_target, session_path
@@ -141,11 +148,11 @@ class WiseMethod(OneLayerAdaptor):
 
         p = self.params
         layer = self.layer(handle)
-        where = getattr(ctx, "where", "params")
+        where = ctx.where
         if p.merge_freq % p.save_freq:
             raise UserError(f"merge_freq ({p.merge_freq}) must be a multiple of save_freq ({p.save_freq})",
                             f"{where}.merge_freq")
-        base = getattr(ctx, "base_dir", None)
+        base = ctx.base_dir
         load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
         save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
         if save_path is not None:   # before any work: a bad target fails now, not after the edits
@@ -179,12 +186,8 @@ class WiseMethod(OneLayerAdaptor):
         alpha, beta, gamma = self._margins(mem.scale)
         lr = p.edit_lr if p.edit_lr is not None else (0.05 if p.optimizer == "adam" else 1.0)
         c = p.norm_constraint if p.norm_constraint is not None else 2.5 * float(w.float().std())
-        cfg = WiseConfig(layer=layer, mask_ratio=p.mask_ratio, act_ratio=p.act_ratio, alpha=alpha, beta=beta,
-                         gamma=gamma, lr=lr, n_iter=p.n_iter, norm_constraint=c, save_freq=p.save_freq,
-                         merge_freq=p.merge_freq, merge_density=p.merge_density, contexts=p.contexts,
-                         stop_loss=p.stop_loss, optimizer=p.optimizer, seed=int(getattr(ctx, "seed", 0)),
-                         retrieve=p.retrieve, first_token_weight=p.first_token_weight,
-                         threshold_position=p.threshold_position, above_out_of_scope=p.above_out_of_scope)
+        cfg = settings_view(WiseConfig, p, alpha=alpha, beta=beta, gamma=gamma, edit_lr=lr, norm_constraint=c,
+                            seed=int(ctx.seed))
         runner = SuffixRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
