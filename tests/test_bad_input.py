@@ -509,3 +509,13 @@ def test_app_launch_refuses_trust_remote_code_without_the_flag(tmp_path, capsys,
     assert cli.main([str(s), "--device", "tpu", "--trust-remote-code"]) == 2
     error_line(capsys.readouterr().err, "--device", "tpu")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("params, key", [("merge_freq = 7", "runs[1].params.merge_freq"),
+                                         ("act_margin = [1.0, 2.0]", "runs[1].params.act_margin")])
+def test_wise_cross_field_checks_fail_at_load_with_file_and_line(tmp_path, params, key):
+    text = with_run("wise", params)
+    with pytest.raises(UserError) as info:
+        sessions.load(write(tmp_path, text))
+    assert str(info.value).startswith(f"{tmp_path / 's.toml'}:{line_of(text, params)}: ")
+    assert key in str(info.value) and "\n" not in str(info.value)

@@ -82,7 +82,7 @@ class WiseMethod(OneLayerAdaptor):
                                    auto="0.5 x the mean main-memory output norm")
         gamma: float | None = param(None, "routing margin: in-scope must exceed out-of-scope by gamma", min=0.0,
                                     auto="0.3 x the mean main-memory output norm")
-        act_margin: list = param([], "[alpha, beta, gamma] in one list (EasyEdit's act_margin); overrides "
+        act_margin: list[float] = param([], "[alpha, beta, gamma] in one list (EasyEdit's act_margin); overrides "
                                  "the three fields when given", min=0.0)
         edit_lr: float | None = param(None, "learning rate of the side-memory optimisation", min=0.0, max=100.0,
                                       auto="0.05 with adam, 1.0 with sgd")
@@ -127,13 +127,18 @@ class WiseMethod(OneLayerAdaptor):
                                     "folder (through .., an absolute path or a symlink)")
         overwrite: bool = param(False, "let save_state replace an existing file that is not a WISE state file")
 
+        def __post_init__(self) -> None:   # cross-field checks: run at load time, so errors carry file:line
+            if self.act_margin and len(self.act_margin) != 3:
+                raise UserError(f"expected [alpha, beta, gamma], got {self.act_margin!r}", "params.act_margin")
+            if self.merge_freq % self.save_freq:
+                raise UserError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq "
+                                f"({self.save_freq})", "params.merge_freq")
+
     params: "WiseMethod.Params"
 
     def _margins(self, scale: float) -> tuple[float, float, float]:
         p = self.params
-        if p.act_margin:
-            if len(p.act_margin) != 3:
-                raise UserError(f"expected [alpha, beta, gamma], got {p.act_margin!r}", "params.act_margin")
+        if p.act_margin:   # three numbers: checked in Params.__post_init__
             return tuple(float(x) for x in p.act_margin)  # type: ignore[return-value]
         return (p.alpha if p.alpha is not None else 0.1 * scale,
                 p.beta if p.beta is not None else 0.5 * scale,
@@ -149,9 +154,6 @@ class WiseMethod(OneLayerAdaptor):
         p = self.params
         layer = self.layer(handle)
         where = ctx.where
-        if p.merge_freq % p.save_freq:
-            raise UserError(f"merge_freq ({p.merge_freq}) must be a multiple of save_freq ({p.save_freq})",
-                            f"{where}.merge_freq")
         base = ctx.base_dir
         load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
         save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
