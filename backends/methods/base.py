@@ -214,6 +214,23 @@ class OneLayerAdaptor(MethodBase):
         self.layer(handle)  # validate before the transaction starts
         return []
 
+    def state_paths(self, ctx: EditContext, kind: str) -> tuple[Path | None, Path | None]:
+        """(load_state, save_state) resolved against the session folder and confined to it.
+
+        A ``save_state`` target is checked now, before any work: a bad target
+        fails at once, not after the edits (``kind`` is the state file's kind).
+        """
+        from ..editing.lifelong import check_state_target, session_path
+
+        p, where = self.params, ctx.where
+        load = session_path(p.load_state, ctx.base_dir, f"{where}.load_state", p.allow_outside) \
+            if p.load_state else None
+        save = session_path(p.save_state, ctx.base_dir, f"{where}.save_state", p.allow_outside) \
+            if p.save_state else None
+        if save is not None:
+            check_state_target(save, kind, f"{where}.save_state", p.overwrite)
+        return load, save
+
     def edit_each(self, requests: Sequence[Request], ctx: EditContext, n_iter: int,
                   train: Callable[[Request, Callable[[float], None]], dict],
                   detail: Callable[[dict], str]) -> list[dict]:

@@ -81,16 +81,12 @@ class GraceMethod(OneLayerAdaptor):
 
     def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, add_edit, key_scale
-        from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner, check_state_target, session_path
+        from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner
 
         p = self.params
         layer = self.layer(handle)
         where = ctx.where
-        base = ctx.base_dir
-        load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
-        save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
-        if save_path is not None:   # before any work: a bad target fails now, not after the edits
-            check_state_target(save_path, STATE_KIND, f"{where}.save_state", p.overwrite)
+        load_path, save_path = self.state_paths(ctx, STATE_KIND)
         existing = next((w for w in handle.wrappers if isinstance(w, GraceCodebook) and w.layer == layer), None)
         if load_path is not None:
             cb = GraceCodebook.load_state(str(load_path), f"{where}.load_state")

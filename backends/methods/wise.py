@@ -147,18 +147,14 @@ class WiseMethod(OneLayerAdaptor):
     def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         import torch
 
-        from ..editing.lifelong import SuffixRunner, check_state_target, session_path
+        from ..editing.lifelong import SuffixRunner
         from ..editing.wise_memory import (STATE_KIND, WiseConfig, WiseMemory, projection_inputs,
                                            template_header_len, train_edit)
 
         p = self.params
         layer = self.layer(handle)
         where = ctx.where
-        base = ctx.base_dir
-        load_path = session_path(p.load_state, base, f"{where}.load_state", p.allow_outside) if p.load_state else None
-        save_path = session_path(p.save_state, base, f"{where}.save_state", p.allow_outside) if p.save_state else None
-        if save_path is not None:   # before any work: a bad target fails now, not after the edits
-            check_state_target(save_path, STATE_KIND, f"{where}.save_state", p.overwrite)
+        load_path, save_path = self.state_paths(ctx, STATE_KIND)
         existing = next((w for w in handle.wrappers if isinstance(w, WiseMemory) and w.layer == layer), None)
         if load_path is not None:
             mem = WiseMemory.load_state(str(load_path), f"{where}.load_state")
