@@ -2,19 +2,40 @@
 
 :class:`Workbench` is the stateful engine shared by ``unlearn-tui replay``
 and the TUI (which drives it from one thread worker).  It owns the model
-handle, the loaded items, the targets, the per-session method state (e.g.
-AlphaEdit's accumulated keys) and the undo/redo stack of step mode.
+handle, the loaded items, the per-session method state (e.g. AlphaEdit's
+accumulated keys) and the undo/redo stack of step mode.
 
-:func:`run` is the headless path: every run starts from the unedited model
-(its transaction is undone after evaluation) so rows are comparable.
+Its state moves through explicit phases, each one a method; no getter loads
+or generates anything:
+
+1. **model** — :meth:`Workbench.load_model`;
+2. **data and selection** — :meth:`Workbench.load_data` (the session's data
+   file and ``[data] forget/retain``), or :meth:`Workbench.adopt` (a session,
+   items the caller loaded and a selection by id), :meth:`Workbench.set_selection`;
+3. **prepared** — :meth:`Workbench.prepare` returns a frozen :class:`Prepared`
+   (forget/retain/rephrase items, targets, requests, and the targets and
+   paraphrases the model wrote for it as records).  It is cached and dropped as
+   a whole when the selection or the session's targets, subjects or paraphrases
+   change.
+
+The flows are methods too — :meth:`run_all`, :meth:`step_next`, :meth:`undo`,
+:meth:`redo`, :meth:`quick_scores`, :meth:`score_known`,
+:meth:`write_targets`, :meth:`probe` — and each app job is one call of one of
+them.  The engine never writes into the session: model-written targets and
+paraphrases come back as records (:attr:`SessionResult.new_targets`,
+:attr:`Prepared.new_targets`, ...) and the caller stores them.
+
+:func:`run` is the headless path (``replay``): :meth:`run_all` on a fresh
+Workbench; every run starts from the unedited model (its transaction is undone
+after evaluation) so rows are comparable.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 from . import methods
 from .errors import Cancelled, NonFiniteError, UserError
@@ -58,6 +79,10 @@ class SessionResult:
     runs: list[RunResult] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     paraphrases: list[dict] = field(default_factory=list)
+    # what the model wrote during this session run, for the caller to store (records as above)
+    new_targets: list[dict] = field(default_factory=list)
+    new_paraphrases: list[dict] = field(default_factory=list)
+    undone: int = 0          # kept step edits undone before the first run
 
     def to_json(self, items: bool = False) -> dict:
         out: dict[str, Any] = {"baseline": self.baseline.summary(), "runs": [r.to_json() for r in self.runs]}
@@ -71,8 +96,44 @@ class SessionResult:
         return out
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs besides the model, computed by :meth:`Workbench.prepare` (frozen)."""
+
+    forget: tuple          # forget items (session subjects and paraphrases applied, as copies)
+    retain: tuple
+    rephrase: tuple        # the forget items asked with their paraphrase (empty without paraphrases)
+    targets: Mapping[str, Target]
+    requests: tuple
+    new_targets: tuple = ()        # records of targets the model wrote for this state
+    paraphrases: tuple = ()        # paraphrase records (all forget items that have one)
+    new_paraphrases: tuple = ()    # records of paraphrases written for this state
+    paraphrased: bool = False      # whether paraphrases were ensured (``prepare(paraphrases=True)``)
+
+    def splits(self) -> dict[str, list]:
+        return {"forget": list(self.forget), "retain": list(self.retain), "rephrase": list(self.rephrase)}
+
+    def target_records(self) -> list[dict]:
+        """The ``"targets"`` audit list (leak and subject checks filled in for every target)."""
+        from .selfimprove import target_records
+
+        return target_records(self.forget, dict(self.targets))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Where step mode stands after :meth:`Workbench.step_next` / :meth:`undo` / :meth:`redo`."""
+
+    k: int                          # kept edits
+    n: int | None                   # forget requests in all (None: not prepared)
+    quick: dict | None = None       # split -> ROUGE-1 of the current model (forget, retain)
+    probe: tuple | None = None      # (question, edited answer, unedited answer)
+    report: dict = field(default_factory=dict)
+    new_targets: tuple = ()         # model-written targets of the requests (records, for the caller)
+
+
 class Workbench:
-    """Stateful engine: one model, one data set, many runs."""
+    """Stateful engine: one model, one data set, many runs (see the module doc for its phases)."""
 
     def __init__(self, session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
                  handle: Any = None, regenerate: bool = False) -> None:
@@ -80,68 +141,82 @@ class Workbench:
         self.on_event = on_event
         self.cancel = cancel or CancelToken()
         self.handle = handle
+        self._model_for: str | None = None   # the model name the handle was loaded for (None: given)
         self.items: list | None = None
         self.forget: list = []
         self.retain: list = []
-        self.rephrase: list = []
         self.method_state: dict[str, dict] = {}
         self.undo_stack: list = []
         self.redo_stack: list = []
-        self._targets: dict[str, Target] | None = None
-        self.regenerate = regenerate          # replace model-written targets/paraphrases cached in the session
-        self.paraphrase_records: list[dict] = []
-        self._paraphrases_ready = False
+        self.regenerate = regenerate          # replace model-written targets/paraphrases the session holds
+        self._prepared: Prepared | None = None
+        self._prepared_key: Any = None
         self.settings = EvalSettings.from_config(getattr(session, "eval", None))
 
-    # ---- loading
+    # ================================================================ phase 1: the model
     def load_model(self):
+        """Load the session's model (once); returns the handle."""
         if self.handle is None:
             from .model import load
 
             self.handle = load(self.session.model, self.on_event, self.cancel,
                                base_dir=self.session.base_dir())
+            self._model_for = self.session.model.name
         return self.handle
 
-    def load_data(self) -> list:
+    # ================================================================ phase 2: data and selection
+    def load_items(self) -> list:
+        """The session's data file, loaded (nothing else changes)."""
         from . import data
 
         cfg = self.session.data
         self.on_event(StageStarted("load data", None, cfg.path))
-        self.items = data.load_items(cfg.path, base_dir=self.session.base_dir(), format=cfg.format)
-        self.forget, self.retain = data.select(self.items, cfg.forget, cfg.retain, where="data")
-        for it in self.forget:
-            sub = cfg.subjects.get(it.id)
-            if sub:
-                it.subject = sub
-        para = {p.id: p.question for p in getattr(cfg, "paraphrases", [])}
-        for it in self.forget:
-            if it.id in para:
-                it.paraphrased_question = para[it.id]
-        self.rephrase = data.rephrase_split(self.forget) if cfg.rephrase else []
-        self._paraphrases_ready = False
-        self.on_event(Log(f"data: {len(self.items)} items; forget {len(self.forget)}, retain {len(self.retain)}, "
-                          f"rephrase {len(self.rephrase)}"))
+        return data.load_items(cfg.path, base_dir=self.session.base_dir(), format=cfg.format)
+
+    def load_data(self) -> list:
+        """Load the session's data and select its ``[data] forget/retain`` items."""
+        from . import data
+
+        cfg = self.session.data
+        self.items = self.load_items()
+        forget, retain = data.select(self.items, cfg.forget, cfg.retain, where="data")
+        self.set_selection([it.id for it in forget], [it.id for it in retain])
+        self.on_event(Log(f"data: {len(self.items)} items; forget {len(self.forget)}, retain {len(self.retain)}"))
         return self.items
+
+    def adopt(self, session: Any, items: Sequence, forget_ids: Sequence[str], retain_ids: Sequence[str]) -> None:
+        """Take over a session, items the caller loaded and a selection (the app, before every job).
+
+        A session for another model drops the loaded one (and step mode's edits, which belong to it).
+        The prepared state is dropped only if what it depends on changed.
+        """
+        if self.handle is not None and self._model_for not in (None, session.model.name):
+            self.handle = None
+            self._model_for = None
+            self.undo_stack.clear()
+            self.redo_stack.clear()
+        self.session = session
+        self.settings = EvalSettings.from_config(getattr(session, "eval", None))
+        self.items = list(items)
+        known = {it.id for it in self.items}
+        fids = [i for i in forget_ids if i in known]
+        self.set_selection(fids, [i for i in retain_ids if i in known and i not in fids])
 
     def set_selection(self, forget_ids: Any, retain_ids: Any) -> None:
         """Choose the forget and retain items by id (kept in the given order, repeats dropped).
 
-        Ids are checked against the loaded items (loaded now if need be): an
-        unknown id, or an id in both sets, raises UserError (``data.forget`` /
-        ``data.retain``) and nothing changes.  Empty sets are allowed.  The
-        session's ``[data] subjects`` and ``paraphrases`` are applied to the
-        forget items as copies (the loaded items are not changed), the
-        rephrase split is rebuilt, and what depends on the selection is
-        invalidated: the cached targets (so :meth:`requests` too) and, when
-        the forget set changed, the paraphrase check of :meth:`splits`.
+        Needs the items (:meth:`load_data` or :meth:`adopt`).  Ids are checked
+        against them: an unknown id, or an id in both sets, raises UserError
+        (``data.forget`` / ``data.retain``) and nothing changes.  Empty sets are
+        allowed.  The session's ``[data] subjects`` and ``paraphrases`` are
+        applied to the forget items as copies (the loaded items are not
+        changed); the prepared state is dropped when the selection changed.
         """
-        from dataclasses import replace
-
         from . import data
 
         if self.items is None:
-            self.load_data()
-        by_id = {it.id: it for it in self.items or []}
+            raise UserError("no data loaded; load the data before selecting items", "data")
+        by_id = {it.id: it for it in self.items}
         fids = data._id_list(forget_ids, "data.forget", "a list of item ids")
         rids = data._id_list(retain_ids, "data.retain", "a list of item ids")
         for ids, where in ((fids, "data.forget"), (rids, "data.retain")):
@@ -162,84 +237,115 @@ class Workbench:
             if i in paras:
                 changes["paraphrased_question"] = paras[i]
             forget.append(replace(it, **changes) if changes else it)
-        if [it.id for it in self.forget] != fids:
-            self._paraphrases_ready = False
         self.forget = forget
         self.retain = [by_id[i] for i in rids]
-        self.rephrase = data.rephrase_split(self.forget) if getattr(cfg, "rephrase", True) else []
-        self.invalidate_targets()
 
-    def ensure_paraphrases(self) -> list[dict]:
-        """Give every forget item a rephrased question (the model writes missing ones; cached in the session)."""
+    @property
+    def rephrase(self) -> list:
+        """The rephrase split of the current selection (the paraphrases known so far; nothing generated)."""
+        from . import data
+
+        p = self._current()
+        if p is not None:
+            return list(p.rephrase)
+        return data.rephrase_split(self.forget) if getattr(self.session.data, "rephrase", True) else []
+
+    # ================================================================ phase 3: prepared
+    def _key(self) -> Any:
+        s = self.session
+        return (tuple(it.id for it in self.forget), tuple(it.id for it in self.retain),
+                tuple((it.subject, it.paraphrased_question) for it in self.forget), repr(s.targets),
+                repr(getattr(s.data, "paraphrases", None)), getattr(s.data, "rephrase", True), self.regenerate,
+                str(s.base_dir()) if hasattr(s, "base_dir") else None)
+
+    def _current(self) -> Prepared | None:
+        """The prepared state if it is still valid for the session and selection, else None."""
+        if self._prepared is not None and self._prepared_key != self._key():
+            self._prepared = None
+        return self._prepared
+
+    @property
+    def prepared(self) -> Prepared | None:
+        """The prepared state while it is valid (see :meth:`prepare`); never computes anything."""
+        return self._current()
+
+    def invalidate(self) -> None:
+        """Drop the prepared state (it is also dropped by itself when what it depends on changes)."""
+        self._prepared = None
+
+    invalidate_targets = invalidate
+
+    def prepare(self, paraphrases: bool = True) -> Prepared:
+        """Targets, requests and (with ``paraphrases``) the rephrase split of the current selection.
+
+        Model-written targets (self-improve, avoidant, generated incorrect) and
+        missing paraphrases load the model and are generated here; the session's
+        ``[[targets.items]]`` and ``[[data.paraphrases]]`` are reused unless
+        ``regenerate``.  Cached until the selection or the session's targets,
+        subjects or paraphrases change.
+        """
+        from . import data
+
+        p = self._current()
+        if p is None:
+            t = self.session.targets
+            overrides = {i.id: i for i in t.items if not (self.regenerate and i.source in GENERATED_SOURCES)}
+            pool = load_pool(t.pool, self.session)
+            targets = simple_targets(t.mode, self.forget, pool, t.seed, t.dummy, overrides)
+            missing = [it for it in self.forget if it.id not in targets]
+            new: dict[str, Target] = {}
+            if missing:
+                new = self._model_targets(t.mode, missing, pool)
+                targets.update(new)
+            from .selfimprove import target_records
+
+            requests = build_requests(self.forget, targets, t.merge_factor, self.session.data.subjects)
+            rephrase = data.rephrase_split(self.forget) if getattr(self.session.data, "rephrase", True) else []
+            p = Prepared(tuple(self.forget), tuple(self.retain), tuple(rephrase), MappingProxyType(dict(targets)),
+                         tuple(requests), tuple(target_records([it for it in self.forget if it.id in new], new)))
+            key = self._key()
+            self._prepared, self._prepared_key = p, key
+        if paraphrases and not p.paraphrased:
+            p = self._with_paraphrases(p)
+            self._prepared = p
+        return p
+
+    def _with_paraphrases(self, p: Prepared) -> Prepared:
         from . import data, selfimprove
 
-        if self.items is None:
-            self.load_data()
-        if not self.session.data.rephrase:
-            self.paraphrase_records, self.rephrase = [], []
-        else:
-            if self.regenerate or any(not it.paraphrased_question for it in self.forget):
-                self.load_model()
-            self.paraphrase_records = selfimprove.ensure_paraphrases(self.handle, self.forget, self.session,
-                                                                     self.on_event, self.cancel, self.regenerate)
-            self.rephrase = data.rephrase_split(self.forget)
-        self._paraphrases_ready = True
-        return self.paraphrase_records
-
-    def splits(self) -> dict[str, list]:
-        if self.items is None:
-            self.load_data()
-        if not self._paraphrases_ready:
-            self.ensure_paraphrases()
-        return {"forget": self.forget, "retain": self.retain, "rephrase": self.rephrase}
-
-    # ---- targets and requests
-    def invalidate_targets(self) -> None:
-        """Forget cached targets (after the session's targets or forget set changed)."""
-        self._targets = None
-
-    def targets(self) -> dict[str, Target]:
-        """Per-item targets: session overrides first, then the mode's rule (cached)."""
-        if self._targets is not None and all(it.id in self._targets for it in self.forget):
-            return self._targets
-        if self.items is None:
-            self.load_data()
-        t = self.session.targets
-        overrides = {i.id: i for i in t.items if not (self.regenerate and i.source in GENERATED_SOURCES)}
-        pool = load_pool(t.pool, self.session)
-        out = simple_targets(t.mode, self.forget, pool, t.seed, t.dummy, overrides)
-        missing = [it for it in self.forget if it.id not in out]
-        if missing:
-            out.update(self._model_targets(t.mode, missing, pool))
-            for it in missing:  # generated text is stored in the session, so a replay is exact
-                g = out[it.id]
-                self.session.set_target(it.id, g.text, source=g.source, leak=g.leak,
-                                        mentions_subject=g.mentions_subject)
-        self._targets = out
-        return out
+        if not getattr(self.session.data, "rephrase", True):
+            return replace(p, rephrase=(), paraphrases=(), new_paraphrases=(), paraphrased=True)
+        if self.regenerate or any(not it.paraphrased_question for it in p.forget):
+            self.load_model()
+        records, written = selfimprove.ensure_paraphrases(
+            self.handle, p.forget, getattr(self.session.data, "paraphrases", None) or [],
+            int(getattr(self.session.targets, "seed", 0) or 0), self.on_event, self.cancel, self.regenerate)
+        para = {r["id"]: r["paraphrase"] for r in records}
+        forget = tuple(replace(it, paraphrased_question=para[it.id])
+                       if it.id in para and para[it.id] != it.paraphrased_question else it for it in p.forget)
+        return replace(p, forget=forget, rephrase=tuple(data.rephrase_split(forget)), paraphrases=tuple(records),
+                       new_paraphrases=tuple(written), paraphrased=True)
 
     def _model_targets(self, mode: str, items: list, pool: list[str]) -> dict[str, Target]:
         """Targets the model writes itself (self-improve, avoidant, generated incorrect)."""
-        try:
-            from . import selfimprove  # provided by the target-generation pipeline
-        except ImportError:
-            raise UserError(f'target mode "{mode}" is not available in this build', "targets.mode") from None
+        from . import selfimprove
+
         self.load_model()
         return selfimprove.generate_targets(self.handle, mode, items, pool, self.session.targets,
                                             self.on_event, self.cancel)
 
-    def requests(self) -> list[Request]:
-        if self.items is None:
-            self.load_data()
-        return build_requests(self.forget, self.targets(), self.session.targets.merge_factor,
-                              self.session.data.subjects)
+    # ================================================================ evaluation and runs
+    def evaluate(self, p: Prepared | None = None) -> EvalResult:
+        """Evaluate the current model on the prepared splits (with their targets)."""
+        p = p or self._need_prepared()
+        targets = {k: t.text for k, t in p.targets.items()}
+        return evaluate(self.load_model(), p.splits(), self.settings, self.on_event, self.cancel, targets)
 
-    # ---- evaluation and runs
-    def evaluate(self) -> EvalResult:
-        self.load_model()
-        splits = self.splits()
-        targets = {k: t.text for k, t in self.targets().items()}
-        return evaluate(self.handle, splits, self.settings, self.on_event, self.cancel, targets)
+    def _need_prepared(self) -> Prepared:
+        p = self._current()
+        if p is None or not p.paraphrased:
+            raise RuntimeError("Workbench.prepare() first")
+        return p
 
     def probe(self, question: str, max_new_tokens: int | None = None) -> tuple[str, str]:
         """(answer of the current, edited model; answer of the unedited model).
@@ -275,26 +381,33 @@ class Workbench:
         return m
 
     def context(self, method_name: str, index: int = 0) -> EditContext:
-        return EditContext(self.on_event, self.cancel, self.forget, self.retain,
+        p = self._current()
+        forget, retain = (list(p.forget), list(p.retain)) if p is not None else (self.forget, self.retain)
+        return EditContext(self.on_event, self.cancel, forget, retain,
                            self.method_state.setdefault(method_name, {}), seed=self.session.targets.seed,
                            base_dir=self.session.base_dir(), where=f"runs[{index}].params")
 
     def apply(self, run_cfg: Any, requests: list[Request] | None = None, index: int = 0, keep: bool = False):
-        """Apply one method inside a transaction; returns (transaction, report, seconds)."""
-        self.load_model()
+        """Apply one method inside a transaction; returns (transaction, method, report, seconds).
+
+        Without ``requests``, those of :meth:`prepare`.
+        """
         method = self.make_method(run_cfg, index)
-        requests = self.requests() if requests is None else requests
+        requests = list(self.prepare(paraphrases=False).requests) if requests is None else requests
+        self.load_model()
         t0 = time.perf_counter()
         with self.handle.transaction(method.touched_parameters(self.handle), keep_after=keep) as tx:
             report = method.apply(self.handle, requests, self.context(run_cfg.method, index))
         return tx, method, report or {}, time.perf_counter() - t0
 
     def run_one(self, index: int, run_cfg: Any, total: int = 1, keep: bool = False) -> RunResult:
+        """One run: apply, evaluate, and roll back (unless ``keep``)."""
+        p = self.prepare()
         self.on_event(RunStarted(index, run_cfg.method, total))
-        tx, method, report, seconds = self.apply(run_cfg, index=index, keep=keep)
+        tx, method, report, seconds = self.apply(run_cfg, list(p.requests), index=index, keep=keep)
         try:
             t1 = time.perf_counter()
-            ev = self.evaluate()
+            ev = self.evaluate(p)
             eval_seconds = time.perf_counter() - t1
         finally:
             if not keep:
@@ -308,54 +421,166 @@ class Workbench:
         self.on_event(RunFinished(index, run_cfg.method, result))
         return result
 
-    # ---- step mode
+    def run_all(self, runs: Sequence[Any] | None = None) -> SessionResult:
+        """Every run of the session (or ``runs``), each from the unedited model, after a baseline.
+
+        Kept step-mode edits are undone first (``undone`` in the result); every
+        run is validated before the slow part.
+        """
+        runs = list(self.session.runs if runs is None else runs)
+        undone = 0
+        while self.undo():
+            undone += 1
+        self.redo_stack.clear()
+        for i, r in enumerate(runs):
+            self.make_method(r, i)
+        p = self.prepare()
+        self.load_model()
+        result = SessionResult(self.evaluate(p), undone=undone)
+        for i, r in enumerate(runs):
+            result.runs.append(self.run_one(i, r, len(runs)))
+        p = self.prepare()
+        result.targets = p.target_records()
+        result.paraphrases = list(p.paraphrases)
+        result.new_targets = list(p.new_targets)
+        result.new_paraphrases = list(p.new_paraphrases)
+        return result
+
+    # ================================================================ step mode
     def step(self, run_cfg: Any, request: Request, index: int = 0):
-        """Apply one request and keep it on the undo stack."""
+        """Apply one request and keep it on the undo stack; returns (report, seconds)."""
         tx, _, report, seconds = self.apply(run_cfg, [request], index=index, keep=True)
         self.undo_stack.append(tx)
         self.redo_stack.clear()
         return report, seconds
 
-    def undo(self) -> bool:
+    def step_next(self, run_cfg: Any = None, index: int = 0, question: str | None = None) -> StepResult:
+        """Apply the next forget request with the first run's method, keep it, and score the model.
+
+        ``question`` (default: the request's first question) is probed on the
+        edited and the unedited model.
+        """
+        run_cfg = self.session.runs[index] if run_cfg is None else run_cfg
+        self.make_method(run_cfg, index)
+        p = self.prepare(paraphrases=False)
+        reqs = p.requests
+        k = len(self.undo_stack)
+        if k >= len(reqs):
+            raise UserError(f"all {len(reqs)} forget request(s) are applied; undo (ctrl+z) or run (ctrl+r)")
+        report, _ = self.step(run_cfg, reqs[k], index)
+        return self._step_result(question or reqs[k].questions[0], report, p.new_targets)
+
+    def undo(self, score: bool = False, question: str | None = None) -> StepResult | None:
+        """Undo the last kept edit; None when there is none.  ``score``: with :meth:`quick_scores` and a probe."""
         if not self.undo_stack:
-            return False
+            return None
         tx = self.undo_stack.pop()
         tx.undo()
         self.redo_stack.append(tx)
-        return True
+        return self._step_result(question, scored=score)
 
-    def redo(self) -> bool:
+    def redo(self, score: bool = False, question: str | None = None) -> StepResult | None:
+        """Redo the last undone edit; None when there is none (see :meth:`undo`)."""
         if not self.redo_stack:
-            return False
+            return None
         tx = self.redo_stack.pop()
         tx.redo()
         self.undo_stack.append(tx)
-        return True
+        return self._step_result(question, scored=score)
 
-    def target_records(self) -> list[dict]:
-        """The ``"targets"`` audit list (leak and subject checks filled in for every target)."""
+    def _step_result(self, question: str | None, report: dict | None = None, new_targets: tuple = (),
+                     scored: bool = True) -> StepResult:
+        p = self._current()
+        n = len(p.requests) if p is not None else None
+        if not scored:
+            return StepResult(len(self.undo_stack), n, report=report or {}, new_targets=new_targets)
+        quick = self.quick_scores()
+        probe = (question, *self.probe(question)) if question else None
+        return StepResult(len(self.undo_stack), n, quick, probe, report or {}, new_targets)
+
+    # ================================================================ opening a session
+    def startup(self, load_model: bool = True, known_limit: int = 0,
+                on_items: Any = None) -> dict[str, float] | None:
+        """Load the session's data file, the model, and what the model knows (the app's start-up flow).
+
+        ``on_items(items, error)`` gets the loaded items (or None and the
+        one-line error: a bad data file does not stop the model from loading)
+        as soon as they are read.  With ``known_limit``, returns
+        :meth:`score_known` of the first ``known_limit`` items, else None.
+        """
+        try:
+            items, error = self.load_items(), None
+        except UserError as exc:
+            items, error = None, " ".join(str(exc).split())
+        if on_items is not None:
+            on_items(items, error)
+        if load_model:
+            self.load_model()
+        if items and known_limit > 0:
+            return self.score_known(items[:known_limit])
+        return None
+
+    # ================================================================ quick measurements
+    def quick_scores(self) -> dict[str, float]:
+        """ROUGE-1 of the current model on the forget and retain items (no rephrase, no targets)."""
+        p = self._current()
+        forget, retain = (list(p.forget), list(p.retain)) if p is not None else (self.forget, self.retain)
+        res = evaluate(self.load_model(), {"forget": forget, "retain": retain}, self.settings, self.on_event,
+                       self.cancel)
+        return {k: s.rouge1 for k, s in res.splits.items()}
+
+    def score_known(self, items: Sequence) -> dict[str, float]:
+        """Baseline ROUGE-1 per item: does the model know the fact now?"""
+        res = evaluate(self.load_model(), {"known": list(items)}, self.settings, self.on_event, self.cancel)
+        split = res.splits.get("known")
+        return {s.id: s.rouge1 for s in split.items} if split else {}
+
+    def write_targets(self, item_ids: Sequence[str], mode: str = "self-improve") -> list[dict]:
+        """Targets the model writes now for the selected forget items ``item_ids`` (records; the session's
+        targets for them are not used and not changed)."""
         from .selfimprove import target_records
 
-        return target_records(self.forget, self.targets())
+        want = set(item_ids)
+        items = [it for it in self.forget if it.id in want]
+        if not items:
+            return []
+        made = self._model_targets(mode, items, load_pool(self.session.targets.pool, self.session))
+        return target_records(items, made)
+
+    # ================================================================ compatibility views
+    def targets(self) -> dict[str, Target]:
+        """The prepared targets (:meth:`prepare` first)."""
+        p = self._current()
+        if p is None:
+            raise RuntimeError("Workbench.prepare() first")
+        return dict(p.targets)
+
+    def requests(self) -> list[Request]:
+        """The prepared requests (:meth:`prepare` first)."""
+        p = self._current()
+        if p is None:
+            raise RuntimeError("Workbench.prepare() first")
+        return list(p.requests)
+
+    def target_records(self) -> list[dict]:
+        """The ``"targets"`` audit list of the prepared state (:meth:`prepare` first)."""
+        p = self._current()
+        if p is None:
+            raise RuntimeError("Workbench.prepare() first")
+        return p.target_records()
 
 
 def run(session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
         handle: Any = None, regenerate: bool = False) -> SessionResult:
-    """Run a whole session headlessly (see the module doc)."""
+    """Run a whole session headlessly (see the module doc): :meth:`Workbench.run_all` on its data.
+
+    Model-written targets and paraphrases are in the result (``new_targets``,
+    ``new_paraphrases``); the caller stores them (``replay`` caches them in the file).
+    """
     wb = Workbench(session, on_event, cancel, handle, regenerate=regenerate)
     try:
         wb.load_data()
-        for i, r in enumerate(session.runs):  # validate every run before the slow part
-            wb.make_method(r, i)
-        wb.requests()
-        wb.ensure_paraphrases()
-        wb.load_model()
-        baseline = wb.evaluate()
-        result = SessionResult(baseline)
-        for i, r in enumerate(session.runs):
-            result.runs.append(wb.run_one(i, r, len(session.runs)))
-        result.targets = wb.target_records()
-        result.paraphrases = wb.paraphrase_records
+        result = wb.run_all()
     except (UserError, NonFiniteError) as exc:
         on_event(Failure(str(exc), getattr(exc, "where", None), rolled_back=True))
         raise
@@ -379,4 +604,5 @@ def result_row(r: RunResult) -> dict[str, Any]:
     return row
 
 
-__all__ = ["Workbench", "run", "RunResult", "SessionResult", "EditContext", "result_row", "asdict"]
+__all__ = ["Workbench", "Prepared", "StepResult", "run", "RunResult", "SessionResult", "EditContext", "result_row",
+           "asdict"]

@@ -143,7 +143,7 @@ def child(method: str, params: dict, out: str, n_forget: int, n_retain: int, mod
                                    runs=[{"method": method, "params": params}])
     wb = Workbench(session, handle=handle)
     wb.load_data()
-    wb.requests()
+    wb.prepare()
     rss_before = _rss_now_kb()
     reset = _reset_hwm()
     tx, method_obj, rep, seconds = wb.apply(session.runs[0])   # inside the transaction, like run_one

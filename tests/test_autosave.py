@@ -257,7 +257,7 @@ def _aside(folder: Path, tag: str) -> list[Path]:
 
 
 def _autosave_of(session_file: Path, merge_factor: int) -> str:
-    from tui.app import autosave_text
+    from tui.files import autosave_text
 
     s = sessions.load(session_file)
     s.targets.merge_factor = merge_factor
@@ -272,14 +272,14 @@ async def test_autosave_is_one_file_and_is_restored(tmp_path, data_file, llama_h
     app = create_app(session, handle=llama_handle, settings=settings())
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
-        app.set_merge_factor(4)
+        app.workspace.set_merge_factor(4)
         app.autosave()
     folder = session_paths.data_dir()
     assert sorted(os.listdir(folder)) == [session_paths.AUTOSAVE_NAME]   # one file; no pair, no temp file
     obj = json.loads(session_paths.autosave_path().read_text(encoding="utf-8"))
     assert obj["format"] == 1 and obj["path"] == str(session.resolve()) and "merge_factor = 4" in obj["session"]
     app2 = create_app(settings=settings())
-    assert app2._restored and app2.session.targets.merge_factor == 4 and app2.session.path == session.resolve()
+    assert app2._restored and app2.workspace.session.targets.merge_factor == 4 and app2.workspace.session.path == session.resolve()
 
 
 @pytest.mark.anyio
@@ -292,7 +292,7 @@ async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, 
     second.parent.mkdir()
 
     def restored_state():
-        s = create_app(settings=settings(), autostart=False).session
+        s = create_app(settings=settings(), autostart=False).workspace.session
         return s.targets.merge_factor, s.path
 
     def autosave_dying_after(n_renames: int) -> None:
@@ -316,14 +316,14 @@ async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, 
     app = create_app(first, handle=llama_handle, settings=settings())
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
-        app.set_merge_factor(3)
+        app.workspace.set_merge_factor(3)
         app.autosave()                                   # state A: first.toml, merge 3
         assert restored_state() == (3, first.resolve())
-        app.set_merge_factor(5)
+        app.workspace.set_merge_factor(5)
         autosave_dying_after(0)                          # before anything is renamed
         assert restored_state() == (3, first.resolve())  # the previous autosave, whole
         assert app.save_to(str(second))
-        app.set_merge_factor(6)                          # state B: second.toml, merge 6
+        app.workspace.set_merge_factor(6)                          # state B: second.toml, merge 6
         autosave_dying_after(1)                          # after its first rename
         assert restored_state() == (6, second.resolve())  # never B's session with A's file name
     assert _temps(session_paths.data_dir()) == []
@@ -354,8 +354,8 @@ async def test_corrupt_autosave_is_set_aside_and_the_app_starts(kind):
     else:
         path.write_bytes(BAD_AUTOSAVES[kind])
     app = create_app(settings=settings(), autostart=False)
-    assert not app._restored and not app.dirty
-    assert app.session.targets.merge_factor == 1 and app.session.path is None     # a new session
+    assert not app._restored and not app.workspace.dirty
+    assert app.workspace.session.targets.merge_factor == 1 and app.workspace.session.path is None     # a new session
     assert not os.path.lexists(path)
     aside = _aside(path.parent, "corrupt")
     assert [p.name.split(".corrupt-")[0] for p in aside] == [path.name]
@@ -386,7 +386,7 @@ async def test_half_or_mismatched_old_autosave_pair_is_never_restored(tmp_path, 
     if which in ("json-only", "mismatched-pair"):       # meta of another session's autosave
         json_path.write_text(json.dumps({"path": str(tmp_path / "other.toml"), "saved_at": 1.0}))
     app = create_app(settings=settings(), autostart=False)
-    assert not app._restored and app.session.targets.merge_factor == 1 and app.session.path is None
+    assert not app._restored and app.workspace.session.targets.merge_factor == 1 and app.workspace.session.path is None
     assert not os.path.lexists(toml_path) and not os.path.lexists(json_path)
     assert len(_aside(toml_path.parent, "old")) == (2 if which == "mismatched-pair" else 1)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -406,7 +406,7 @@ def test_valid_autosave_is_restored_and_old_pair_set_aside(tmp_path, data_file):
     for p in session_paths.legacy_autosave_paths():
         p.write_text("left by an older version")
     app = create_app(settings=settings(), autostart=False)
-    assert app._restored and app.session.targets.merge_factor == 6 and app.session.path == session.resolve()
+    assert app._restored and app.workspace.session.targets.merge_factor == 6 and app.workspace.session.path == session.resolve()
     assert path.is_file() and len(_aside(path.parent, "old")) == 2
     assert len(app._problems) == 1 and "old two-file format" in app._problems[0]
 
@@ -433,7 +433,7 @@ async def test_stale_highlight_after_a_failed_data_load_does_not_crash(tmp_path,
         app.open_data(str(bad))       # ... and the items are gone before it is delivered
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy, what="reload")
         await pilot.pause()
-        assert app.is_running and app.items is None and "bad.json" in app.last_error
+        assert app.is_running and app.workspace.items is None and "bad.json" in app.last_error
         assert app.pane("targets").current_item() is None
 
 
@@ -451,12 +451,12 @@ async def test_failed_reload_leaves_consistent_state_and_panes(tmp_path, data_fi
         await wait_for(pilot, lambda: app.pane("targets") is not None, what="targets pane")
         await pilot.pause()
         assert app.pane("targets").current_item() == "q1"
-        app.baseline_scores = {"q1": 1.0}
+        app.workspace.baseline_scores = {"q1": 1.0}
         data_file.write_text("{not json", encoding="utf-8")
         mark = len(app.jobs_done)
         app.action_replay()                  # reloads the data (fails), then the run (nothing to run)
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy
-                       and not app._queue, what="reload")
+                       and not app.jobs, what="reload")
         await pilot.pause()
         assert "facts.json" in app.last_error or "no data loaded" in app.last_error
         # keys in the Targets pane: move along the list, type a target; nothing looks up a missing item
@@ -464,9 +464,9 @@ async def test_failed_reload_leaves_consistent_state_and_panes(tmp_path, data_fi
         await pilot.pause()
         await pilot.press("down", "up", "tab", "x", "y")
         await pilot.pause()
-        assert app.is_running and app.session.targets.items == []
-        assert app.items is None and app.baseline_scores == {} and not app.baseline_pending
-        assert app.forget_ids == ["q1", "q2"]          # the selection is the session's: kept for a later load
+        assert app.is_running and app.workspace.session.targets.items == []
+        assert app.workspace.items is None and app.workspace.baseline_scores == {} and not app.workspace.baseline_pending
+        assert app.workspace.forget_ids == ["q1", "q2"]          # the selection is the session's: kept for a later load
         targets = app.pane("targets")
         assert [c.name for c in targets.query_one("#tg-list", ListView).children] == []
         assert targets.current_item() is None
@@ -513,7 +513,7 @@ async def test_remote_code_session_is_not_loaded_without_the_flag(tmp_path, data
         assert len(errors) == 1 and "\n" not in errors[0]
         assert "model.trust_remote_code" in errors[0] and "--trust-remote-code" in errors[0]
         assert model_loads == [] and not app.model_ready and app.bridge.workbench.handle is None
-        assert app.items is not None                 # the session itself is shown: its data loaded
+        assert app.workspace.items is not None                 # the session itself is shown: its data loaded
         assert "(not loaded)" in app.sub_title
         mark = len(app.jobs_done)
         await pilot.press("ctrl+r")                  # a run needs the model: refused again
@@ -548,7 +548,7 @@ async def test_opening_a_remote_code_session_in_the_app_is_refused(tmp_path, dat
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         assert app.open_session(theirs) is False
-        assert app.session.path == mine.resolve() and not app.session.model.trust_remote_code
+        assert app.workspace.session.path == mine.resolve() and not app.workspace.session.model.trust_remote_code
         assert "model.trust_remote_code" in app.last_error and "--trust-remote-code" in app.last_error
 
 

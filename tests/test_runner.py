@@ -66,6 +66,12 @@ def make_session(tmp_path, runs, **data):
     return s
 
 
+def prepared(session):
+    wb = Workbench(session)
+    wb.load_data()
+    return wb.prepare(paraphrases=False)
+
+
 def test_runs_start_from_the_unedited_model_and_events_flow(tmp_path, scribble):
     s = make_session(tmp_path, [{"method": "_scribble"}, {"method": "none"}])
     events = []
@@ -98,7 +104,7 @@ def test_step_mode_undo_redo_and_probe(tmp_path, scribble):
     wb.load_data()
     wb.load_model()
     h0 = state_hash(wb.handle.model)
-    reqs = wb.requests()
+    reqs = wb.prepare().requests
     assert len(reqs) == 3
     q = "What is the capital of France?"
     base_answer = wb.probe(q)[0]
@@ -121,27 +127,26 @@ def test_step_mode_undo_redo_and_probe(tmp_path, scribble):
 def test_merge_factor_groups_requests(tmp_path):
     s = make_session(tmp_path, [{"method": "none"}], forget=5, retain=1)
     s.targets.merge_factor = 2
-    wb = Workbench(s)
-    reqs = wb.requests()
+    reqs = prepared(s).requests
     assert [r.item_ids for r in reqs] == [["f0", "f1"], ["f2", "f3"], ["f4"]]
     assert reqs[0].prompt == "What is the capital of France? Who wrote the play Hamlet?"
     assert reqs[0].subject == "Hamlet"  # the last question's subject
     # idk targets are deterministic for a seed and change with it
-    t1 = {k: v.text for k, v in Workbench(s).targets().items()}
-    assert t1 == {k: v.text for k, v in Workbench(s).targets().items()}
+    t1 = {k: v.text for k, v in prepared(s).targets.items()}
+    assert t1 == {k: v.text for k, v in prepared(s).targets.items()}
     s.targets.seed = 123
-    assert t1 != {k: v.text for k, v in Workbench(s).targets().items()}
+    assert t1 != {k: v.text for k, v in prepared(s).targets.items()}
 
 
 def test_hand_edited_targets_win_and_custom_mode_needs_them(tmp_path):
     s = make_session(tmp_path, [{"method": "none"}])
     s.set_target("f1", "Nope, not telling.", source="custom")
-    t = Workbench(s).targets()
+    t = prepared(s).targets
     assert t["f1"].text == "Nope, not telling." and t["f1"].source == "custom"
     assert t["f0"].source == "pool"
     s.targets.mode = "custom"
     with pytest.raises(UserError, match='item "f0" has no custom target'):
-        Workbench(s).targets()
+        prepared(s)
 
 
 def test_ike_prompts_never_contain_gold_answers(tmp_path):
@@ -176,3 +181,55 @@ def test_needs_retain_is_a_clear_error(tmp_path, scribble, monkeypatch):
     s = make_session(tmp_path, [{"method": "_scribble"}], retain=0)
     with pytest.raises(UserError, match="needs retain data"):
         run(s)
+
+
+def test_step_next_undo_redo_flows_headless(tmp_path, scribble):
+    """The flows the app's step / undo / redo jobs call: weights move and come back exactly, scores follow."""
+    s = make_session(tmp_path, [{"method": "_scribble", "params": {"scale": 2.0}}])
+    s.data.rephrase = False
+    wb = Workbench(s)
+    wb.load_data()
+    wb.load_model()
+    h0 = state_hash(wb.handle.model)
+    base = wb.quick_scores()
+    assert set(base) == {"forget", "retain"}
+    q = "What is the capital of France?"
+    first = wb.step_next(question=q)
+    h1 = state_hash(wb.handle.model)
+    assert (first.k, first.n) == (1, 3) and h1 != h0
+    assert first.probe[0] == q and first.probe[2] == wb.probe(q)[1]        # (question, edited, unedited)
+    assert first.quick == wb.quick_scores()
+    second = wb.step_next()                  # no question: the request's own is probed
+    h2 = state_hash(wb.handle.model)
+    assert second.k == 2 and second.probe[0] == wb.prepared.requests[1].questions[0] and h2 not in (h0, h1)
+    back = wb.undo(score=True, question=q)
+    assert back.k == 1 and back.n == 3 and state_hash(wb.handle.model) == h1
+    assert back.quick == first.quick and back.probe == first.probe         # the same model, the same answers
+    assert wb.undo().k == 0 and state_hash(wb.handle.model) == h0
+    assert wb.undo() is None                 # nothing left
+    assert wb.quick_scores() == base
+    again = wb.redo(score=True)
+    assert again.k == 1 and state_hash(wb.handle.model) == h1 and again.quick == first.quick and again.probe is None
+    assert wb.redo().k == 2 and state_hash(wb.handle.model) == h2 and wb.redo() is None
+    wb.step_next()
+    with pytest.raises(UserError, match="all 3 forget request"):
+        wb.step_next()
+    # run_all undoes the kept edits first and every run starts from the unedited model
+    res = wb.run_all()
+    assert res.undone == 3 and state_hash(wb.handle.model) == h0 and wb.undo_stack == []
+
+
+def test_run_all_is_what_run_does_and_never_writes_the_session(tmp_path, scribble):
+    import copy
+
+    s = make_session(tmp_path, [{"method": "_scribble"}, {"method": "none"}])
+    before = copy.deepcopy(s)
+    headless = run(s)
+    assert s == before                                   # the engine returns records, it stores nothing
+    wb = Workbench(s)
+    wb.load_data()
+    res = wb.run_all()
+    assert [r.to_json() | {"seconds": 0, "eval_seconds": 0} for r in res.runs] == \
+        [r.to_json() | {"seconds": 0, "eval_seconds": 0} for r in headless.runs]
+    assert res.targets == headless.targets and res.new_targets == [] and res.new_paraphrases == []
+    assert s == before

@@ -327,33 +327,41 @@ def test_generation_reports_progress_and_cancels(llama_handle):
 def test_paraphrases_generated_once_and_cached(llama_handle, monkeypatch):
     from backends import selfimprove
 
+    from tui.workspace import store_generated
+
     session = sessions.new_session()
     items = make_items(3)
     items[0].paraphrased_question = None
     items[1].paraphrased_question = None            # items[2] keeps its dataset paraphrase
     session.data.paraphrases.append(sessions.Paraphrase(items[1].id, "Hand written: what of Hamlet?", "custom"))
-    recs = selfimprove.ensure_paraphrases(llama_handle, items, session)
+    stored_before = list(session.data.paraphrases)
+    recs, written = selfimprove.ensure_paraphrases(llama_handle, items, session.data.paraphrases, 0)
+    assert session.data.paraphrases == stored_before and items[0].paraphrased_question is None   # nothing in place
     by_id = {r["id"]: r for r in recs}
-    assert by_id[items[1].id]["source"] == "custom" and items[1].paraphrased_question.startswith("Hand")
+    assert by_id[items[1].id]["source"] == "custom" and by_id[items[1].id]["paraphrase"].startswith("Hand")
     assert by_id[items[2].id]["source"] == "dataset"
     assert by_id[items[0].id]["source"] in ("generated", "regenerated", "template")
-    p0 = items[0].paraphrased_question
+    assert [r["id"] for r in written] == [items[0].id]
+    p0 = by_id[items[0].id]["paraphrase"]
     assert p0 and p0 != items[0].question and mentions_subject(p0, items[0])
+    store_generated(session, paraphrases=written)   # the caller stores what the model wrote
     stored = {p.id: p for p in session.data.paraphrases}
     assert stored[items[0].id].question == p0 and items[2].id not in stored
     # a replay does not regenerate: generation must not even be called
     monkeypatch.setattr(selfimprove, "generate_paraphrases", lambda *a, **k: pytest.fail("regenerated"))
     again = [QAItem(it.id, it.question, it.answer, None if i < 2 else it.paraphrased_question, subject=it.subject)
              for i, it in enumerate(items)]
-    assert selfimprove.ensure_paraphrases(llama_handle, again, session) == recs
+    assert selfimprove.ensure_paraphrases(llama_handle, again, session.data.paraphrases) == (recs, [])
     # regenerate=True replaces generated paraphrases, never the hand-written one
     calls = []
     monkeypatch.setattr(selfimprove, "generate_paraphrases",
                         lambda h, todo, *a, **k: calls.append([t.id for t in todo]) or
                         {t.id: ("What about " + t.subject + " then?", "generated", True) for t in todo})
-    selfimprove.ensure_paraphrases(llama_handle, again, session, regenerate=True)
+    recs2, written2 = selfimprove.ensure_paraphrases(llama_handle, again, session.data.paraphrases, regenerate=True)
     assert calls == [[items[0].id]]
-    assert again[0].paraphrased_question == "What about France then?"
+    assert [r["paraphrase"] for r in written2] == ["What about France then?"]
+    store_generated(session, paraphrases=written2)
+    assert {p.id: p.question for p in session.data.paraphrases}[items[0].id] == "What about France then?"
     # the paraphrases are part of the saved session
     assert sessions.loads(sessions.dumps(session)).data.paraphrases == session.data.paraphrases
 
@@ -465,9 +473,14 @@ def test_runner_stores_generated_targets_for_an_exact_replay(tmp_path, monkeypat
                              data={"path": str(facts), "forget": 2, "retain": 1, "rephrase": False},
                              targets={"mode": "self-improve", "seed": 2}, eval={"max_new_tokens": 4},
                              path=tmp_path / "s.toml")
+    from tui.workspace import store_generated
+
     res = runner.run(s)
     recs = {r["id"]: r for r in res.targets}
     assert set(recs) == {"q0", "q1"}
+    assert s.targets.items == []                        # the engine returns the records; the caller stores them
+    assert res.new_targets == res.targets
+    store_generated(s, res.new_targets, res.new_paraphrases)
     for iid, r in recs.items():
         stored = s.target_for(iid)
         assert stored.target == r["target"] and stored.source == r["source"]
@@ -477,3 +490,4 @@ def test_runner_stores_generated_targets_for_an_exact_replay(tmp_path, monkeypat
     monkeypatch.setattr(selfimprove, "generate_targets", lambda *a, **k: pytest.fail("regenerated"))
     again = runner.run(sessions.load(s.path))
     assert [r["target"] for r in again.targets] == [r["target"] for r in res.targets]
+    assert again.new_targets == []

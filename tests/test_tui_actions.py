@@ -31,9 +31,9 @@ async def test_easyedit_yaml_import_fills_the_form(tmp_path, data_file):
         app.screen.query_one("#path-input", Input).value = str(yml)
         await pilot.press("enter")
         await pilot.pause()
-        assert [r.method for r in app.session.runs] == ["ike", "rome"]
-        assert app.session.runs[1].params["layer"] == 1
-        assert app.dirty
+        assert [r.method for r in app.workspace.session.runs] == ["ike", "rome"]
+        assert app.workspace.session.runs[1].params["layer"] == 1
+        assert app.workspace.dirty
         texts = " ".join(n.message for n in app._notifications)
         assert "imported rome" in texts and "model_name" in texts
         await pilot.press("f4")
@@ -67,16 +67,16 @@ async def test_self_improve_writes_targets_into_the_session(tmp_path, data_file,
     app = create_app(write_session(tmp_path, data_file), handle=llama_handle, settings=settings())
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot, app)
-        assert app.session.target_for("q1") is None
+        assert app.workspace.session.target_for("q1") is None
         mark = len(app.jobs_done)
         app.action_self_improve(["q1"])
         await wait_for(pilot, lambda: "self-improve" in app.jobs_done[mark:] and not app.bridge.busy,
                        timeout=240, what="self-improve")
         assert app.last_error is None
-        t = app.session.target_for("q1")
+        t = app.workspace.session.target_for("q1")
         assert t is not None and t.target.strip() and t.source != "custom"
-        assert app.session.target_for("q2") is None     # only the chosen item
-        assert app.dirty
+        assert app.workspace.session.target_for("q2") is None     # only the chosen item
+        assert app.workspace.dirty
 
 
 @pytest.mark.anyio
@@ -87,11 +87,11 @@ async def test_replay_reruns_the_session(tmp_path, data_file, llama_handle):
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot, app)
         await press_job(pilot, app, "run", "ctrl+r")
-        assert len(app.results) == 1
+        assert len(app.workspace.results) == 1
         await press_job(pilot, app, "replay", "f8")
-        assert len(app.results) == 1                      # replay starts a fresh result list
+        assert len(app.workspace.results) == 1                      # replay starts a fresh result list
         assert app.jobs_done[-2:] == ["reload", "replay"]
-        assert app.results[0].method == "none"
+        assert app.workspace.results[0].method == "none"
 
 
 @pytest.mark.anyio
@@ -114,11 +114,39 @@ async def test_open_and_new_session(tmp_path, data_file, llama_handle):
         mark = len(app.jobs_done)
         await pilot.press("enter")
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy, what="reload")
-        assert app.session.path == other and [r.method for r in app.session.runs] == ["ike"]
-        assert app.items is not None and app.forget_ids == ["q1", "q2"]
-        app.toggle_item("q5", "forget")                  # unsaved change: new session asks first
+        assert app.workspace.session.path == other and [r.method for r in app.workspace.session.runs] == ["ike"]
+        assert app.workspace.items is not None and app.workspace.forget_ids == ["q1", "q2"]
+        app.workspace.toggle_item("q5", "forget")                  # unsaved change: new session asks first
         await pilot.press("ctrl+n")
         await pilot.pause()
         await pilot.press("d")
         await pilot.pause()
-        assert app.session.path is None and not app.dirty
+        assert app.workspace.session.path is None and not app.workspace.dirty
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["self-improve", "avoidant"])
+async def test_model_written_targets_of_an_app_run_are_saved(tmp_path, data_file, llama_handle, mode):
+    """Regression (issue 13, item 3): a run in a generating mode wrote its targets into the job's copy of
+    the session, so they were never saved; now the run's records are stored in the app's session."""
+    import sessions
+
+    from tui.app import create_app
+
+    path = write_session(tmp_path, data_file, "none")
+    path.write_text(path.read_text().replace('mode = "idk"', f'mode = "{mode}"'))
+    app = create_app(path, handle=llama_handle, settings=settings())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot, app)
+        ws = app.workspace
+        assert ws.session.targets.items == [] and not ws.dirty
+        await press_job(pilot, app, "run", "ctrl+r", timeout=240)
+        assert app.last_error is None and len(ws.results) == 1
+        written = {t.id: t for t in ws.session.targets.items}
+        assert set(written) == {"q1", "q2"}
+        assert all(t.target.strip() and t.source in ("self-improve", "generated", "regenerated", "fallback")
+                   for t in written.values())
+        assert ws.dirty
+        assert app.save_to(None)
+    saved = sessions.load(path)
+    assert {t.id: t.target for t in saved.targets.items} == {i: t.target for i, t in written.items()}

@@ -123,12 +123,12 @@ async def press_job(pilot, app, job: str, *keys: str, timeout: float = 90.0) -> 
     """Press ``keys`` and wait until ``job`` has finished (done or failed) and nothing else runs."""
     mark = len(app.jobs_done)
     await pilot.press(*keys)
-    await wait_for(pilot, lambda: job in app.jobs_done[mark:] and not app.bridge.busy and not app._queue,
+    await wait_for(pilot, lambda: job in app.jobs_done[mark:] and not app.bridge.busy and not app.jobs,
                    timeout, f"job {job}")
 
 
 async def wait_idle(pilot, app, timeout: float = 90.0) -> None:
-    await wait_for(pilot, lambda: app.bridge is not None and not app.bridge.busy and not app._queue
+    await wait_for(pilot, lambda: app.bridge is not None and not app.bridge.busy and not app.jobs
                    and app.jobs_done, timeout, "idle")
 
 
@@ -149,7 +149,7 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
     from tui.app import create_app
 
     app = create_app(model="tiny:llama", handle=llama_handle, settings=settings(baseline=True), restore=False)
-    app.session.eval.max_new_tokens = 4
+    app.workspace.session.eval.max_new_tokens = 4
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_idle(pilot, app)
         app.last_error = None    # the default data set may be missing in this build
@@ -159,16 +159,16 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         dialog_input = app.screen.query_one("#path-input", Input)
         dialog_input.value = str(data_file)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.items is not None and len(app.items) == 5, what="items")
+        await wait_for(pilot, lambda: app.workspace.items is not None and len(app.workspace.items) == 5, what="items")
         await wait_idle(pilot, app)
-        assert app.session.data.path == str(data_file.resolve())
-        assert set(app.baseline_scores) == {i["id"] for i in ITEMS}   # known-ness computed in the background
+        assert app.workspace.session.data.path == str(data_file.resolve())
+        assert set(app.workspace.baseline_scores) == {i["id"] for i in ITEMS}   # known-ness computed in the background
         # forget q1, q2 (space), retain q3, q4 (r)
         table = app.screen.query_one("#fs-table", DataTable)
         table.focus()
         table.move_cursor(row=0)
         await pilot.press("space", "space", "r", "r")
-        assert app.forget_ids == ["q1", "q2"] and app.retain_ids == ["q3", "q4"]
+        assert app.workspace.forget_ids == ["q1", "q2"] and app.workspace.retain_ids == ["q3", "q4"]
         counts = str(app.screen.query_one("#fs-counts", Static).render())
         assert "2 forget" in counts and "2 retain" in counts
         # search filters the table
@@ -186,14 +186,14 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         area.clear()
         await type_text(pilot, "Nope I forgot")
         await pilot.pause()
-        t = app.session.target_for("q1")
+        t = app.workspace.session.target_for("q1")
         assert t is not None and t.target == "Nope I forgot" and t.source == "custom"
         # merge factor 2 via the input; the preview shows the merged prompt
         merge = app.screen.query_one("#tg-merge", Input)
         merge.focus()
         await pilot.press("backspace", "2")
         await pilot.pause()
-        assert app.session.targets.merge_factor == 2
+        assert app.workspace.session.targets.merge_factor == 2
         preview = str(app.screen.query_one("#tg-preview", Static).render())
         assert "What is the capital of France? Who wrote Hamlet?" in preview
         assert "1 edit request" in preview and "Nope I forgot" in preview
@@ -207,7 +207,7 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         await pilot.press("space")            # none off
         await pilot.press("down", "space")    # ike on
         await pilot.pause()
-        assert [r.method for r in app.session.runs] == ["ike"]
+        assert [r.method for r in app.workspace.session.runs] == ["ike"]
         pane = app.screen.query_one("#pane-method")
         k_input = app.screen.query_one(f"#mp{pane._gen}-k", Input)
         k_input.focus()
@@ -218,12 +218,12 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         await pilot.press("backspace", "2")
         await pilot.pause()
         assert str(app.screen.query_one(f"#me-err{pane._gen}-k", Static).render()) == ""
-        assert app.session.runs[0].params == {"k": 2}
+        assert app.workspace.session.runs[0].params == {"k": 2}
         # run and read the result row
         await press_job(pilot, app, "run", "ctrl+r")
         assert app.last_error is None
-        assert len(app.results) == 1
-        r = app.results[0]
+        assert len(app.workspace.results) == 1
+        r = app.workspace.results[0]
         assert r.method == "ike" and r.merge_factor == 2 and r.params["k"] == 2
         await pilot.press("f6")
         await pilot.pause()
@@ -243,7 +243,7 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         app.screen.query_one("#path-input", Input).value = str(target)
         await pilot.press("enter")
         await pilot.pause()
-        assert not app.dirty and target.is_file()
+        assert not app.workspace.dirty and target.is_file()
         saved_text = target.read_text()
     s = sessions.load(target)
     assert s.data.forget == ["q1", "q2"] and s.data.retain == ["q3", "q4"]
@@ -254,11 +254,11 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
     app2 = create_app(target, handle=llama_handle, settings=settings())
     async with app2.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot, app2)
-        assert app2.forget_ids == ["q1", "q2"] and app2.retain_ids == ["q3", "q4"]
-        assert app2.session.targets.merge_factor == 2
-        assert app2.method_params("ike") == {"k": 2}
-        assert not app2.dirty
-        assert sessions.dumps(app2.session) == saved_text
+        assert app2.workspace.forget_ids == ["q1", "q2"] and app2.workspace.retain_ids == ["q3", "q4"]
+        assert app2.workspace.session.targets.merge_factor == 2
+        assert app2.workspace.method_params("ike") == {"k": 2}
+        assert not app2.workspace.dirty
+        assert sessions.dumps(app2.workspace.session) == saved_text
 
 
 @pytest.mark.anyio
@@ -276,7 +276,7 @@ async def test_cancel_run_restores_weights(tmp_path, data_file, llama_handle, sl
         assert not bool((weights(llama_handle) == before).all())    # the method is changing the weights
         await press_job(pilot, app, "run", "ctrl+k")
         assert bool((weights(llama_handle) == before).all())
-        assert app.results == []
+        assert app.workspace.results == []
         status = str(app.screen.query_one("#rn-status").render())
         assert "cancelled" in status and "rolled back" in status
         # the app keeps working: a second job runs normally
@@ -323,23 +323,23 @@ async def test_step_mode_with_undo_redo(tmp_path, data_file, llama_handle, slow_
         await wait_idle(pilot, app)
         await pilot.press("f5")
         await press_job(pilot, app, "step", "ctrl+t")
-        assert app.step_position == 1 and app.step_total == 2
+        assert app.workspace.step_position == 1 and app.workspace.step_total == 2
         w1 = weights(llama_handle)
         assert not bool((w1 == w0).all())
         probe_edited = str(app.screen.query_one("#pb-edited").render())
         assert probe_edited                              # the probe was refreshed after the step
         assert "forget R1" in str(app.screen.query_one("#pb-score").render())
         await press_job(pilot, app, "step", "ctrl+t")
-        assert app.step_position == 2
+        assert app.workspace.step_position == 2
         w2 = weights(llama_handle)
         await press_job(pilot, app, "step", "ctrl+t")   # nothing left to apply: an error, not a crash
         assert app.last_error and "applied" in app.last_error
         await press_job(pilot, app, "undo", "ctrl+z")
-        assert app.step_position == 1 and bool((weights(llama_handle) == w1).all())
+        assert app.workspace.step_position == 1 and bool((weights(llama_handle) == w1).all())
         await press_job(pilot, app, "undo", "ctrl+z")
-        assert app.step_position == 0 and bool((weights(llama_handle) == w0).all())
+        assert app.workspace.step_position == 0 and bool((weights(llama_handle) == w0).all())
         await press_job(pilot, app, "redo", "ctrl+y")
-        assert app.step_position == 1 and bool((weights(llama_handle) == w1).all())
+        assert app.workspace.step_position == 1 and bool((weights(llama_handle) == w1).all())
         assert not bool((w2 == w1).all())
 
 
@@ -356,7 +356,7 @@ async def test_engine_errors_are_notifications_and_app_keeps_running(tmp_path, l
         app.open_data(str(bad))
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy, what="reload")
         assert app.last_error and "bad.json" in app.last_error
-        assert app.items is None
+        assert app.workspace.items is None
         await pilot.press("ctrl+r")           # nothing to run: a one-line message
         await pilot.pause()
         assert "no data loaded" in app.last_error
@@ -374,7 +374,7 @@ async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle)
     app = create_app(session, handle=llama_handle, settings=settings())
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
-        app.set_merge_factor(3)
+        app.workspace.set_merge_factor(3)
         app.autosave()
         assert autosave_path().is_file()             # unsaved work is on disk already
         await pilot.press("ctrl+q")
@@ -385,5 +385,5 @@ async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle)
         assert app.is_running and not isinstance(app.screen, ConfirmQuit)
     # a crash (no clean quit) leaves the autosave; the next start restores it
     app2 = create_app(settings=settings())
-    assert app2.session.targets.merge_factor == 3 and app2.dirty
-    assert app2.session.path == session.resolve()
+    assert app2.workspace.session.targets.merge_factor == 3 and app2.workspace.dirty
+    assert app2.workspace.session.path == session.resolve()

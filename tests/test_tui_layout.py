@@ -20,8 +20,8 @@ def make_app(tmp_path, settings=None):
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")
     app = create_app(write_session(tmp_path, p), settings=settings or Settings(), autostart=False)
-    app.items = data.load_items(str(p))
-    app._normalize_selection()
+    app.workspace.items = data.load_items(str(p))
+    app.workspace.normalize_selection()
     return app
 
 

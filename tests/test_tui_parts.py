@@ -311,8 +311,8 @@ async def test_tab_switch_with_focus_in_a_pane_does_not_ping_pong(tmp_path):
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")
     app = create_app(write_session(tmp_path, p), settings=Settings(), autostart=False)
-    app.items = data.load_items(str(p))
-    app._normalize_selection()
+    app.workspace.items = data.load_items(str(p))
+    app.workspace.normalize_selection()
     activated: list[str] = []
     async with app.run_test(size=(100, 30)) as pilot:
         while app.pane("targets") is None:
@@ -334,7 +334,7 @@ async def test_tab_switch_with_focus_in_a_pane_does_not_ping_pong(tmp_path):
             await pilot.press(ch)
         await pilot.pause(0.3)
         assert area.text == "Nope" and app.focused is area and tabs.active == "tab-targets"
-        assert app.session.target_for("q1").target == "Nope"
+        assert app.workspace.session.target_for("q1").target == "Nope"
         await pilot.press("f2")                                   # and back, focus in the targets pane
         await pilot.pause(0.5)
         assert tabs.active == "tab-forget" and app.focused.id == "fs-table"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -42,12 +43,12 @@ def test_set_selection_keeps_order_and_rebuilds_rephrase():
 def test_set_selection_errors_name_the_id_and_change_nothing(forget, retain, where, named):
     wb = bench()
     wb.set_selection(["q0"], ["q4"])
-    targets = wb.targets()
+    prepared = wb.prepare(paraphrases=False)
     with pytest.raises(UserError) as err:
         wb.set_selection(forget, retain)
     assert err.value.where == where and named in str(err.value)
     assert ids(wb.forget) == ["q0"] and ids(wb.retain) == ["q4"]
-    assert wb.targets() is targets                            # the cache survived the failed call
+    assert wb.prepared is prepared                            # the prepared state survived the failed call
 
 
 def test_set_selection_error_for_an_id_in_both_sets_says_so():
@@ -56,19 +57,27 @@ def test_set_selection_error_for_an_id_in_both_sets_says_so():
         wb.set_selection(["q1"], ["q1"])
 
 
-def test_set_selection_invalidates_targets_requests_and_paraphrase_check():
+def test_set_selection_invalidates_the_prepared_state_as_a_whole():
     wb = bench()
     wb.set_selection(["q0", "q1"], ["q2"])
-    first = wb.targets()
-    assert set(first) == {"q0", "q1"}
-    assert [r.questions for r in wb.requests()] == [[wb.forget[0].question], [wb.forget[1].question]]
-    wb._paraphrases_ready = True
-    wb.set_selection(["q0", "q1"], ["q3"])                    # same forget set: paraphrases still checked
-    assert wb._paraphrases_ready is True
+    assert wb.prepared is None
+    with pytest.raises(RuntimeError, match="prepare"):        # getters never compute anything
+        wb.requests()
+    first = wb.prepare()                                      # every item has a paraphrase: no model needed
+    assert wb.handle is None and first.paraphrased and first.new_paraphrases == ()
+    assert set(first.targets) == {"q0", "q1"} and wb.targets() == dict(first.targets)
+    assert [r.questions for r in first.requests] == [[wb.forget[0].question], [wb.forget[1].question]]
+    assert wb.prepare() is first                              # cached
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.requests = ()                                   # frozen
+    wb.set_selection(["q0", "q1"], ["q3"])                    # the retain set changed: a new state
+    assert wb.prepared is None
     wb.set_selection(["q4"], ["q3"])
-    assert wb._paraphrases_ready is False                     # new forget items: check their paraphrases again
-    assert wb.targets() is not first and set(wb.targets()) == {"q4"}
-    assert [r.questions for r in wb.requests()] == [["What do you know about the week?"]]
+    second = wb.prepare(paraphrases=False)
+    assert second is not first and set(second.targets) == {"q4"} and not second.paraphrased
+    assert [r.questions for r in second.requests] == [["What do you know about the week?"]]
+    wb.session.set_target("q4", "No idea.", source="custom")  # the session's targets changed: dropped too
+    assert wb.prepared is None and wb.prepare(paraphrases=False).targets["q4"].text == "No idea."
 
 
 def test_set_selection_applies_session_subjects_and_paraphrases_to_copies():
@@ -82,16 +91,20 @@ def test_set_selection_applies_session_subjects_and_paraphrases_to_copies():
     assert wb.rephrase[1].question == "Who is in charge of oxygen?"
 
 
-def test_set_selection_loads_the_data_first(tmp_path):
+def test_set_selection_needs_the_data_and_load_data_selects(tmp_path):
     p = tmp_path / "facts.json"
     p.write_text(json.dumps([{"id": f"f{i}", "question": f"Q{i}?", "answer": f"A{i}"} for i in range(4)]))
     s = sessions.new_session(data={"path": str(p), "forget": 1, "retain": 1})
     wb = Workbench(s)
+    with pytest.raises(UserError, match="no data loaded"):    # a setter never loads behind the caller's back
+        wb.set_selection(["f3"], ["f0", "f1"])
+    wb.load_data()
+    assert len(wb.items) == 4 and ids(wb.forget) == ["f0"] and ids(wb.retain) == ["f1"]
     wb.set_selection(["f3"], ["f0", "f1"])
-    assert len(wb.items) == 4 and ids(wb.forget) == ["f3"] and ids(wb.retain) == ["f0", "f1"]
+    assert ids(wb.forget) == ["f3"] and ids(wb.retain) == ["f0", "f1"]
 
 
-# ------------------------------------------------------------------ the app goes through set_selection
+# ------------------------------------------------------------------ the app's jobs go through set_selection
 def _app(tmp_path):
     from backends import data
     from test_tui_flow import ITEMS, write_session
@@ -106,10 +119,11 @@ def _app(tmp_path):
 
 def test_app_snapshot_writes_the_selection_through_set_selection(tmp_path, monkeypatch):
     app, load = _app(tmp_path)
-    app.items = load()
-    app._normalize_selection()
-    app.session.data.forget, app.session.data.retain = ["q5", "q1"], ["q3"]
-    app.session.data.subjects = {"q5": "Madrid's country"}
+    ws = app.workspace
+    ws.items = load()
+    ws.normalize_selection()
+    ws.session.data.forget, ws.session.data.retain = ["q5", "q1"], ["q3"]
+    ws.session.data.subjects = {"q5": "Madrid's country"}
     calls = []
     real = Workbench.set_selection
 
@@ -119,17 +133,19 @@ def test_app_snapshot_writes_the_selection_through_set_selection(tmp_path, monke
 
     monkeypatch.setattr(Workbench, "set_selection", spy)
     wb = Workbench(sessions.new_session())
-    snap = app._snapshot()(wb)
+    snap = ws.snapshot()
+    snap.load_into(wb)
     assert calls == [(["q5", "q1"], ["q3"])]
-    assert wb.session is snap and ids(wb.forget) == ["q5", "q1"] and ids(wb.retain) == ["q3"]
-    assert wb.forget[0].subject == "Madrid's country" and app.item_by_id("q5").subject == "Spain"
+    assert wb.session is snap.session and snap.session is not ws.session      # a copy: the UI may go on
+    assert ids(wb.forget) == ["q5", "q1"] and ids(wb.retain) == ["q3"]
+    assert wb.forget[0].subject == "Madrid's country" and ws.item_by_id("q5").subject == "Spain"
     assert ids(wb.rephrase) == ["q1"]                         # q5 has no paraphrase in the data
-    assert [r.questions for r in wb.requests()][0] == ["What is the capital of Spain?"]
+    assert [r.questions for r in wb.prepare(paraphrases=False).requests][0] == ["What is the capital of Spain?"]
 
 
 def test_app_snapshot_before_the_data_is_loaded_is_an_empty_selection(tmp_path):
     app, _ = _app(tmp_path)
-    assert app.items is None and app.forget_ids == ["q1", "q2"]   # the session's ids, data not loaded yet
+    assert app.workspace.items is None and app.workspace.forget_ids == ["q1", "q2"]   # the session's ids, data not loaded yet
     wb = Workbench(sessions.new_session())
-    app._snapshot()(wb)                                       # the start-up job does this: no error
+    app.workspace.snapshot().load_into(wb)                    # the start-up job does this: no error
     assert wb.items == [] and wb.forget == [] and wb.retain == []

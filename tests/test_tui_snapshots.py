@@ -108,10 +108,10 @@ def make_app(tmp_path, monkeypatch):
         session = write_session(tmp_path, p, "ike")
         app = create_app(session, settings=Settings(), autostart=False)
         app.animation_level = "none"   # tab underline etc. jump straight to their end state
-        app.items = data.load_items(str(p))
-        app._normalize_selection()
-        app.baseline_scores = {"q1": 1.0, "q2": 0.5, "q3": 1.0, "q4": 0.0, "q5": 0.0}
-        app.baseline_eval, app.results = fake_results()
+        app.workspace.items = data.load_items(str(p))
+        app.workspace.normalize_selection()
+        app.workspace.baseline_scores = {"q1": 1.0, "q2": 0.5, "q3": 1.0, "q4": 0.0, "q5": 0.0}
+        app.workspace.baseline_eval, app.workspace.results = fake_results()
         return app
 
     return make

@@ -124,5 +124,5 @@ def load_keymap(path: Path | None = None) -> tuple[dict[str, str], list[str]]:
 
 def current_keys(app) -> dict[str, str]:
     """Action id -> the keys in effect (after the user keymap)."""
-    keymap = getattr(app, "_keymap", {}) or {}
+    keymap = getattr(app, "user_keymap", None) or {}   # what the App passed to set_keymap
     return {a.id: keymap.get(a.binding_id, a.key) for a in ACTIONS}

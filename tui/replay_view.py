@@ -43,7 +43,11 @@ def results_table(result: Any, title: str = "unlearn-tui results") -> Table:
 
 def run_with_progress(session: Any, quiet: bool = False, console: Console | None = None,
                       regenerate: bool = False):
+    """:func:`backends.runner.run` with a progress bar and the table; the targets and paraphrases the
+    model wrote (the result's records) are stored in ``session``, so ``replay`` can cache them in its file."""
     from backends.runner import run
+
+    from .workspace import store_generated
 
     console = console or Console(stderr=True)
     out = Console() if Console().is_terminal else Console(width=140)  # files and pipes get the full table
@@ -75,5 +79,6 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
                 elif isinstance(e, ev.Log) and e.level != "info":
                     console.log(f"{e.level}: {e.message}")
             result = run(session, on_event, regenerate=regenerate)
+    store_generated(session, result.new_targets, result.new_paraphrases)
     out.print(results_table(result))
     return result

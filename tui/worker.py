@@ -1,7 +1,8 @@
 """The engine in one thread worker per job.
 
 :class:`EngineBridge` owns the :class:`backends.runner.Workbench` and the
-:class:`CancelToken`.  :meth:`EngineBridge.start` runs ``fn(workbench)`` in a
+:class:`CancelToken`.  :meth:`EngineBridge.start` runs a :class:`tui.jobs.Job`
+(its snapshot loaded into the workbench, then its one Workbench call) in a
 Textual *thread* worker; engine events become Textual messages posted to the
 App, with :class:`backends.events.Progress` coalesced to at most
 ``progress_hz`` messages per second (the last one of a stage is always sent,
@@ -74,21 +75,28 @@ class Coalescer:
 
 
 def _guarded_workbench(session: Any, cancel: ev.CancelToken, handle: Any,
-                       refuse_model: Callable[[Any], str | None] | None) -> Any:
-    """A Workbench whose every model load (the engine loads on demand) first asks ``refuse_model``.
+                       refuse_model: Callable[[Any], str | None] | None,
+                       loaded: Callable[[str], None] | None = None) -> Any:
+    """A Workbench whose every model load first asks ``refuse_model`` (and then tells ``loaded``).
 
     ``refuse_model(session)`` returns a one-line reason not to load that session's model (e.g.
     ``model.trust_remote_code = true`` without ``--trust-remote-code``), raised as UserError, or None.
+    ``loaded(name)`` is called (in the worker thread) after a model was loaded.
     """
     from backends.runner import Workbench  # torch-free import
 
     class GuardedWorkbench(Workbench):
         def load_model(self):
-            if self.handle is None and refuse_model is not None:
+            if self.handle is not None:
+                return self.handle
+            if refuse_model is not None:
                 why = refuse_model(self.session)
                 if why:
                     raise UserError(why)
-            return super().load_model()
+            handle = super().load_model()
+            if loaded is not None:
+                loaded(self.session.model.name)
+            return handle
 
     return GuardedWorkbench(session, ev.ignore, cancel, handle)
 
@@ -100,7 +108,9 @@ class EngineBridge:
                  refuse_model: Callable[[Any], str | None] | None = None) -> None:
         self.app = app
         self.cancel = ev.CancelToken()
-        self.workbench = _guarded_workbench(session, self.cancel, handle, refuse_model)
+        self.workbench = _guarded_workbench(
+            session, self.cancel, handle, refuse_model,
+            lambda name: app.post_message(msg.EngineNote(self.job or "", "model", name)))
         self.progress_hz = progress_hz
         self.job: str | None = None
         self.worker: Any = None
@@ -109,10 +119,11 @@ class EngineBridge:
     def busy(self) -> bool:
         return self.job is not None
 
-    def start(self, job: str, fn: Callable[[Any], Any]) -> bool:
-        """Run ``fn(workbench)`` in a thread worker; False (and nothing started) when busy."""
+    def start(self, job: Any) -> bool:
+        """Run ``job.body(workbench)`` (a :class:`tui.jobs.Job`) in a thread worker; False when busy."""
         if self.busy:
             return False
+        fn, job = job.body, job.name
         self.job = job
         self.cancel.reset()
         post = self.app.post_message

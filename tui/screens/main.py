@@ -28,7 +28,8 @@ as :class:`DeferredPane` placeholders: their modules (and the Textual widgets
 they use) are imported, and the panes composed and mounted, once the first
 frame is on the terminal (the App calls :meth:`MainScreen.mount_deferred`
 from its first-frame hook; a timer is the fallback).  Until then
-``app.pane(name)`` is None for them, which every caller already allows.
+``app.pane(name)`` is None for them, which every caller already allows; a pane
+built later reads the workspace as it is then.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ class DeferredPane(Widget):
     }
     """
 
-    def __init__(self, module: str, cls_name: str, pane_id: str) -> None:
+    def __init__(self, module: str, cls_name: str, pane_id: str, workspace=None) -> None:
         super().__init__()
         self.module, self.cls_name, self.pane_id = module, cls_name, pane_id
+        self.workspace = workspace
         self.claimed = False
 
     def build(self) -> Widget:
         mod = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.widgets.{self.module}")
-        return getattr(mod, self.cls_name)(id=self.pane_id)
+        return getattr(mod, self.cls_name)(self.workspace, id=self.pane_id)
 
     async def materialize(self) -> None:
         """Mount the real pane in this placeholder's place (runs on the placeholder's own message pump)."""
@@ -95,6 +97,12 @@ class DeferredPane(Widget):
 
 
 class MainScreen(Screen):
+    """The panes are built with the app's :class:`tui.workspace.Workspace` (see tui/widgets/__init__.py)."""
+
+    def __init__(self, workspace) -> None:
+        super().__init__()
+        self.workspace = workspace
+
     def compose(self) -> ComposeResult:
         from ..actions import current_keys
 
@@ -106,9 +114,9 @@ class MainScreen(Screen):
                     # drawn only in the wide layout (tabs have no border); names the pane and its key
                     tab.border_title = f"{title} · {keys.get(f'tab_{tab_id}', '')}".rstrip(" ·")
                     if tab_id == "forget":
-                        yield ForgetSetPane(id="pane-forget")
+                        yield ForgetSetPane(self.workspace, id="pane-forget")
                     else:   # built after the first frame (faster first paint)
-                        yield DeferredPane(module, cls_name, f"pane-{tab_id}")
+                        yield DeferredPane(module, cls_name, f"pane-{tab_id}", self.workspace)
         with Horizontal(id="strip"):
             yield Static("starting…", id="strip-text")
             yield ProgressBar(total=1, id="strip-bar", show_eta=False, show_percentage=False)

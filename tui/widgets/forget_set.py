@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Static
 
 from ..actions import pane_bindings
+from . import ActionRequested, Revisions
 
 
 def known_cell(score: float | None, pending: bool) -> Text:
@@ -23,9 +24,18 @@ class ForgetSetPane(Vertical):
 
     BINDINGS = pane_bindings("forget")
 
-    def __init__(self, **kw) -> None:
+    class Toggled(Message):
+        """Put ``item_id`` in the ``which`` ("forget" | "retain") set, or take it out."""
+
+        def __init__(self, item_id: str, which: str) -> None:
+            super().__init__()
+            self.item_id, self.which = item_id, which
+
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
+        self._revs = Revisions()
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="pane-head"):
@@ -43,8 +53,20 @@ class ForgetSetPane(Vertical):
         # first frame (this pane is the only one built for it)
         for key, width in (("set", 3), ("id", 8), ("question", 36), ("answer", 14), ("known", 5)):
             t.add_column(Text(key), key=key, width=width)
-        self.refresh_items()
+        self.refresh_from(self.ws)
         self.ready = True
+
+    def refresh_from(self, ws) -> None:
+        """Redraw what changed in the workspace: the rows (new data), else the marks and known scores."""
+        self.ws = ws
+        rows = self._revs.changed(ws, "items", "session")
+        marks = self._revs.changed(ws, "selection", "baseline")
+        if rows:
+            self.refresh_items()
+        elif marks:
+            self.refresh_marks()
+        else:
+            self.refresh_counts()
 
     # ------------------------------------------------------------------ data
     @property
@@ -52,16 +74,16 @@ class ForgetSetPane(Vertical):
         return self.query_one("#fs-search", Input).value.strip().lower()
 
     def visible_items(self) -> list:
-        items = self.app.items or []
+        items = self.ws.items or []
         q = self.search
         if not q:
             return list(items)
         return [it for it in items if q in it.id.lower() or q in it.question.lower() or q in it.answer.lower()]
 
     def _mark(self, item_id: str) -> Text:
-        if item_id in self.app.forget_ids:
+        if item_id in self.ws.forget_ids:
             return Text("F", style="bold red")
-        if item_id in self.app.retain_ids:
+        if item_id in self.ws.retain_ids:
             return Text("R", style="bold green")
         return Text(" ")
 
@@ -69,32 +91,32 @@ class ForgetSetPane(Vertical):
         t = self.query_one("#fs-table", DataTable)
         keep = t.cursor_row
         t.clear()
-        pending = self.app.baseline_pending
+        pending = self.ws.baseline_pending
         for it in self.visible_items():
             t.add_row(self._mark(it.id), it.id, it.question, it.answer,
-                      known_cell(self.app.baseline_scores.get(it.id), pending), key=it.id)
+                      known_cell(self.ws.baseline_scores.get(it.id), pending), key=it.id)
         if t.row_count:
             t.move_cursor(row=min(max(keep, 0), t.row_count - 1))
         self.refresh_counts()
 
     def refresh_marks(self) -> None:
         t = self.query_one("#fs-table", DataTable)
-        pending = self.app.baseline_pending
+        pending = self.ws.baseline_pending
         for it in self.visible_items():
             try:
                 t.update_cell(it.id, "set", self._mark(it.id))
-                t.update_cell(it.id, "known", known_cell(self.app.baseline_scores.get(it.id), pending))
+                t.update_cell(it.id, "known", known_cell(self.ws.baseline_scores.get(it.id), pending))
             except Exception:  # row filtered out meanwhile
                 pass
         self.refresh_counts()
 
     def refresh_counts(self) -> None:
-        app = self.app
-        n = len(app.items or [])
-        known = sum(1 for v in app.baseline_scores.values() if v >= 0.5)
-        src = app.session.data.path
-        text = (f"[b]{len(app.forget_ids)}[/b] forget · [b]{len(app.retain_ids)}[/b] retain · {n} items"
-                f" · {known} known · {src}") if app.items is not None else f"no data loaded · {src}"
+        ws = self.ws
+        n = len(ws.items or [])
+        known = sum(1 for v in ws.baseline_scores.values() if v >= 0.5)
+        src = ws.session.data.path
+        text = (f"[b]{len(ws.forget_ids)}[/b] forget · [b]{len(ws.retain_ids)}[/b] retain · {n} items"
+                f" · {known} known · {src}") if ws.items is not None else f"no data loaded · {src}"
         self.query_one("#fs-counts", Static).update(text)
 
     def current_id(self) -> str | None:
@@ -117,18 +139,18 @@ class ForgetSetPane(Vertical):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "fs-open":
-            self.app.action_open_data()
+            self.post_message(ActionRequested("open_data"))
 
     def action_toggle_forget(self) -> None:
         item_id = self.current_id()
         if item_id:
-            self.app.toggle_item(item_id, "forget")
+            self.post_message(self.Toggled(item_id, "forget"))
             self._advance()
 
     def action_toggle_retain(self) -> None:
         item_id = self.current_id()
         if item_id:
-            self.app.toggle_item(item_id, "retain")
+            self.post_message(self.Toggled(item_id, "retain"))
             self._advance()
 
     def action_focus_search(self) -> None:

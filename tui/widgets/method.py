@@ -13,9 +13,12 @@ else:  # pragma: no cover
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Button, Checkbox, Input, Label, Select, SelectionList, Static
 
 from backends.errors import UserError
+
+from . import ActionRequested, Revisions
 
 
 def parse_text(text: str) -> Any:
@@ -40,12 +43,33 @@ def show_value(v: Any) -> str:
 
 
 class MethodPane(Vertical):
-    def __init__(self, **kw) -> None:
+    class MethodsChanged(Message):
+        """The methods to run, in order."""
+
+        def __init__(self, names: list[str]) -> None:
+            super().__init__()
+            self.names = names
+
+    class ParamChanged(Message):
+        """A valid (coerced) value for ``method.field``; None is "auto"."""
+
+        def __init__(self, method: str, field: str, value: Any) -> None:
+            super().__init__()
+            self.method, self.field, self.value = method, field, value
+
+    class ParamInvalid(Message):
+        def __init__(self, method: str, field: str, message: str) -> None:
+            super().__init__()
+            self.method, self.field, self.message = method, field, message
+
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
         self._building = False
         self._method: str | None = None
         self._gen = 0
+        self._revs = Revisions()
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="me-body"):
@@ -58,14 +82,31 @@ class MethodPane(Vertical):
                 yield VerticalScroll(id="me-form")
 
     def on_mount(self) -> None:
+        self._revs.changed(self.ws, "form", "session")
+        self._revs.changed(self.ws, "runs")
         self.refresh_all()
         self.ready = True
+
+    def refresh_from(self, ws) -> None:
+        """The list and the form are rebuilt for a new session or imported values; a change of the
+        chosen methods that did not come from this list rebuilds the list."""
+        self.ws = ws
+        rebuild = self._revs.changed(ws, "form", "session")
+        runs = self._revs.changed(ws, "runs")
+        if rebuild:
+            self.refresh_all()
+        elif runs:
+            chosen = [r.method for r in ws.session.runs]
+            if sorted(self.query_one("#me-list", SelectionList).selected) != sorted(chosen):
+                self.refresh_all()
+            else:
+                self._title(self._method)
 
     def refresh_all(self) -> None:
         from backends import methods
 
         sl = self.query_one("#me-list", SelectionList)
-        chosen = [r.method for r in self.app.session.runs]
+        chosen = [r.method for r in self.ws.session.runs]
         self._building = True
         try:
             names = methods.names()
@@ -83,7 +124,7 @@ class MethodPane(Vertical):
     def on_selection_list_selection_toggled(self, event: SelectionList.SelectionToggled) -> None:
         if self._building:
             return
-        self.app.set_methods(list(event.selection_list.selected))
+        self.post_message(self.MethodsChanged(list(event.selection_list.selected)))
         self.show_form(event.selection.value)
 
     def on_selection_list_selection_highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
@@ -99,23 +140,14 @@ class MethodPane(Vertical):
         g = self._gen
         form = self.query_one("#me-form", VerticalScroll)
         form.remove_children()
-        title = self.query_one("#me-title", Static)
-        if name is None:
-            title.update("no method")
+        cls = self._title(name)
+        if cls is None:
             return
-        try:
-            cls = methods.get(name)
-        except UserError as exc:
-            title.update(escape(str(exc)))
-            return
-        used = name in [r.method for r in self.app.session.runs]
-        title.update(f"[b]{escape(name)}[/b] — {escape(getattr(cls, 'summary', ''))}"
-                     + ("" if used else "  [dim](not used; space to use)[/dim]"))
         fields = describe(cls.Params)
         if not fields:
             form.mount(Static("no hyper-parameters", classes="hint"))
             return
-        current = self.app.method_params(name)
+        current = self.ws.method_params(name)
         rows = []
         for f in fields:
             value = current.get(f.name, f.default)
@@ -143,6 +175,31 @@ class MethodPane(Vertical):
                 classes="param"))
         form.mount_all(rows)
 
+    def _title(self, name: str | None):
+        """Show the form's title; returns the method class (None: no such method)."""
+        from backends import methods
+
+        title = self.query_one("#me-title", Static)
+        if name is None:
+            title.update("no method")
+            return None
+        try:
+            cls = methods.get(name)
+        except UserError as exc:
+            title.update(escape(str(exc)))
+            return None
+        used = name in self._chosen()
+        title.update(f"[b]{escape(name)}[/b] — {escape(getattr(cls, 'summary', ''))}"
+                     + ("" if used else "  [dim](not used; space to use)[/dim]"))
+        return cls
+
+    def _chosen(self) -> list[str]:
+        """The methods checked in the list (what the workspace will hold once it handled our message)."""
+        try:
+            return list(self.query_one("#me-list", SelectionList).selected)
+        except Exception:
+            return [r.method for r in self.ws.session.runs]
+
     def _set(self, field: str, value: Any, err_id: str) -> None:
         from backends import methods
         from backends.params import coerce_value
@@ -155,10 +212,10 @@ class MethodPane(Vertical):
             coerced = coerce_value(cls.Params, field, value, f"{self._method}.{field}")
         except UserError as exc:
             err.update(escape(str(exc)))
-            self.app.param_invalid(self._method, field, str(exc))
+            self.post_message(self.ParamInvalid(self._method, field, str(exc)))
             return
         err.update("")
-        self.app.set_param(self._method, field, coerced)
+        self.post_message(self.ParamChanged(self._method, field, coerced))
 
     def _field(self, wid: str | None) -> str | None:
         prefix = f"mp{getattr(self, '_gen', 0)}-"
@@ -184,4 +241,4 @@ class MethodPane(Vertical):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "me-yaml":
-            self.app.action_import_yaml()
+            self.post_message(ActionRequested("import_yaml"))

@@ -7,11 +7,15 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Static
 
+from . import ActionRequested, Revisions
+
 
 class ProbePane(Vertical):
-    def __init__(self, **kw) -> None:
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
+        self._revs = Revisions()
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="pane-head"):
@@ -27,7 +31,22 @@ class ProbePane(Vertical):
         yield Static("", id="pb-score", classes="hint")
 
     def on_mount(self) -> None:
+        self._revs.changed(self.ws, "probe")
         self.ready = True
+
+    def refresh_from(self, ws) -> None:
+        """The latest answers (a probe, a step) and step mode's score line."""
+        self.ws = ws
+        if not self._revs.changed(ws, "probe"):
+            return
+        if ws.probe is not None:
+            question, edited, original = ws.probe
+            if edited is None:
+                self.pending()
+            else:
+                self.show(question, edited, original)
+        if ws.probe_note:
+            self.score(ws.probe_note)
 
     @property
     def question(self) -> str:
@@ -35,11 +54,11 @@ class ProbePane(Vertical):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "pb-question":
-            self.app.action_probe()
+            self.post_message(ActionRequested("probe"))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "pb-ask":
-            self.app.action_probe()
+            self.post_message(ActionRequested("probe"))
 
     def show(self, question: str, edited: str, original: str) -> None:
         self.query_one("#pb-edited", Static).update(escape(edited) or "[dim](empty)[/dim]")

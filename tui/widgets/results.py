@@ -9,6 +9,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
+from . import Revisions
+
 
 # (key in result_row, header, better: "low" | "high")
 COLUMNS = (
@@ -30,9 +32,11 @@ def fmt(v: Any) -> str:
 
 
 class ResultsPane(Vertical):
-    def __init__(self, **kw) -> None:
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
+        self._revs = Revisions()
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="rs-table", cursor_type="row", zebra_stripes=True)
@@ -54,15 +58,21 @@ class ResultsPane(Vertical):
         for key, head, width in (("split", "split", 7), ("id", "id", 8), ("gold", "gold", 12),
                                  ("before", "before", 24), ("after", "after", 24), ("r1", "R1", 9)):
             d.add_column(head, key=key, width=width)
+        self._revs.changed(self.ws, "results", "session")
         self.refresh_rows()
         self.ready = True
 
+    def refresh_from(self, ws) -> None:
+        self.ws = ws
+        if self._revs.changed(ws, "results", "session"):
+            self.refresh_rows()
+
     def rows(self) -> list[dict]:
-        if not self.app.results:
+        if not self.ws.results:
             return []
         from backends.runner import result_row
 
-        return [result_row(r) for r in self.app.results]
+        return [result_row(r) for r in self.ws.results]
 
     def refresh_rows(self) -> None:
         t = self.query_one("#rs-table", DataTable)
@@ -73,7 +83,7 @@ class ResultsPane(Vertical):
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
             if len(vals) >= 2:
                 best[key] = min(vals) if better == "low" else max(vals)
-        for i, (row, res) in enumerate(zip(rows, self.app.results)):
+        for i, (row, res) in enumerate(zip(rows, self.ws.results)):
             cells: list[Any] = [str(i + 1), row["method"], row["target_mode"], str(row["merge_factor"])]
             for key, _, _ in COLUMNS:
                 v = row.get(key)
@@ -107,10 +117,10 @@ class ResultsPane(Vertical):
     def show_items(self, index: int) -> None:
         d = self.query_one("#rs-items", DataTable)
         d.clear()
-        if not 0 <= index < len(self.app.results):
+        if not 0 <= index < len(self.ws.results):
             return
-        run = self.app.results[index]
-        base = self.app.baseline_eval
+        run = self.ws.results[index]
+        base = self.ws.baseline_eval
         self.query_one("#rs-detail-title", Static).update(
             f"run {index + 1} ({run.label}): per-item answers before → after")
         for split, scores in run.eval.splits.items():

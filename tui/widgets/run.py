@@ -7,6 +7,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, ProgressBar, RichLog, Sparkline, Static
 
+from . import ActionRequested
+
 
 def fmt_seconds(s: float | None) -> str:
     if s is None:
@@ -18,8 +20,12 @@ def fmt_seconds(s: float | None) -> str:
 class RunPane(Vertical):
     MAX_LOSSES = 200
 
-    def __init__(self, **kw) -> None:
+    BUTTONS = {"rn-run": "run", "rn-cancel": "cancel", "rn-step": "step", "rn-undo": "undo_edit",
+               "rn-redo": "redo_edit"}
+
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
         self.losses: list[float] = []
 
@@ -40,16 +46,17 @@ class RunPane(Vertical):
         yield RichLog(id="rn-log", max_lines=500, wrap=True, markup=True)
 
     def on_mount(self) -> None:
-        self.query_one("#rn-log", RichLog).max_lines = self.app.settings.max_log_lines
+        self.query_one("#rn-log", RichLog).max_lines = self.ws.settings.max_log_lines
         self.ready = True
 
+    def refresh_from(self, ws) -> None:
+        """Nothing of the workspace is shown here: the App routes the engine's progress to this pane."""
+        self.ws = ws
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        actions = {"rn-run": self.app.action_run, "rn-cancel": self.app.action_cancel,
-                   "rn-step": self.app.action_step, "rn-undo": self.app.action_undo_edit,
-                   "rn-redo": self.app.action_redo_edit}
-        fn = actions.get(event.button.id or "")
-        if fn:
-            fn()
+        action = self.BUTTONS.get(event.button.id or "")
+        if action:
+            self.post_message(ActionRequested(action))
 
     # ------------------------------------------------------------------ updates from the App
     def stage(self, stage: str, total: int | None, detail: str = "") -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static, TextArea
 
 from ..actions import pane_bindings
+from . import Revisions
 
 MODES = ("idk", "self-improve", "dummy", "incorrect", "avoidant", "custom")
 
@@ -30,17 +32,49 @@ def warnings_for(item, text: str | None, flags: dict | None = None) -> list[str]
 class TargetsPane(Vertical):
     BINDINGS = pane_bindings("targets")
 
-    def __init__(self, **kw) -> None:
+    class TargetEdited(Message):
+        """The user's text for ``item_id``'s target (empty: back to the mode's rule)."""
+
+        def __init__(self, item_id: str, text: str) -> None:
+            super().__init__()
+            self.item_id, self.text = item_id, text
+
+    class TargetReset(Message):
+        def __init__(self, item_id: str) -> None:
+            super().__init__()
+            self.item_id = item_id
+
+    class ModeChanged(Message):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode = mode
+
+    class MergeFactorChanged(Message):
+        def __init__(self, merge_factor: int) -> None:
+            super().__init__()
+            self.merge_factor = merge_factor
+
+    class SelfImproveRequested(Message):
+        """Let the model write targets: for ``item_id``, or (None) for every forget item."""
+
+        def __init__(self, item_id: str | None) -> None:
+            super().__init__()
+            self.item_id = item_id
+
+    def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
+        self.ws = workspace
         self.ready = False
         self._loading = False
         self._current: str | None = None
         self._loaded_text = ""
+        self._posted: str | None = None    # the last text this pane sent for the current item
+        self._revs = Revisions()
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="pane-head"):
             yield Label("mode")
-            t = self.app.session.targets
+            t = self.ws.session.targets
             yield Select([(m, m) for m in MODES], value=t.mode if t.mode in MODES else "idk", allow_blank=False,
                          id="tg-mode", compact=True)
             yield Label("merge")
@@ -57,25 +91,31 @@ class TargetsPane(Vertical):
             yield Static("", id="tg-preview")
 
     def on_mount(self) -> None:
+        self._revs.changed(self.ws, "items", "selection", "targets", "session")
         self.refresh_all()
         self.ready = True
 
     # ------------------------------------------------------------------ rendering
+    def refresh_from(self, ws) -> None:
+        self.ws = ws
+        if self._revs.changed(ws, "items", "selection", "targets", "session"):
+            self.refresh_all()
+
     def refresh_all(self) -> None:
-        app = self.app
+        ws = self.ws
         self._loading = True
         try:
             sel = self.query_one("#tg-mode", Select)
-            if sel.value != app.session.targets.mode:
-                sel.value = app.session.targets.mode
+            if sel.value != ws.session.targets.mode:
+                sel.value = ws.session.targets.mode
             merge = self.query_one("#tg-merge", Input)
-            if merge.value != str(app.session.targets.merge_factor):
-                merge.value = str(app.session.targets.merge_factor)
+            if merge.value != str(ws.session.targets.merge_factor):
+                merge.value = str(ws.session.targets.merge_factor)
             lv = self.query_one("#tg-list", ListView)
-            ids = [it.id for it in app.forget_items()]
+            ids = [it.id for it in ws.forget_items()]
             if [getattr(i, "name", None) for i in lv.children] != ids:
                 lv.clear()
-                for it in app.forget_items():
+                for it in ws.forget_items():
                     lv.append(ListItem(Label(escape(f"{it.id}  {it.question}")), name=it.id))
                 if ids:
                     idx = ids.index(self._current) if self._current in ids else 0
@@ -90,26 +130,31 @@ class TargetsPane(Vertical):
         self.refresh_preview()
 
     def _show(self, item_id: str | None) -> None:
-        app = self.app
+        ws = self.ws
+        if item_id != self._current:
+            self._posted = None
         # only a loaded item is shown: an id may outlive its data (a failed or pending load)
-        item = app.find_item(item_id) if item_id is not None else None
+        item = ws.find_item(item_id) if item_id is not None else None
         if item is None:
             item_id = None
         self._current = item_id
         area = self.query_one("#tg-text", TextArea)
         if item is None:
             self.query_one("#tg-question", Static).update("select forget items in the Forget set pane"
-                                                          if app.items is not None else "no data loaded")
+                                                          if ws.items is not None else "no data loaded")
             self._loaded_text = ""
             area.load_text("")
             self.query_one("#tg-warn", Static).update("")
             return
-        text, source, flags = app.target_text(item_id)
+        text, source, flags = ws.target_text(item_id)
         self.query_one("#tg-question", Static).update(
             f"[b]{escape(item_id)}[/b] {escape(item.question)}  [dim]gold: {escape(item.answer)} · {source}[/dim]")
-        self._loaded_text = text or ""
-        if area.text != self._loaded_text:
-            area.load_text(self._loaded_text)
+        if self._posted is not None and area.text == self._posted:
+            self._loaded_text = area.text   # the workspace has yet to catch up with what the user typed
+        else:
+            self._loaded_text = text or ""
+            if area.text != self._loaded_text:
+                area.load_text(self._loaded_text)
         self.refresh_warnings(item, text, flags)
 
     def refresh_warnings(self, item, text, flags) -> None:
@@ -117,7 +162,7 @@ class TargetsPane(Vertical):
         self.query_one("#tg-warn", Static).update("\n".join(escape(x) for x in w))
 
     def refresh_preview(self) -> None:
-        self.query_one("#tg-preview", Static).update(self.app.merge_preview())
+        self.query_one("#tg-preview", Static).update(self.ws.merge_preview())
 
     # ------------------------------------------------------------------ events
     def on_list_view_highlighted(self, event: ListView.Highlighted) -> None:
@@ -126,7 +171,7 @@ class TargetsPane(Vertical):
         # is ignored (the list is rebuilt from the current state anyway)
         if event.item is None or self._loading:
             return
-        if event.item.name not in {it.id for it in self.app.forget_items()}:
+        if event.item.name not in {it.id for it in self.ws.forget_items()}:
             return
         self._loading = True
         try:
@@ -137,18 +182,15 @@ class TargetsPane(Vertical):
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if self._loading or self._current is None or event.text_area.text == self._loaded_text:
             return
-        item = self.app.find_item(self._current)
-        if self._current not in self.app.forget_ids or item is None:
+        item = self.ws.find_item(self._current)
+        if self._current not in self.ws.forget_ids or item is None:
             return
-        self._loaded_text = event.text_area.text
-        self.app.edit_target(self._current, event.text_area.text)
-        text, _, flags = self.app.target_text(self._current)
-        self.refresh_warnings(item, text, flags)
-        self.refresh_preview()
+        self._loaded_text = self._posted = event.text_area.text
+        self.post_message(self.TargetEdited(self._current, event.text_area.text))
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "tg-mode" and not self._loading and event.value in MODES:
-            self.app.set_target_mode(str(event.value))
+            self.post_message(self.ModeChanged(str(event.value)))
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id != "tg-merge" or self._loading:
@@ -160,18 +202,20 @@ class TargetsPane(Vertical):
             return
         event.input.set_class(m < 1, "-invalid")
         if m >= 1:
-            self.app.set_merge_factor(m)
+            self.post_message(self.MergeFactorChanged(m))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "tg-self":
-            self.app.action_self_improve()
+            self._posted = None
+            self.post_message(self.SelfImproveRequested(self._current))
 
     def action_merge(self, delta: int) -> None:
-        self.app.set_merge_factor(max(1, self.app.session.targets.merge_factor + delta))
+        self.post_message(self.MergeFactorChanged(max(1, self.ws.session.targets.merge_factor + delta)))
 
     def action_reset_target(self) -> None:
         if self._current:
-            self.app.reset_target(self._current)
+            self._posted = None
+            self.post_message(self.TargetReset(self._current))
 
     def current_item(self) -> str | None:
         return self._current

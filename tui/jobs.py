@@ -1,0 +1,109 @@
+"""The job queue: one engine job at a time, the others wait (no Textual here).
+
+A :class:`Job` is a value: its name, a label, the state it runs on (a
+:class:`tui.workspace.Snapshot`, loaded into the Workbench first) and ``call``,
+exactly one call on the :class:`backends.runner.Workbench` (``run_all``,
+``step_next``, ``undo``, ...) made in the worker thread.  :meth:`JobQueue.submit`
+answers with a :class:`Submitted`: started, queued (after which job), or refused
+(with the one-line reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from backends.errors import UserError
+
+from .workspace import Snapshot, quiet
+
+# jobs that change the weights: the Run pane's loss chart and status start afresh
+EDITING_JOBS = frozenset({"run", "replay", "step", "undo", "redo", "self-improve"})
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    call: Callable[[Any], Any]                # fn(workbench), in the worker thread: one Workbench call
+    snapshot: Snapshot | None = None          # loaded into the workbench first (Workbench.adopt)
+    label: str = ""
+    on_done: Callable[[Any], None] | None = None   # on the UI thread, with what ``call`` returned
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+    def body(self, wb: Any) -> Any:
+        """What the worker runs."""
+        if self.snapshot is not None:
+            self.snapshot.load_into(wb)
+        return self.call(wb)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    status: str            # "started" | "queued" | "refused" | "duplicate" | "unavailable"
+    message: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ("started", "queued")
+
+
+@dataclass
+class JobQueue:
+    """Jobs waiting for the one engine worker.
+
+    ``start(job) -> bool`` starts a job in the worker (False while it is busy);
+    ``busy() -> bool`` tells whether a job runs; ``running() -> str | None`` names it.
+    """
+
+    start: Callable[[Job], bool]
+    busy: Callable[[], bool]
+    running: Callable[[], str | None] = lambda: None
+    waiting: list = field(default_factory=list)
+    current: Job | None = None
+
+    def submit(self, make: Callable[[], Job] | Job, name: str | None = None) -> Submitted:
+        """Start the job now, or queue it; ``make`` (a Job or a function building one, called when it
+        starts so it sees the state of that moment) may raise UserError: the job is refused."""
+        name = name or (make.name if isinstance(make, Job) else getattr(make, "__name__", "job"))
+        if self.busy() or self.waiting:
+            if any(n == name for n, _ in self.waiting):
+                return Submitted("duplicate", f"{name}: already queued")
+            self.waiting.append((name, make))
+            ahead = self.running() or self.waiting[0][0]
+            return Submitted("queued", f"{name}: queued after {ahead}")
+        return self._launch(make)
+
+    def _launch(self, make: Callable[[], Job] | Job) -> Submitted:
+        try:
+            job = make if isinstance(make, Job) else make()
+        except UserError as exc:
+            return Submitted("refused", quiet(exc))
+        self.current = job
+        if not self.start(job):
+            self.current = None
+            return Submitted("refused", f"{job.name}: the engine is busy")
+        return Submitted("started", f"{job.title}…")
+
+    def finished(self) -> Job | None:
+        """The running job ended; returns it (its ``on_done`` is the caller's to call)."""
+        job, self.current = self.current, None
+        return job
+
+    def next(self) -> Submitted | None:
+        """Start the first waiting job when the worker is free (a refused one is skipped: its answer is returned)."""
+        if self.waiting and not self.busy():
+            _, make = self.waiting.pop(0)
+            return self._launch(make)
+        return None
+
+    def clear(self) -> None:
+        self.waiting.clear()
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting)
