@@ -26,6 +26,7 @@ This module imports nothing heavy; it works on any object with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UserError
 
@@ -43,7 +44,7 @@ class ArchSpec:
     out_proj_layout: str = "out_in"
 
 
-_LLAMA_LIKE = dict(layers="model.layers", mlp="mlp", mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+_LLAMA_LIKE: dict[str, Any] = dict(layers="model.layers", mlp="mlp", mlp_in=("mlp.gate_proj", "mlp.up_proj"),
                    mlp_out="mlp.down_proj", final_norm="model.norm", embed="model.embed_tokens",
                    unembed="lm_head")
 
@@ -88,7 +89,7 @@ class Adapter:
         self.n_layers = len(model.get_submodule(spec.layers))
 
     @classmethod
-    def for_model(cls, model) -> "Adapter":
+    def for_model(cls, model) -> Adapter:
         family = getattr(model.config, "model_type", None)
         spec = SPECS.get(family or "")
         if spec is None:

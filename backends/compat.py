@@ -1,23 +1,36 @@
-"""The one place that knows how the installed transformers names the KV cache.
+"""The one place that knows how installed libraries differ between versions.
 
-transformers 5.x renamed the ``past_key_values`` argument and output field to
-``cache`` (the old name still works with a FutureWarning and is removed in
-5.40).  Code that passes a cache to ``forward``, reads one from an output, or
-inspects a call's keyword arguments (forward pre-hooks) goes through these
-helpers, so it works on both sides of the rename and never warns.
+* ``tomllib``: the standard library's TOML reader on Python >= 3.11, the
+  ``tomli`` package (the same API) on 3.10.  Every module reads TOML through
+  ``from backends.compat import tomllib``.
+* The KV cache: transformers 5.x renamed the ``past_key_values`` argument
+  and output field to ``cache`` (the old name still works with a
+  FutureWarning and is removed in 5.40).  Code that passes a cache to
+  ``forward``, reads one from an output, or inspects a call's keyword
+  arguments (forward pre-hooks) goes through :func:`cache_kwarg`,
+  :func:`output_cache` and :func:`call_cache`, so it works on both sides of
+  the rename and never warns.
 """
 
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+import sys
+from functools import cache
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["tomllib", "CACHE_NAMES", "cache_kwarg", "output_cache", "call_cache"]
 
 CACHE_NAMES = ("cache", "past_key_values")
 
 
-@lru_cache(maxsize=None)
-def _cache_name_for(cls: type) -> str:
+@cache
+def _cache_name_for(cls: Any) -> str:
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
@@ -27,7 +40,7 @@ def _cache_name_for(cls: type) -> str:
 
 def cache_kwarg(model: Any) -> str:
     """The keyword under which ``model.forward`` takes a KV cache."""
-    return _cache_name_for(type(model))
+    return _cache_name_for(model.__class__)
 
 
 def output_cache(out: Any) -> Any:

@@ -51,12 +51,14 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .errors import UserError
+from .spec import DATA_FORMATS
 
 __all__ = [
     "QAItem",
@@ -69,7 +71,7 @@ __all__ = [
     "rephrase_split",
 ]
 
-FORMATS = ("auto", "json", "jsonl", "csv", "parquet", "tofu", "pistol", "easyedit", "hub")
+FORMATS = DATA_FORMATS  # the experiment description's list (backends.spec), one statement
 
 QUESTION_KEYS = ("question", "prompt", "query", "input", "src")
 ANSWER_KEYS = ("answer", "target", "output", "ground_truth", "gold", "answers")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 from .errors import Cancelled
 
@@ -75,7 +76,7 @@ class Failure:
     rolled_back: bool = False
 
 
-Event = Union[StageStarted, Progress, Log, ItemResult, RunStarted, RunFinished, SessionFinished, Failure]
+Event = StageStarted | Progress | Log | ItemResult | RunStarted | RunFinished | SessionFinished | Failure
 EventCallback = Callable[[Event], None]
 
 

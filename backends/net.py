@@ -1,8 +1,9 @@
 """Is the Hugging Face hub reachable?  Asked once per process, answered in seconds.
 
-Without this, an unreachable hub costs ~50 s of client retries before the user
-sees an error.  The probe opens one TCP connection (name lookup included, in a
-thread, since ``getaddrinfo`` ignores socket timeouts).  Behind a proxy only
+Without this, an unreachable hub costs the hub client's retries (tens of
+seconds; benchmarks/RESULTS.md) before the user sees an error.  The probe
+opens one TCP connection (name lookup included, in a thread, since
+``getaddrinfo`` ignores socket timeouts).  Behind a proxy only
 the proxy knows, so the hub client's own timeouts apply.
 """
 

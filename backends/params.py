@@ -29,7 +29,6 @@ from typing import Any
 
 from .errors import UserError
 
-
 _INT64 = (-(2**63), 2**63 - 1)
 
 

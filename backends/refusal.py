@@ -42,8 +42,8 @@ _REFUSE_VERBS = r"(?:know|answer|help|say|tell|share|provide|give|recall|remembe
 
 _PATTERNS = [
     rf"\bi {_NEG_AUX} (?:really |actually |honestly |currently |reliably |possibly |quite )?{_REFUSE_VERBS}\b",
-    rf"\bi(?:'m| am) (?:not |un)?(?:sure|certain|aware|familiar|informed|equipped|acquainted|briefed|"
-    rf"knowledgeable|qualified|well-versed|clueless)\b",
+    r"\bi(?:'m| am) (?:not |un)?(?:sure|certain|aware|familiar|informed|equipped|acquainted|briefed|"
+    r"knowledgeable|qualified|well-versed|clueless)\b",
     r"\bi(?:'m| am) (?:unable|not able|not in a position|afraid i|at a loss|drawing a blank|uncertain|unaware)\b",
     r"\bi (?:do not|don't|dont) (?:have|hold|possess) (?:any |the |that |this |enough |reliable |specific |"
     r"much |an? )?(?:information|info|knowledge|answer|details?|data|idea|clue|insight|specifics|facts?|"

@@ -33,16 +33,26 @@ after evaluation) so rows are comparable.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import methods
 from .errors import Cancelled, NonFiniteError, UserError
-from .events import (CancelToken, EventCallback, Failure, Log, RunFinished, RunStarted, SessionFinished,
-                     StageStarted, ignore)
-from .metrics import EvalResult, EvalSettings, evaluate
+from .events import (
+    CancelToken,
+    EventCallback,
+    Failure,
+    Log,
+    RunFinished,
+    RunStarted,
+    SessionFinished,
+    StageStarted,
+    ignore,
+)
 from .methods.base import EditContext  # noqa: F401  (re-exported: runner.EditContext)
+from .metrics import EvalResult, EvalSettings, evaluate
 from .params import to_dict
 from .targets import GENERATED_SOURCES, Request, Target, build_requests, load_pool, simple_targets
 

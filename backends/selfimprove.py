@@ -45,8 +45,9 @@ merged prompts.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
@@ -126,7 +127,7 @@ _SPECS = {
     "incorrect": _Spec(INCORRECT_SYSTEM, INCORRECT_EXEMPLARS, "Wrong answer"),
     "paraphrase": _Spec(PARAPHRASE_SYSTEM, PARAPHRASE_EXEMPLARS, "Rewritten question"),
 }
-GENERATED_MODES = ("self-improve", "avoidant", "incorrect")
+from .spec import GENERATED_MODES  # noqa: E402  (stated once, in the spec)
 
 
 def _hash(*parts: Any) -> int:

@@ -40,14 +40,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .errors import UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
+from .fileio import atomic_write, save_safetensors
+from .paths import cache_dir
 
 VERSION = 1
 CORPUS_VERSION = 1
@@ -81,8 +83,6 @@ class StatsInfo:
 
 
 def _stats_dir() -> Path:
-    from sessions.paths import cache_dir
-
     return cache_dir() / "stats"
 
 
@@ -131,18 +131,14 @@ def cache_file(handle: Any, corpus: str, budget: int, layer: int) -> Path:
 
 
 def _self_corpus_path(handle: Any, seq_len: int) -> Path:
-    from sessions.paths import cache_dir
-
     return cache_dir() / "corpora" / f"self-{handle.fingerprint}-s{seq_len}-v{CORPUS_VERSION}.json"
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    """A cache file written atomically (:mod:`backends.fileio`); one we cannot write is not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(obj))
     except OSError:
         pass
 
@@ -258,14 +254,10 @@ def corpus_chunks(handle: Any, corpus: str, seq_len: int = SEQ_LEN) -> Iterator[
 
 
 def _save(path: Path, tensor: Any, meta: dict) -> None:
-    from safetensors.torch import save_file
-
+    """One cache file written atomically (:mod:`backends.fileio`); one we cannot write is not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        save_file({"mom2": tensor.contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
+        save_safetensors(path, {"mom2": tensor.contiguous()}, {k: str(v) for k, v in meta.items()})
     except OSError:
         pass
 
@@ -424,16 +416,14 @@ def nullspace_basis(handle: Any, layer: int, cov: Any, threshold: float, relativ
 
 def export_stats(handle: Any, layers: Sequence[int], path: str | os.PathLike, corpus: str = DEFAULT_CORPUS,
                  token_budget: int = DEFAULT_BUDGET, **kw: Any) -> Path:
-    """Write the layers' statistics (computing missing ones) to one ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
+    """Write the layers' statistics (computing missing ones) to one ``.safetensors`` file (atomically)."""
     mats, info = second_moments(handle, layers, corpus, token_budget, **kw)
     path = Path(path)
     meta = {"format": "unlearn-tui-mom2", "version": str(VERSION), "fingerprint": handle.fingerprint,
             "model": str(getattr(handle, "name", "")), "corpus": corpus, "budget": str(token_budget),
             "tokens": str(info.tokens), "layers": ",".join(map(str, sorted(mats)))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"layer.{l}": m.cpu().contiguous() for l, m in mats.items()}, str(path), metadata=meta)
+    save_safetensors(path, {f"layer.{l}": m.cpu().contiguous() for l, m in mats.items()}, meta)
     return path
 
 

@@ -22,7 +22,8 @@ LAST token of the subject inside the prompt the model sees.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import UserError
 

@@ -22,22 +22,24 @@ token of that subject's LAST occurrence in the merged prompt.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import UserError
 
-TARGET_MODES = ("idk", "self-improve", "dummy", "incorrect", "avoidant", "custom")
-# sources of targets the model wrote: cached in the session, replaced when the user asks to regenerate
-GENERATED_SOURCES = frozenset({"self-improve", "regenerated", "fallback", "generated"})
-DEFAULT_DUMMY = "I have no information about that."
+# the vocabularies are the experiment description's (one statement of each); re-exported here
+from .spec import DEFAULT_DUMMY, GENERATED_SOURCES, TARGET_MODES, TARGET_SOURCES
+
+__all__ = ["TARGET_MODES", "TARGET_SOURCES", "GENERATED_SOURCES", "DEFAULT_DUMMY", "Target", "Request",
+           "pick_from_pool", "load_pool", "simple_targets", "build_requests"]
 
 
 @dataclass
 class Target:
     item_id: str
     text: str
-    source: str              # pool | custom | dummy | self-improve | regenerated | fallback | perturbed | generated
+    source: str              # one of spec.TARGET_SOURCES
     leak: bool | None = None
     mentions_subject: bool | None = None
 

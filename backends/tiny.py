@@ -14,6 +14,7 @@ through the real loader and run the editors on it.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 ARCHS = ("llama", "gpt2", "qwen2")
 # every family with an adapter in backends.arch.SPECS (tests/test_families.py checks the two agree)
@@ -66,7 +67,7 @@ def config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, mlp: i
     """A tiny config for ``arch`` (any of :data:`ALL_ARCHS`): 4 heads of width ``hidden // 4``."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
         return tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

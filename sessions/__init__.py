@@ -11,8 +11,19 @@ Textual-free and torch-free (a test enforces it)::
 from __future__ import annotations
 
 from .loader import load, loads
-from .schema import (SCHEMA_VERSION, DataConfig, EvalConfig, ModelConfig, Paraphrase,
-                     RunConfig, Session, TargetItem, TargetsConfig, new_session, to_plain)
+from .schema import (
+    SCHEMA_VERSION,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    Paraphrase,
+    RunConfig,
+    Session,
+    TargetItem,
+    TargetsConfig,
+    new_session,
+    to_plain,
+)
 from .writer import atomic_write, clean_stale_temps, dumps, save
 
 
@@ -33,5 +44,5 @@ def validate(session: Session) -> None:
 __all__ = [
     "SCHEMA_VERSION", "Session", "ModelConfig", "DataConfig", "TargetsConfig", "TargetItem",
     "Paraphrase", "EvalConfig", "RunConfig", "load", "loads", "save", "dumps", "new_session",
-    "validate", "to_plain", "atomic_write",
+    "validate", "to_plain", "atomic_write", "clean_stale_temps",
 ]

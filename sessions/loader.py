@@ -16,67 +16,58 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
+from backends.compat import tomllib
 from backends.errors import UserError
+from backends.fileio import clean_stale_temps
 from backends.params import unknown_key_message
+from backends.spec import (
+    MISSING,
+    SUPPORTED_VERSIONS,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    Paraphrase,
+    RunConfig,
+    Session,
+    TargetItem,
+    TargetsConfig,
+    format_path,
+    parse_path,
+    toml_default,
+    toml_keys,
+    toml_meta,
+)
 
 from ._lines import LineIndex
-from .writer import clean_stale_temps
-from .schema import (DATA_FORMATS, DEFAULT_DATA, DEFAULT_DUMMY, DEFAULT_MODEL, DEVICE_PATTERN,
-                     DTYPES, EVAL_LIMITS, SUPPORTED_VERSIONS, TARGET_MODES, TARGET_SOURCES,
-                     DataConfig, EvalConfig, ModelConfig, Paraphrase, RunConfig, Session,
-                     TargetItem, TargetsConfig, to_plain)
+from .schema import to_plain
 
-_MISSING: Any = object()
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
+__all__ = ["KNOWN", "format_path", "parse_path", "format_value", "check_override", "check_remote_code",
+           "parse", "loads", "load"]
+
+_MISSING: Any = MISSING
 _HUB = re.compile(r"[^/\s:]+/[^/\s:]+(:[^\s:]+){0,2}")
-_SEED_MAX = 2**32 - 1
 
-KNOWN = {
-    "": ("version", "model", "data", "targets", "eval", "runs"),
-    "model": ("name", "device", "dtype", "trust_remote_code", "revision"),
-    "data": ("path", "format", "forget", "retain", "rephrase", "subjects", "paraphrases"),
-    "paraphrase": ("id", "question", "source"),
-    "targets": ("mode", "merge_factor", "seed", "pool", "dummy", "items"),
-    "item": ("id", "target", "source", "leak", "mentions_subject"),
-    "eval": ("max_new_tokens", "batch_size", "top_k"),
-    "run": ("method", "label", "params"),
-}
+# the tables a file may hold, by the kind of table the messages and checks name
+_TABLES: dict[str, type] = {"": Session, "model": ModelConfig, "data": DataConfig, "paraphrase": Paraphrase,
+                            "targets": TargetsConfig, "item": TargetItem, "eval": EvalConfig, "run": RunConfig}
+KNOWN = {kind: toml_keys(cls) for kind, cls in _TABLES.items()}
+
+
+def _default(cls: type, key: str) -> Any:
+    """The default of a key as the file holds it (the field's metadata; ``_MISSING`` if required)."""
+    return toml_default(cls, key)
+
+
+def _choices(cls: type, key: str) -> tuple[str, ...]:
+    return toml_meta(cls, key)["choices"]
+
+
+def _range(cls: type, key: str) -> dict[str, int | None]:
+    lo, hi = toml_meta(cls, key)["range"]
+    return {"lo": lo, "hi": hi}
 
 
 # ----------------------------------------------------------------- formatting
-def format_path(path: tuple | list) -> str:
-    """``("runs", 0, "params", "lr")`` -> ``runs[0].params.lr``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = part if _BARE.fullmatch(part) else json.dumps(part, ensure_ascii=False)
-            out += f".{text}" if out else text
-    return out
-
-
-def parse_path(text: str) -> tuple:
-    """Inverse of :func:`format_path` (for ``where`` strings from ``backends.params``)."""
-    out: list = []
-    for m in re.finditer(r'\[(\d+)\]|"((?:[^"\\]|\\.)*)"|([^.\[\]"]+)', text):
-        if m.group(1) is not None:
-            out.append(int(m.group(1)))
-        elif m.group(2) is not None:
-            try:
-                out.append(json.loads(f'"{m.group(2)}"'))
-            except ValueError:
-                out.append(m.group(2))
-        else:
-            out.append(m.group(3))
-    return tuple(out)
-
-
 def format_value(v: Any) -> str:
     """A value as the user wrote it in TOML (short)."""
     if isinstance(v, bool):
@@ -241,10 +232,9 @@ def _builtin_names() -> list[str]:
 # checked with the same ones (:func:`check_override`).
 _MODEL_RULES: dict[str, dict[str, Any]] = {
     "name": dict(expected="a model (built-in name, hub id, local directory or .gguf file)"),
-    "device": dict(pattern=DEVICE_PATTERN, expected="auto, cpu, mps, cuda or cuda:N"),
-    "dtype": dict(choices=DTYPES),
+    "device": dict(pattern=toml_meta(ModelConfig, "device")["pattern"], expected="auto, cpu, mps, cuda or cuda:N"),
+    "dtype": dict(choices=_choices(ModelConfig, "dtype")),
 }
-_MODEL_DEFAULTS = {"name": DEFAULT_MODEL, "device": "auto", "dtype": "auto"}
 
 
 def check_override(key: str, value: Any, flag: str) -> str:
@@ -263,19 +253,21 @@ def check_override(key: str, value: Any, flag: str) -> str:
 def _model(c: _Checker, root: dict) -> ModelConfig:
     t = c.section(root, "model")
     kp = ("model",)
-    return ModelConfig(
-        name=c.string(t, kp, "name", _MODEL_DEFAULTS["name"], **_MODEL_RULES["name"]),
-        device=c.string(t, kp, "device", _MODEL_DEFAULTS["device"], **_MODEL_RULES["device"]),
-        dtype=c.string(t, kp, "dtype", _MODEL_DEFAULTS["dtype"], **_MODEL_RULES["dtype"]),
-        trust_remote_code=c.boolean(t, kp, "trust_remote_code", False),
-        revision=c.string(t, kp, "revision", "", allow_empty=True) or None,
+    M = ModelConfig
+    return M(
+        name=c.string(t, kp, "name", _default(M, "name"), **_MODEL_RULES["name"]),
+        device=c.string(t, kp, "device", _default(M, "device"), **_MODEL_RULES["device"]),
+        dtype=c.string(t, kp, "dtype", _default(M, "dtype"), **_MODEL_RULES["dtype"]),
+        trust_remote_code=c.boolean(t, kp, "trust_remote_code", _default(M, "trust_remote_code")),
+        revision=c.string(t, kp, "revision", _default(M, "revision"), allow_empty=True) or None,
     )
 
 
 def _data(c: _Checker, root: dict) -> DataConfig:
     t = c.section(root, "data")
     kp = ("data",)
-    path = c.string(t, kp, "path", DEFAULT_DATA,
+    D = DataConfig
+    path = c.string(t, kp, "path", _default(D, "path"),
                     expected='a file path, "builtin:NAME" or "hub:OWNER/NAME[:split]"')
     pkp = kp + ("path",)
     if path.startswith("builtin:"):
@@ -294,9 +286,9 @@ def _data(c: _Checker, root: dict) -> DataConfig:
                         f"got {format_value(path)}")
     else:
         c.file_path(pkp, path, "data file")
-    fmt = c.string(t, kp, "format", "auto", choices=DATA_FORMATS)
+    fmt = c.string(t, kp, "format", _default(D, "format"), choices=_choices(D, "format"))
 
-    forget = t.get("forget", 10)
+    forget = t.get("forget", _default(D, "forget"))
     fkp = kp + ("forget",)
     if isinstance(forget, bool) or not isinstance(forget, (int, list)):
         c.fail(fkp, f"expected a number of items (>= 1) or a list of item ids, "
@@ -306,7 +298,7 @@ def _data(c: _Checker, root: dict) -> DataConfig:
     if isinstance(forget, list):
         forget = c.ids(forget, fkp, "")
 
-    retain = t.get("retain", 10)
+    retain = t.get("retain", _default(D, "retain"))
     rkp = kp + ("retain",)
     shape = 'a number of items (>= 0), a list of item ids or "rest"'
     if isinstance(retain, bool) or not isinstance(retain, (int, list, str)):
@@ -323,9 +315,9 @@ def _data(c: _Checker, root: dict) -> DataConfig:
             if both:
                 c.fail(rkp, f"item id {format_value(both[0])} is in both forget and retain")
 
-    rephrase = c.boolean(t, kp, "rephrase", True)
+    rephrase = c.boolean(t, kp, "rephrase", _default(D, "rephrase"))
 
-    subjects_raw = t.get("subjects", {})
+    subjects_raw = t.get("subjects", _default(D, "subjects"))
     skp = kp + ("subjects",)
     if not isinstance(subjects_raw, dict):
         c.fail(skp, f"expected a table of item id = \"subject\", got {format_value(subjects_raw)}")
@@ -338,13 +330,14 @@ def _data(c: _Checker, root: dict) -> DataConfig:
 
     paraphrases = []
     pkp = kp + ("paraphrases",)
-    for i, raw in enumerate(c.array_of_tables(t.get("paraphrases", []), pkp, "data.paraphrases")):
+    raw_paraphrases = t.get("paraphrases", _default(D, "paraphrases"))
+    for i, raw in enumerate(c.array_of_tables(raw_paraphrases, pkp, "data.paraphrases")):
         ikp = pkp + (i,)
         c.table(raw, ikp, "paraphrase")
         paraphrases.append(Paraphrase(
             id=c.string(raw, ikp, "id", expected="an item id (string)"),
             question=c.string(raw, ikp, "question"),
-            source=c.string(raw, ikp, "source", "custom"),
+            source=c.string(raw, ikp, "source", _default(Paraphrase, "source")),
         ))
     return DataConfig(path=path, format=fmt, forget=forget, retain=retain, rephrase=rephrase,
                       subjects=subjects, paraphrases=paraphrases)
@@ -353,18 +346,19 @@ def _data(c: _Checker, root: dict) -> DataConfig:
 def _targets(c: _Checker, root: dict) -> TargetsConfig:
     t = c.section(root, "targets")
     kp = ("targets",)
-    mode = c.string(t, kp, "mode", "idk", choices=TARGET_MODES)
-    merge_factor = c.integer(t, kp, "merge_factor", 1, lo=1)
-    seed = c.integer(t, kp, "seed", 0, lo=0, hi=_SEED_MAX)
-    pool = c.string(t, kp, "pool", "", allow_empty=True,
+    T, Item = TargetsConfig, TargetItem
+    mode = c.string(t, kp, "mode", _default(T, "mode"), choices=_choices(T, "mode"))
+    merge_factor = c.integer(t, kp, "merge_factor", _default(T, "merge_factor"), **_range(T, "merge_factor"))
+    seed = c.integer(t, kp, "seed", _default(T, "seed"), **_range(T, "seed"))
+    pool = c.string(t, kp, "pool", _default(T, "pool"), allow_empty=True,
                     expected='a refusal-pool file path ("" or "builtin:refusals" = built-in pool)')
     if pool and pool.strip() != "builtin:refusals":
         c.file_path(kp + ("pool",), pool, "refusal-pool file")
-    dummy = c.string(t, kp, "dummy", DEFAULT_DUMMY)
+    dummy = c.string(t, kp, "dummy", _default(T, "dummy"))
     items: list[TargetItem] = []
     first: dict[str, int] = {}
     ikp_all = kp + ("items",)
-    for i, raw in enumerate(c.array_of_tables(t.get("items", []), ikp_all, "targets.items")):
+    for i, raw in enumerate(c.array_of_tables(t.get("items", _default(T, "items")), ikp_all, "targets.items")):
         ikp = ikp_all + (i,)
         c.table(raw, ikp, "item")
         item_id = c.string(raw, ikp, "id", expected="an item id (string)")
@@ -375,9 +369,9 @@ def _targets(c: _Checker, root: dict) -> TargetsConfig:
         items.append(TargetItem(
             id=item_id,
             target=c.string(raw, ikp, "target", expected="the target text (non-empty string)"),
-            source=c.string(raw, ikp, "source", "custom", choices=TARGET_SOURCES),
-            leak=c.boolean(raw, ikp, "leak", None),
-            mentions_subject=c.boolean(raw, ikp, "mentions_subject", None),
+            source=c.string(raw, ikp, "source", _default(Item, "source"), choices=_choices(Item, "source")),
+            leak=c.boolean(raw, ikp, "leak", _default(Item, "leak")),
+            mentions_subject=c.boolean(raw, ikp, "mentions_subject", _default(Item, "mentions_subject")),
         ))
     return TargetsConfig(mode=mode, merge_factor=merge_factor, seed=seed, pool=pool or None,
                          dummy=dummy, items=items)
@@ -386,8 +380,8 @@ def _targets(c: _Checker, root: dict) -> TargetsConfig:
 def _eval(c: _Checker, root: dict) -> EvalConfig:
     t = c.section(root, "eval")
     kp = ("eval",)
-    values = {k: c.integer(t, kp, k, getattr(EvalConfig, k), lo=lo, hi=hi)
-              for k, (lo, hi) in EVAL_LIMITS.items()}
+    values = {k: c.integer(t, kp, k, _default(EvalConfig, k), **_range(EvalConfig, k))
+              for k in KNOWN["eval"]}
     return EvalConfig(**values)
 
 
@@ -395,7 +389,7 @@ def _runs(c: _Checker, root: dict) -> list[RunConfig]:
     from backends import methods
 
     if "runs" not in root:
-        return [RunConfig("none", {}, None)]
+        return _default(Session, "runs")
     runs = []
     for i, raw in enumerate(c.array_of_tables(root["runs"], ("runs",), "runs")):
         kp = ("runs", i)
@@ -415,7 +409,7 @@ def _runs(c: _Checker, root: dict) -> list[RunConfig]:
         except UserError as e:
             at = parse_path(e.where) if e.where else kp + ("params",)
             c.fail(at, e.message)
-        label = c.string(raw, kp, "label", "", allow_empty=True)
+        label = c.string(raw, kp, "label", _default(RunConfig, "label"), allow_empty=True)
         runs.append(RunConfig(method=name, params=dict(params), label=label or None))
     return runs
 
@@ -537,7 +531,7 @@ def load(path: Path | str, *, allow_remote_code: bool = True) -> Session:
     if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
         raise UserError(f"is {_file_kind(mode)}, not a regular file; expected a session TOML file", label)
     # a save killed half-way leaves a temporary file next to the session: loading from that folder
-    # removes the stale ones (the rule is in sessions/writer.py); best effort, never fatal
+    # removes the stale ones (the rule is in backends/fileio.py); best effort, never fatal
     with contextlib.suppress(OSError, RuntimeError, ValueError):
         real = p.resolve()                          # where a save writes (through a symlink)
         clean_stale_temps(real.parent, real.name)

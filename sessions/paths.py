@@ -1,48 +1,19 @@
-"""Per-user directories (config, data, cache) and the autosave file.
+"""The app's autosave file, and the per-user directories (re-exported from :mod:`backends.paths`).
 
-Light on purpose: ``backends`` imports this too.  Each directory can be
-overridden with an environment variable (tests use these):
-``UNLEARN_TUI_CONFIG_DIR``, ``UNLEARN_TUI_DATA_DIR``, ``UNLEARN_TUI_CACHE_DIR``.
-The directories are not created here; pass ``create=True`` to make them.
+The directories (``config_dir``, ``data_dir``, ``cache_dir`` and their
+``UNLEARN_TUI_*_DIR`` overrides) are defined once, in the engine:
+:mod:`backends.paths`.  The directories are not created here; pass
+``create=True`` to make them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-APP_NAME = "unlearn-tui"
+from backends.paths import APP_NAME, cache_dir, config_dir, data_dir
 
-
-def _dir(env: str, kind: str, create: bool) -> Path:
-    value = os.environ.get(env)
-    if value:
-        path = Path(value).expanduser()
-    else:
-        import platformdirs
-
-        fn = {"config": platformdirs.user_config_dir, "data": platformdirs.user_data_dir,
-              "cache": platformdirs.user_cache_dir}[kind]
-        path = Path(fn(APP_NAME, appauthor=False))
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def config_dir(create: bool = False) -> Path:
-    """User configuration (themes, preferences)."""
-    return _dir("UNLEARN_TUI_CONFIG_DIR", "config", create)
-
-
-def data_dir(create: bool = False) -> Path:
-    """User data (autosave, saved sessions and results)."""
-    return _dir("UNLEARN_TUI_DATA_DIR", "data", create)
-
-
-def cache_dir(create: bool = False) -> Path:
-    """Caches (statistics, downloaded data); safe to delete."""
-    return _dir("UNLEARN_TUI_CACHE_DIR", "cache", create)
-
+__all__ = ["APP_NAME", "config_dir", "data_dir", "cache_dir", "AUTOSAVE_NAME", "LEGACY_AUTOSAVE_NAMES",
+           "autosave_path", "legacy_autosave_paths"]
 
 AUTOSAVE_NAME = "autosave.session.json"
 LEGACY_AUTOSAVE_NAMES = ("autosave.toml", "autosave.json")
@@ -51,7 +22,7 @@ LEGACY_AUTOSAVE_NAMES = ("autosave.toml", "autosave.json")
 def autosave_path() -> Path:
     """Where the TUI autosaves the current session.
 
-    One file, written atomically (``sessions.writer.atomic_write``), holds
+    One file, written atomically (:func:`backends.fileio.atomic_write`), holds
     everything the restore needs: a JSON object ``{"format": 1, "path": the
     session's file or null, "saved_at": seconds, "session": its TOML text}``.
     (Earlier versions wrote a pair, ``autosave.toml`` + ``autosave.json``,

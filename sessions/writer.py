@@ -6,75 +6,47 @@ plain form of what it held (``Session._doc`` / ``Session._baseline``).
 the keys that changed, so untouched lines (and their comments) stay byte for
 byte.  A session without a document is rendered fresh, with short comments.
 
-:func:`atomic_write` is the one atomic file writer (the session save and the
-TUI's autosave use it; anything else that replaces a file should too): a
-temporary file made with :func:`tempfile.mkstemp` in the target's folder
-(``O_CREAT | O_EXCL``: it never opens an existing file or follows a symlink),
-write, flush + fsync, ``os.replace`` onto the target, then an fsync of the
-folder on POSIX.  On any error (or interruption) the original is untouched
-and the temporary file removed.
+Saving goes through :func:`backends.fileio.atomic_write`, the one atomic
+file writer (its rules, and those for stale temporary files, are in
+:mod:`backends.fileio`); ``atomic_write``, ``clean_stale_temps``,
+``TEMP_MARK`` and ``STALE_TEMP_SECONDS`` are re-exported here.
 
-Stale temporary files.  A writer killed between creating its temporary file
-and the rename leaves the file behind; every :func:`atomic_write` (and every
-``sessions.load``) first removes such leftovers from that folder
-(:func:`clean_stale_temps`).  A file is removed only when all of these hold:
-
-* its name is ours: ``.<target name>.unlearn-tui-<pid>-<8 random>.tmp``, or
-  ``.<name>.<8 random>.tmp`` (the name earlier versions used) where ``<name>``
-  is the file being written now;
-* it is a regular file owned by the current user (``lstat``: a symlink or a
-  folder with such a name is never touched, nor followed);
-* it is stale: the process ``<pid>`` no longer runs on this machine (POSIX;
-  checked with signal 0), or it was last modified more than
-  :data:`STALE_TEMP_SECONDS` ago (the only test for the old names and on
-  Windows).  A temporary file of a running writer that is younger than that
-  is kept.
+The comments of a freshly rendered file are the ``help`` metadata of the
+fields of :mod:`backends.spec`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import re
-import stat
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
+from backends.compat import tomllib
 from backends.errors import UserError
+from backends.fileio import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write, clean_stale_temps
+from backends.spec import DATA_PREFIXES, Session, toml_comment, toml_fields, toml_keys, toml_name
 
-from .schema import DATA_PREFIXES, Session, plain_from_toml, to_plain
+from .schema import plain_from_toml, to_plain
+
+__all__ = ["dumps", "save", "COMMENTS", "atomic_write", "clean_stale_temps", "TEMP_MARK", "STALE_TEMP_SECONDS"]
 
 _MISSING: Any = object()
 
-COMMENTS = {
-    ("model", "name"): "built-in name, hub id, local dir or .gguf file",
-    ("model", "device"): "auto | cpu | cuda | cuda:N | mps",
-    ("model", "dtype"): "auto | float32 | bfloat16 | float16",
-    ("model", "trust_remote_code"): "run code shipped with the model (only if you trust it)",
-    ("model", "revision"): 'hub revision; "" = default',
-    ("data", "path"): "file path, builtin:NAME or hub:OWNER/NAME[:split]",
-    ("data", "format"): "auto | json | jsonl | csv | parquet | tofu | pistol | easyedit | hub",
-    ("data", "forget"): "first N items, or a list of ids",
-    ("data", "retain"): 'the next N items, a list of ids, or "rest"',
-    ("data", "rephrase"): "evaluate the rephrased-forget split",
-    ("targets", "mode"): "idk | self-improve | dummy | incorrect | avoidant | custom",
-    ("targets", "merge_factor"): "questions merged into one edit request",
-    ("targets", "pool"): 'refusal-pool file; "" = built-in pool',
-    ("targets", "dummy"): 'text used by mode "dummy"',
-    ("eval", "max_new_tokens"): "1..1024",
-    ("eval", "batch_size"): "1..1024",
-    ("eval", "top_k"): "top-hit@k, 1..100000",
-}
+def _comments() -> dict[tuple[str, str], str]:
+    """(section, key) -> the comment a fresh file shows beside the key: the fields' ``help`` metadata."""
+    out = {}
+    for f in toml_fields(Session):
+        cls = f.metadata["table"]
+        for k in toml_keys(cls) if cls is not None else ():
+            text = toml_comment(cls, k)
+            if text:
+                out[(toml_name(f), k)] = text
+    return out
+
+
+COMMENTS = _comments()
 
 
 # -------------------------------------------------------------- tomlkit glue
@@ -158,7 +130,7 @@ def _fresh(plain: dict) -> Any:
     doc = tomlkit.document()
     doc.add(tomlkit.comment("unlearn-tui session; relative paths are relative to this file"))
     doc.add("version", plain["version"])
-    for section in ("model", "data", "targets", "eval"):
+    for section in (toml_name(f) for f in toml_fields(Session) if f.metadata["table"] is not None):
         t = tomlkit.table()
         rows = [(k, v, _item(v)) for k, v in plain[section].items()]
         width = max((len(f"{k} = {it.as_string()}") for k, v, it in rows
@@ -229,125 +201,6 @@ def _rebased(p: str | None, old_base: Path, new_base: Path) -> str | None:
         return str(target)
 
 
-TEMP_MARK = "unlearn-tui"
-"""Part of every temporary file name :func:`atomic_write` makes (see the module doc)."""
-
-STALE_TEMP_SECONDS = 3600.0
-"""A temporary file of ours not modified for this long is stale even if its pid is running
-(pids are reused, e.g. after a reboot); an atomic write takes well under a second."""
-
-_TEMP_RE = re.compile(rf"^\.(?P<name>.+)\.{TEMP_MARK}-(?P<pid>\d+)-[a-z0-9_]{{8}}\.tmp$")
-_OLD_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _pid_running(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (True when that cannot be told)."""
-    if pid == os.getpid():
-        return True
-    if os.name != "posix" or pid <= 0:
-        return True     # os.kill(pid, 0) would terminate the process on Windows: age decides there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True     # it exists (another user's), or we cannot tell: keep the file
-    return True
-
-
-def clean_stale_temps(directory: Path | str, name: str | None = None, *,
-                      max_age: float = STALE_TEMP_SECONDS, now: float | None = None) -> list[Path]:
-    """Remove stale temporary files of :func:`atomic_write` from ``directory``; returns those removed.
-
-    The rule is in the module doc.  ``name`` is the file about to be written
-    (its temporary files in the old naming are recognised too).  Best effort:
-    an unreadable folder or a file that cannot be removed is skipped, never an error.
-    """
-    directory = Path(directory)
-    now = time.time() if now is None else now
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMP_RE.match(entry.name)
-        pid = int(m["pid"]) if m else None
-        if m is None:
-            old = _OLD_TEMP_RE.match(entry.name)
-            if old is None or name is None or old["name"] != name:
-                continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
-            continue
-        old_enough = now - st.st_mtime > max_age
-        dead = pid is not None and not _pid_running(pid)
-        if not (old_enough or dead):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-    return removed
-
-
-def atomic_write(path: Path | str, data: str | bytes, *, encoding: str = "utf-8",
-                 mode: int | None = None) -> Path:
-    """Replace the file ``path`` with ``data`` atomically; returns the file written.
-
-    ``data`` is bytes, or text encoded with ``encoding`` (line endings are
-    written as given).  A symlink at ``path`` is followed: the file it points
-    to is replaced and the link stays.  The new file keeps the old one's
-    permission bits; a new file gets ``mode`` (default 0o644).  Raises
-    OSError; on any error or interruption the original file is untouched and
-    no temporary file is left.  Stale temporary files of killed writers in the
-    folder are removed first (module doc).
-    """
-    target = Path(path)
-    if target.is_symlink():
-        target = target.resolve()
-    directory = target.parent
-    payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
-    clean_stale_temps(directory, target.name)
-    try:
-        keep = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        keep = 0o644 if mode is None else mode
-    # O_CREAT | O_EXCL, mode 0600: never an existing file, never through a symlink
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.{TEMP_MARK}-{os.getpid()}-",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), keep)
-            os.fsync(f.fileno())
-        if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
-            os.chmod(tmp, keep)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-    return target
-
-
 def save(session: Session, path: Path | str | None = None) -> Path:
     """Write the session atomically to ``path`` (default: where it came from).
 
@@ -371,7 +224,7 @@ def save(session: Session, path: Path | str | None = None) -> Path:
     old_base, new_base = session.base_dir(), target.parent
     data_path, pool = session.data.path, session.targets.pool
     if old_base != new_base:
-        data_path = _rebased(data_path, old_base, new_base)
+        data_path = cast(str, _rebased(data_path, old_base, new_base))   # a str stays a str
         pool = _rebased(pool, old_base, new_base)
     work = dataclasses.replace(session, data=dataclasses.replace(session.data, path=data_path),
                                targets=dataclasses.replace(session.targets, pool=pool))

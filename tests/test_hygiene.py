@@ -1,7 +1,8 @@
-"""Ground rules: no Textual in the engine; method listings stay torch-free."""
+"""Ground rules: layers ``tui -> sessions -> backends``; no Textual in the engine; method listings stay torch-free."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -9,6 +10,86 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTUAL_IMPORT = re.compile(r"^\s*(import textual|from textual)", re.M)
+
+
+def _imported_modules(path: Path, package: tuple[str, ...] | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a source file, lazy ones inside functions included.
+
+    ``package`` is the file's package (default: from its place under the repository).
+    ``from X import name`` also yields ``X.name`` (the name may be a module);
+    ``importlib.import_module("literal")`` counts too.
+    """
+    if package is None:
+        package = path.relative_to(ROOT).parent.parts
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = list(package[:len(package) - (node.level - 1)] if node.level else [])
+            if node.level and node.level - 1 > len(package):
+                parts = []
+            parts += node.module.split(".") if node.module else []
+            out.append((node.lineno, ".".join(parts)))
+            out += [(node.lineno, ".".join(parts + [alias.name])) for alias in node.names if alias.name != "*"]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and not node.args[0].value.startswith(".")):
+            out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def _layer_offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{p.relative_to(ROOT)}:{line}: imports {mod}"
+            for p in sorted((ROOT / package).rglob("*.py"))
+            for line, mod in _imported_modules(p)
+            if mod.split(".")[0] in forbidden]
+
+
+def test_imported_modules_sees_lazy_relative_and_dynamic_imports(tmp_path):
+    """The layer checks are only as good as this: every import form is seen, at its line."""
+    src = tmp_path / "probe.py"
+    src.write_text("import os\n"
+                   "def f():\n    from sessions.paths import cache_dir\n"
+                   "    import tui.app\n"
+                   "    from .. import sessions\n"
+                   "    importlib.import_module('tui')\n"
+                   "from .spec import Session\n"
+                   "from ..fileio import atomic_write\n")
+    mods = _imported_modules(src, ("backends", "editing"))
+    assert {(1, "os"), (3, "sessions.paths"), (4, "tui.app"), (6, "tui"), (7, "backends.editing.spec"),
+            (8, "backends.fileio")} <= set(mods)
+    assert (5, "backends.sessions") in mods               # ``from .. import sessions`` inside backends/editing
+    top = _imported_modules(src, ("backends",))
+    assert (5, "sessions") in top                          # ...and climbing out of backends/ to the top level
+    assert (7, "backends.spec") in top
+
+
+def test_backends_never_import_sessions_or_tui():
+    """The engine is the bottom layer: no module under backends/ imports sessions or tui, not even lazily."""
+    assert _layer_offenders("backends", ("sessions", "tui")) == []
+
+
+def test_sessions_never_import_tui():
+    assert _layer_offenders("sessions", ("tui",)) == []
+
+
+def test_experiment_description_modules_are_light():
+    """The spec, paths, file IO and compat modules import neither torch, transformers, sessions nor tui."""
+    code = ("import sys\nimport backends.spec, backends.paths, backends.fileio, backends.compat\n"
+            "bad = [m for m in ('torch', 'transformers', 'safetensors', 'sessions', 'tui', 'textual') "
+            "if m in sys.modules]\nassert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_one_toml_compat_import():
+    """``tomllib``/``tomli`` is imported in one place only: backends/compat.py."""
+    offenders = [f"{p.relative_to(ROOT)}:{line}"
+                 for pkg in ("backends", "sessions", "tui") for p in sorted((ROOT / pkg).rglob("*.py"))
+                 if p != ROOT / "backends" / "compat.py"
+                 for line, mod in _imported_modules(p) if mod.split(".")[0] in ("tomllib", "tomli")]
+    assert offenders == [], "use `from backends.compat import tomllib`"
 
 
 def test_no_textual_import_in_backends_or_sessions_source():

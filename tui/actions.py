@@ -15,14 +15,10 @@ and the command palette list it, and a user keymap
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from backends.compat import tomllib
 
 from textual.binding import Binding
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -115,6 +114,7 @@ def check_writable(path: Path) -> None:
     import stat
 
     from backends.errors import UserError
+    from backends.fileio import probe_writable
 
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -123,10 +123,8 @@ def check_writable(path: Path) -> None:
         raise UserError(f"{path} is not a regular file; expected a file path for the JSON results", "--out")
     if not parent.is_dir():
         raise UserError(f"directory {parent} does not exist", "--out")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".unlearn-tui-", dir=parent)
-        os.close(fd)
-        os.unlink(tmp)
+    try:  # a probe: create and remove a temporary file of the atomic writer's naming
+        probe_writable(parent / path.name)
     except OSError as exc:
         raise UserError(f"cannot write to {parent} ({exc.strerror})", "--out") from None
 
@@ -238,6 +236,7 @@ def located(exc, session=None, overridden: tuple[str, ...] = ()) -> str:
 def replay(args: argparse.Namespace) -> int:
     import sessions
     from backends.errors import Cancelled, NonFiniteError, UserError
+    from backends.fileio import atomic_write
     from sessions.loader import check_override
 
     session = None
@@ -268,7 +267,7 @@ def replay(args: argparse.Namespace) -> int:
     # the results first: a session file that cannot take the cache must not cost them
     if out is not None:
         try:
-            sessions.atomic_write(out, text)
+            atomic_write(out, text)
         except OSError as exc:
             return fail(f"--out: cannot write {out} ({exc.strerror})")
         if nulls:

@@ -1,7 +1,7 @@
 """Session files: open, save, save-as, the autosave and its restore (no Textual here).
 
 Saving goes through :func:`sessions.save` (comment-preserving, atomic);
-the autosave through :func:`sessions.writer.atomic_write`.
+the autosave through :func:`backends.fileio.atomic_write`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def open_session(path: str | Path) -> tuple[Any, str | None]:
 def write_autosave(session: Any) -> str | None:
     """Write the autosave file (see below); the one-line error, or None."""
     from sessions.paths import autosave_path
-    from sessions.writer import atomic_write
+    from backends.fileio import atomic_write
 
     try:
         path = autosave_path()
@@ -64,7 +64,7 @@ def drop_autosave() -> None:
 
 # ==================================================================== autosave
 # The autosave is ONE file (sessions.paths.autosave_path()), replaced atomically by
-# sessions.writer.atomic_write, so a crash or a kill mid-write leaves the previous complete
+# backends.fileio.atomic_write, so a crash or a kill mid-write leaves the previous complete
 # autosave (never half a pair): a JSON object {"format": 1, "path": the session's file or null,
 # "saved_at": seconds since the epoch, "session": the session as TOML text}.  At start-up a file
 # that cannot be read, is not UTF-8, not that JSON, or holds a session that does not validate is

@@ -10,14 +10,10 @@ the default kept, so a broken settings file never stops the app::
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from backends.compat import tomllib
 
 
 @dataclass

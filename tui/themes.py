@@ -11,13 +11,9 @@ notification) and skipped; it never stops the start-up.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from backends.compat import tomllib
 
 from textual.color import Color, ColorParseError
 from textual.theme import Theme

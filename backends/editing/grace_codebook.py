@@ -37,8 +37,9 @@ prompt token on (exactly what inference does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -231,7 +232,7 @@ class GraceCodebook(HookedWrapper):
                      overwrite)
 
     @classmethod
-    def load_state(cls, path: str, where: str = "params.load_state") -> "GraceCodebook":
+    def load_state(cls, path: str, where: str = "params.load_state") -> GraceCodebook:
         from ..errors import UserError
 
         tensors, meta = load_tensors(path, where)
@@ -314,7 +315,8 @@ def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: SuffixRunner, quest
 
 
 def train_value(handle: ModelHandle, runner: SuffixRunner, layer: int, prompt: list[int], target: str,
-                init: torch.Tensor, cfg: GraceConfig, on_step: Callable[[float], None]) -> tuple[torch.Tensor, float, int]:
+                init: torch.Tensor, cfg: GraceConfig,
+                on_step: Callable[[float], None]) -> tuple[torch.Tensor, float, int]:
     tgt = handle.encode_answer(target) + end_ids(handle)
     batch = sequence_batch(handle, [prompt], [tgt])
     rows, pos, gold = batch.target_positions()

@@ -17,7 +17,8 @@ exceptions, so a failed or cancelled edit never leaves a hook behind.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def _first(output: Any) -> Any:

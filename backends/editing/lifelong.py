@@ -32,14 +32,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..compat import call_cache
 from ..errors import UserError
+from ..fileio import atomic_write
 
 if TYPE_CHECKING:
     from ..model import ModelHandle
@@ -305,7 +307,7 @@ class HookedWrapper:
     """
 
     _hook: Any
-    _tracker: "CallTracker"
+    _tracker: CallTracker
 
     def hook_module(self, handle: ModelHandle) -> Any:
         raise NotImplementedError
@@ -415,13 +417,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
     """One safetensors file; ``meta`` (JSON-able, with its ``kind``) goes into the header.
 
     The target is checked first (:func:`check_state_target`), then written
-    atomically: the bytes go to a temp file made by ``tempfile.mkstemp`` in
-    the target's folder, are fsynced, and ``os.replace`` puts the file in
-    place; on any error the temp file is removed and the target is untouched.
+    with :func:`backends.fileio.atomic_write` (mode 0600); on any error the
+    target is untouched and no temp file is left.
     """
-    import os
-    import tempfile
-
     from safetensors.torch import save
 
     p = Path(path).expanduser()
@@ -434,37 +432,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     data = save(out, metadata={"unlearn_tui": json.dumps(meta)})
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            f = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        tmp = None
+    try:   # the one atomic writer: mkstemp in the folder, fsync, replace, fsync the folder, no temp left
+        atomic_write(p, data, mode=0o600)
     except OSError as exc:
         raise UserError(f"could not write {p} ({exc.strerror or exc}); expected a writable file in an existing "
                         f"folder", where) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    try:   # the rename itself survives a crash once the folder is synced (best effort: not every OS allows it)
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def load_tensors(path: str | Path, where: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -33,7 +33,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -108,7 +109,8 @@ def apply_rome(handle: ModelHandle, requests: Sequence[Request], p: ROME.Params,
         steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: edit {i + 1}/{len(requests)}", p.v_steps,
                         detail=f"subject: {subject}")
         vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, p, steps, where)
-        k = averaged_keys(handle, [layer], [request_prompts(handle, req.prompt, subject, templates, where, p.fact_token)])[layer]
+        prompts = request_prompts(handle, req.prompt, subject, templates, where, p.fact_token)
+        k = averaged_keys(handle, [layer], [prompts])[layer]
         dW = rome_update(k[:, 0], vr.delta, cov)
         _write(W, dW, wname)
         per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
@@ -220,8 +222,8 @@ class NullSpaceProjection(SpreadSolver):
         report["accumulated_edits"] = int(len(ctx.state.get("history", [])))
 
 
-def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Params | AlphaEdit.Params, layers: list[int], ctx: EditContext,
-                 solver: SpreadSolver, name: str = "memit") -> dict:
+def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Params | AlphaEdit.Params,
+                 layers: list[int], ctx: EditContext, solver: SpreadSolver, name: str = "memit") -> dict:
     ad = handle.adapter
     t0 = time.perf_counter()
     templates = templates_for(handle, p, ctx.seed)
@@ -245,7 +247,8 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
                              "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
                              "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3)})
             edits.step(0, loss=vr.nll, detail=subject)
-        per_req = [request_prompts(handle, r.prompt, s, templates, w, p.fact_token) for r, s, w in zip(batch, subjects, wheres)]
+        per_req = [request_prompts(handle, r.prompt, s, templates, w, p.fact_token)
+                   for r, s, w in zip(batch, subjects, wheres)]
         bare = [edit_prompt(handle, r.prompt, s, "{}", w, p.fact_token) for r, s, w in zip(batch, subjects, wheres)]
         _, outs = keys_at(handle, [], bare, outputs=[last])
         z = outs[last] + torch.stack(deltas)                      # (n, d) wanted residual at the last layer

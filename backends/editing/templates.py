@@ -16,11 +16,13 @@ sees at evaluation time is unchanged.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from ..fileio import atomic_write
+from ..paths import cache_dir
 
 VERSION = 1
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -28,8 +30,6 @@ DEFAULT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))  # (tokens, how
 
 
 def cache_path(handle: Any) -> Path:
-    from sessions.paths import cache_dir
-
     return cache_dir() / "templates" / f"{handle.fingerprint}.json"
 
 
@@ -78,10 +78,7 @@ def context_templates(handle: Any, lengths: Sequence[tuple[int, int]] = DEFAULT_
         stored = {"version": VERSION, "templates": {**stored.get("templates", {}), key: out}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(stored, f, indent=1)
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(stored, indent=1))
         except OSError:
             pass  # a cache we cannot write is not an error
     return out

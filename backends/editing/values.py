@@ -21,8 +21,9 @@ output embeddings need no special case).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,7 +77,7 @@ class _BlockReplay:
     def _first(out: Any) -> Any:
         return out[0] if isinstance(out, tuple) else out
 
-    def record(self, model: Any, row: "_Row") -> None:
+    def record(self, model: Any, row: _Row) -> None:
         outs: list[Any] = [None] * len(self.blocks)
         hooks = []
         for i, b in enumerate(self.blocks):
@@ -103,7 +104,7 @@ class _BlockReplay:
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
         return forward
 
-    def logits(self, model: Any, row: "_Row") -> torch.Tensor:
+    def logits(self, model: Any, row: _Row) -> torch.Tensor:
         self.current = row.replay
         for i, b in enumerate(self.blocks):
             b.forward = self._forward_of(i)
@@ -114,7 +115,7 @@ class _BlockReplay:
                 del b.forward
             self.current = None
 
-    def verify(self, model: Any, rows: list["_Row"], full_logits: list[torch.Tensor], probe: torch.Tensor) -> bool:
+    def verify(self, model: Any, rows: list[_Row], full_logits: list[torch.Tensor], probe: torch.Tensor) -> bool:
         """Whether replaying with ``probe`` as delta gives ``full_logits`` (the hooked full forward's)."""
         saved, self.delta = self.delta, probe
         try:

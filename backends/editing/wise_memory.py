@@ -55,12 +55,9 @@ default).  With ``retrieve`` the folded side memory is *frozen* after every
 to a fresh side memory (``D = 0``, routing trained on its own edits only).  At
 inference each query is scored by every side memory; the one with the highest
 ``score / threshold`` answers when that ratio reaches 1, otherwise the main
-memory does.  Why: one side memory holding many edits stops being selective.
-On the embedded model, after about 20 forget edits merged into one memory
-every query -- retain questions included -- scored the same (about 207) and
-was routed to it (forget 0.58 / retain 0.63 at 40 edits).  With memories of 5
-edits each (and the first-token term) 40 edits gave forget 0.175 / retain 0.90;
-with 10 per memory retain fell to 0.575 (``benchmarks/bench_lifelong.py``).
+memory does.  Why: one side memory holding many edits stops being selective
+(every query, retain questions included, ends up routed to it); the figures
+are in ``benchmarks/RESULTS.md`` (``benchmarks/bench_lifelong.py``).
 
 Threshold.  After every edit the in-scope score of every edit prompt of the active memory is
 recomputed with the current (merged) side memory from its stored projection
@@ -81,14 +78,25 @@ main memory.  On the embedded model (40 edits, seed 1) this lifted retain from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .hooks import stop_after
-from .lifelong import (NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS, CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors,
-                       sequence_batch, weight_apply)
+from .lifelong import (
+    NEUTRAL_PROMPTS,
+    NEUTRAL_QUESTIONS,
+    CallTracker,
+    HookedWrapper,
+    SuffixRunner,
+    end_ids,
+    load_tensors,
+    save_tensors,
+    sequence_batch,
+    weight_apply,
+)
 
 if TYPE_CHECKING:
     from ..model import ModelHandle
@@ -382,7 +390,7 @@ class WiseMemory(HookedWrapper):
         save_tensors(path, tensors, meta, where, overwrite)
 
     @classmethod
-    def load_state(cls, path: str, where: str = "params.load_state") -> "WiseMemory":
+    def load_state(cls, path: str, where: str = "params.load_state") -> WiseMemory:
         from ..errors import UserError
 
         tensors, meta = load_tensors(path, where)

@@ -44,9 +44,9 @@ class AlphaEdit(SpreadLayers):
         batch_size: int | None = param(None, "requests per batch", min=1, auto="all requests at once")
         # v_weight_decay / clamp_norm_factor: the shared LocateParams defaults (1e-3, 4.0), as in the Llama
         # configs.  The GPT-J values (0.5, 0.75) left delta too small for a refusal target on the embedded
-        # model; with 4.0 / 1e-3: forget R1 0.000, retain 0.900, rephrase 0.100 (bench_locate_edit.py quality).
+        # model (figures: benchmarks/RESULTS.md, bench_locate_edit.py quality).
 
-    params: "AlphaEdit.Params"
+    params: AlphaEdit.Params
 
     def solver(self) -> NullSpaceProjection:
         from ..editing.locate import NullSpaceProjection

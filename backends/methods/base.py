@@ -28,13 +28,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from ..editing.locate_params import auto_layers, check_layers
 from ..errors import UserError
 from ..events import CancelToken, EventCallback, Tracker
-from ..editing.locate_params import auto_layers, check_layers
 
 if TYPE_CHECKING:
     from ..editing.locate import SpreadSolver
@@ -240,7 +241,7 @@ class OneLayerAdaptor(MethodBase):
         for i, r in enumerate(requests):
             steps = Tracker(ctx.on_event, ctx.cancel, f"{self.name}: edit {i + 1}/{len(requests)}", n_iter,
                             detail=r.prompt[:60])
-            info = train(r, lambda loss: steps.step(loss=loss))
+            info = train(r, lambda loss, steps=steps: steps.step(loss=loss))
             info["item_ids"] = list(r.item_ids)
             per_edit.append(info)
             edits.step(loss=info.get("nll"), detail=detail(info))

@@ -30,27 +30,21 @@ Defaults, and why they differ from TOFU's
     an effective batch of 32 over hundreds of forget items, with one epoch of
     linear warm-up; beta 0.1, alpha = gamma = 1.  Here a session forgets ~10
     facts, so an epoch is 3 steps at batch 4 and TOFU's lr leaves the
-    135M-parameter embedded model's generations unchanged.  Measured on the
-    embedded model (10 forget / 10 retain, GA, upper 15 blocks, 5 epochs):
-    lr 3e-5 drives the forget answers' teacher-forced NLL from 4.9 to 25.8
-    yet the greedy generations still state the facts (forget ROUGE-1 1.0),
-    while lr 1e-4 moves the generations (forget 0.4, retain 0.4 on a
-    5 + 5 probe).  So the defaults are: full fine-tuning of the upper half of
-    the blocks at lr 1e-4 (1e-3 for LoRA: the usual 10x, not measured on
-    the embedded model), 10 epochs, one epoch of linear warm-up then linear
-    decay, weight decay 0.01, gradient clipping at 1.0, batch 4; beta 0.1 and
-    alpha = gamma = 1 are TOFU's.  Epochs, measured with
-    benchmarks/bench_finetune.py (10 forget / 10 retain, forget / retain
-    ROUGE-1): with 3 epochs GD left the forget set untouched (1.0 / 0.9) and
-    GA, KL and NPO reached only 0.6; with 10 epochs GA 0.3 / 0.6, GD 0.2 / 1.0,
-    KL 0.4 / 0.7, DPO 0.1 / 1.0, NPO 0.3 / 1.0, in 45-100 s per method on one
-    CPU thread (30 steps).
+    135M-parameter embedded model's generations unchanged (lower rates move
+    the teacher-forced NLL but not the greedy generations).  So the defaults
+    are: full fine-tuning of the upper half of the blocks at lr 1e-4 (1e-3
+    for LoRA: the usual 10x, not measured on the embedded model), 10 epochs
+    (3 left GD's forget set untouched), one epoch of linear warm-up then
+    linear decay, weight decay 0.01, gradient clipping at 1.0, batch 4;
+    beta 0.1 and alpha = gamma = 1 are TOFU's.  The measurements behind these
+    choices are in ``benchmarks/RESULTS.md`` (``benchmarks/bench_finetune.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
 from ..params import param
@@ -268,7 +262,7 @@ class GA(FineTune):
     class Params(CommonParams):
         pass
 
-    params: "GA.Params"
+    params: GA.Params
 
 
 @register
@@ -283,7 +277,7 @@ class GD(FineTune):
     class Params(RetainParams):
         pass
 
-    params: "GD.Params"
+    params: GD.Params
 
 
 @register
@@ -301,7 +295,7 @@ class KL(FineTune):
                                      "position (plus the rest mass); 0 = the full distribution", min=0,
                                      auto="full distribution when it fits 128 MB, else top-512")
 
-    params: "KL.Params"
+    params: KL.Params
 
     def kl_top_k(self, n_retain_positions: int, vocab: int) -> int | None:
         from .. import training
@@ -333,7 +327,7 @@ class DPO(FineTune):
     class Params(ReferenceParams):
         beta: float = param(0.1, "inverse temperature of the preference loss", min=1e-6)
 
-    params: "DPO.Params"
+    params: DPO.Params
 
     def forget_term(self, b: LossBatch) -> torch.Tensor:
         lose = b.gold_margin()
@@ -359,7 +353,7 @@ class NPO(FineTune):
     class Params(ReferenceParams):
         beta: float = param(0.1, "inverse temperature of the preference loss", min=1e-6)
 
-    params: "NPO.Params"
+    params: NPO.Params
 
     def forget_term(self, b: LossBatch) -> torch.Tensor:
         forget_term = _preference(self.params.beta, -b.gold_margin())

@@ -26,8 +26,9 @@ out) and writes atomically.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
 from ..events import Log, Tracker
@@ -77,7 +78,7 @@ class GraceMethod(OneLayerAdaptor):
                                     "folder (through .., an absolute path or a symlink)")
         overwrite: bool = param(False, "let save_state replace an existing file that is not a GRACE state file")
 
-    params: "GraceMethod.Params"
+    params: GraceMethod.Params
 
     def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
         from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, add_edit, key_scale

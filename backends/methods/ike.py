@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..events import Tracker
 from ..params import param
@@ -113,7 +114,7 @@ class IKE(MethodBase):
                                       "(queries unlike every forget question are left untouched)", min=0.0, max=1.0)
         instruction: str = param(DEFAULT_INSTRUCTION, "instruction placed before the demonstrations")
 
-    params: "IKE.Params"
+    params: IKE.Params
 
     def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return []

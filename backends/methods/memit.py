@@ -36,13 +36,12 @@ class MEMIT(SpreadLayers):
         layers: list[int] | None = param(None, "the MLP layers to spread the edit over", min=0,
                                          auto="layers 4-8 of 32, scaled to the depth")
         # lambda 1000 (not the reference 15000) and the shared clamp 4.0 / weight decay 1e-3: with 15000 the
-        # least squares left >50% of the residual on the embedded model (forget R1 0.5-0.6); 1000 -> forget 0.0,
-        # retain 0.8 (bench_locate_edit.py quality, 10/10)
+        # least squares left much of the residual on the embedded model (figures: benchmarks/RESULTS.md)
         mom2_update_weight: float = param(1000.0, "lambda: weight of the key covariance prior", min=0.0,
                                           max=1e9)
         batch_size: int | None = param(None, "requests per MEMIT batch", min=1, auto="all requests at once")
 
-    params: "MEMIT.Params"
+    params: MEMIT.Params
 
     def solver(self) -> LeastSquares:
         from ..editing.locate import LeastSquares

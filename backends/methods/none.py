@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import register
 from .base import MethodBase
@@ -24,7 +25,7 @@ class NoEdit(MethodBase):
     class Params:
         pass
 
-    params: "NoEdit.Params"
+    params: NoEdit.Params
 
     def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return []

@@ -13,8 +13,9 @@ layer is the reference layer 5 of 32 scaled to the model's depth.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layer
 from ..errors import UserError
@@ -39,14 +40,14 @@ class ROME(MethodBase):
     @dataclass
     class Params(LocateParams):
         layer: int | None = param(None, "the MLP layer to edit", min=0, auto="layer 5 of 32, scaled to the depth")
-        # defaults tuned on the embedded model (10/10 world facts: forget 1.0 -> 0.0, retain 0.8x): without the
-        # covariance shaping and with the reference clamp (4.0) and KL weight (0.0625), retain fell to 0.5
+        # defaults tuned on the embedded model (benchmarks/RESULTS.md): the reference clamp (4.0) and KL weight
+        # (0.0625) without the covariance shaping cost retain there
         mom2_adjustment: bool = param(True, "shape the update with the key covariance (C^-1 k)")
         clamp_norm_factor: float = param(2.0, "||delta|| is clamped to this times the residual norm", min=0.01,
                                          max=100.0)
         kl_factor: float = param(0.5, "weight of the KL term on the subject's essence prompt", min=0.0, max=100.0)
 
-    params: "ROME.Params"
+    params: ROME.Params
 
     def layer(self, handle: ModelHandle) -> int:
         n = handle.adapter.n_layers

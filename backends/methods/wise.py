@@ -40,8 +40,9 @@ only a WISE state file (``overwrite`` opts out) and writes atomically.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
 from ..events import Log, Tracker
@@ -134,7 +135,7 @@ class WiseMethod(OneLayerAdaptor):
                 raise UserError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq "
                                 f"({self.save_freq})", "params.merge_freq")
 
-    params: "WiseMethod.Params"
+    params: WiseMethod.Params
 
     def _margins(self, scale: float) -> tuple[float, float, float]:
         p = self.params
@@ -148,8 +149,14 @@ class WiseMethod(OneLayerAdaptor):
         import torch
 
         from ..editing.lifelong import SuffixRunner
-        from ..editing.wise_memory import (STATE_KIND, WiseConfig, WiseMemory, projection_inputs,
-                                           template_header_len, train_edit)
+        from ..editing.wise_memory import (
+            STATE_KIND,
+            WiseConfig,
+            WiseMemory,
+            projection_inputs,
+            template_header_len,
+            train_edit,
+        )
 
         p = self.params
         layer = self.layer(handle)
