@@ -23,9 +23,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
-    from backends.data import load_items
-    from backends.metrics import EvalSettings, evaluate
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.data import load_items
+    from unlearn_tui.backends.metrics import EvalSettings, evaluate
+    from unlearn_tui.backends.model import ModelSpec, load
 
     h = load(ModelSpec())
     items = load_items("builtin:world-facts")[: args.items]

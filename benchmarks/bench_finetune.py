@@ -90,7 +90,7 @@ def resolve_model() -> str:
     cache (transformers refuses ``save_pretrained`` on a GGUF-loaded model);
     it is the same weights, dequantized once and saved as safetensors.
     """
-    from backends.model import DEFAULT_MODEL, ModelSpec, load
+    from unlearn_tui.backends.model import DEFAULT_MODEL, ModelSpec, load
 
     try:
         load(ModelSpec())
@@ -103,7 +103,7 @@ def resolve_model() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends.model import builtin_gguf_path
+    from unlearn_tui.backends.model import builtin_gguf_path
 
     p = builtin_gguf_path(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
@@ -115,7 +115,7 @@ def resolve_model() -> str:
 
 
 def data_path() -> str:
-    from backends import data
+    from unlearn_tui.backends import data
 
     if "world-facts" in data.builtin_names():
         return "builtin:world-facts"
@@ -127,13 +127,13 @@ def child(method: str, params: dict, out: str, n_forget: int, n_retain: int, mod
     """One method in this process: load, apply (peak RSS of apply alone), evaluate, roll back."""
     import torch
 
-    import sessions
-    from backends.params import to_dict
-    from backends.runner import RunResult, Workbench, result_row
+    from unlearn_tui import sessions
+    from unlearn_tui.backends.params import to_dict
+    from unlearn_tui.backends.runner import RunResult, Workbench, result_row
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t0 = time.perf_counter()
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.model import ModelSpec, load
 
     handle = load(ModelSpec(name=model))
     model_source = model
@@ -269,7 +269,7 @@ def main() -> None:
     if not args.model:
         args.model = resolve_model()
 
-    from backends import methods
+    from unlearn_tui.backends import methods
 
     overrides = {}
     for kv in args.set:

@@ -42,8 +42,8 @@ def peak_rss_mb() -> float:
 
 
 def load_model():
-    from backends.errors import UserError
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.errors import UserError
+    from unlearn_tui.backends.model import ModelSpec, load
 
     try:
         return load(ModelSpec())
@@ -55,7 +55,7 @@ def load_model():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends.model import builtin_gguf_path
+    from unlearn_tui.backends.model import builtin_gguf_path
 
     out = Path(tempfile.gettempdir()) / "bench-lifelong-smollm2"
     if not (out / "config.json").is_file():
@@ -71,7 +71,7 @@ def load_model():
 
 
 def throughput(handle, prompts, new_tokens: int) -> float:
-    from backends.generation import generate
+    from unlearn_tui.backends.generation import generate
 
     t = time.perf_counter()
     generate(handle, prompts, max_new_tokens=new_tokens, batch_size=len(prompts))
@@ -117,11 +117,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from backends import data, methods
-    from backends.events import CancelToken
-    from backends.metrics import EvalSettings, evaluate
-    from backends.methods.base import EditContext
-    from backends.targets import build_requests, simple_targets
+    from unlearn_tui.backends import data, methods
+    from unlearn_tui.backends.events import CancelToken
+    from unlearn_tui.backends.metrics import EvalSettings, evaluate
+    from unlearn_tui.backends.methods.base import EditContext
+    from unlearn_tui.backends.targets import build_requests, simple_targets
 
     t0 = time.perf_counter()
     handle = load_model()

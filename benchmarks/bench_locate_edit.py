@@ -72,8 +72,8 @@ def setup(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from backends import data
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends import data
+    from unlearn_tui.backends.model import ModelSpec, load
 
     handle = load(ModelSpec())
     items = data.load_items("builtin:world-facts")
@@ -81,8 +81,8 @@ def setup(args):
 
 
 def evaluate(handle, forget, retain):
-    from backends import data
-    from backends.metrics import EvalSettings, evaluate as ev
+    from unlearn_tui.backends import data
+    from unlearn_tui.backends.metrics import EvalSettings, evaluate as ev
 
     res = ev(handle, {"forget": forget, "retain": retain, "rephrase": data.rephrase_split(forget)},
              EvalSettings(max_new_tokens=32, batch_size=16))
@@ -90,10 +90,10 @@ def evaluate(handle, forget, retain):
 
 
 def run_method(handle, name, forget, retain, merge, params, seed=0):
-    from backends import data, methods
-    from backends.events import CancelToken
-    from backends.methods.base import EditContext
-    from backends.targets import build_requests, simple_targets
+    from unlearn_tui.backends import data, methods
+    from unlearn_tui.backends.events import CancelToken
+    from unlearn_tui.backends.methods.base import EditContext
+    from unlearn_tui.backends.targets import build_requests, simple_targets
 
     targets = simple_targets("idk", forget, data.builtin_refusals(), seed)
     reqs = build_requests(forget, targets, merge)
@@ -101,7 +101,7 @@ def run_method(handle, name, forget, retain, merge, params, seed=0):
     ctx = EditContext(lambda e: None, CancelToken(), forget, retain, {}, seed=seed)
     # statistics first (cached; bench_stats.py measures them), so the edit timing is the edit itself
     if name in ("memit", "alphaedit") or getattr(m.params, "mom2_adjustment", False):
-        from backends import stats
+        from unlearn_tui.backends import stats
 
         layers = m.layers(handle) if hasattr(m, "layers") and callable(m.layers) else [m.layer(handle)]
         layers = layers if isinstance(layers, list) else [layers]
@@ -112,7 +112,7 @@ def run_method(handle, name, forget, retain, merge, params, seed=0):
                 stats.nullspace_basis(handle, l, mats[l], m.params.nullspace_threshold, m.params.relative_threshold)
             print(f"# alphaedit null-space bases for layers {layers}: {time.perf_counter() - t_ns:.2f} s "
                   f"(cold the first time, then read from the statistics cache)", flush=True)
-    from backends.editing.locate import templates_for
+    from unlearn_tui.backends.editing.locate import templates_for
 
     templates_for(handle, m.params, seed)
     base_rss = rss_mb()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, time, sys
 t = time.perf_counter()
-from backends.model import load, ModelSpec
+from unlearn_tui.backends.model import load, ModelSpec
 h = load(ModelSpec())
 print(json.dumps({"seconds": time.perf_counter() - t, "cached": h.cached, "device": h.device,
                   "dtype": str(h.dtype)}))

@@ -28,8 +28,8 @@ SHARED_WORLD_FACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "
 
 
 def load_items(n: int):
-    from backends import data
-    from backends.errors import UserError
+    from unlearn_tui.backends import data
+    from unlearn_tui.backends.errors import UserError
 
     try:
         items = data.load_items("builtin:world-facts")
@@ -54,12 +54,12 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    from backends.leak import check_leak, mentions_subject, subject_of
-    from backends.model import ModelSpec, load
-    from backends.refusal import is_refusal
-    from backends.selfimprove import ensure_paraphrases, generate_targets_report
-    from backends.targets import load_pool, simple_targets
-    from sessions import new_session
+    from unlearn_tui.backends.leak import check_leak, mentions_subject, subject_of
+    from unlearn_tui.backends.model import ModelSpec, load
+    from unlearn_tui.backends.refusal import is_refusal
+    from unlearn_tui.backends.selfimprove import ensure_paraphrases, generate_targets_report
+    from unlearn_tui.backends.targets import load_pool, simple_targets
+    from unlearn_tui.sessions import new_session
 
     items, where = load_items(args.n)
     t0 = time.perf_counter()

@@ -37,15 +37,15 @@ TARGET_S = 1.0
 
 CHILD = r"""
 import json, sys, time, asyncio
-from tui.app import create_app
-from tui.settings import Settings
+from unlearn_tui.tui.app import create_app
+from unlearn_tui.tui.settings import Settings
 
 async def main():
     app = create_app(model="tiny:llama", settings=Settings(baseline_on_load=False), autostart=False, restore=False)
     async with app.run_test(size=(120, 40)) as pilot:
         while app.first_frame is None:
             await pilot.pause(0.001)
-        from tui.app import START
+        from unlearn_tui.tui.app import START
         wall = time.time() - (time.perf_counter() - START - app.first_frame)
         # the other panes are built right after the first frame: time until every pane is ready too
         while any(app.pane(n) is None for n in ("forget", "targets", "method", "run", "results", "probe")):

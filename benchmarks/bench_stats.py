@@ -42,11 +42,11 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    from backends import data, methods, stats
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends import data, methods, stats
+    from unlearn_tui.backends.model import ModelSpec, load
 
     handle = load(ModelSpec())  # the model cache stays where it is; only the stats cache is fresh
-    from sessions.paths import cache_dir
+    from unlearn_tui.sessions.paths import cache_dir
 
     real = cache_dir()
     tmp = tempfile.mkdtemp(prefix="bench-stats-")

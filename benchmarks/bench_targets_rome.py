@@ -31,7 +31,7 @@ KEYS = ("rouge1", "target_similarity", "refused", "fluency")
 
 
 def pick_method(wanted: str | None) -> str:
-    from backends import methods
+    from unlearn_tui.backends import methods
 
     names = methods.names()
     if wanted:
@@ -60,9 +60,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from backends.model import ModelSpec, load
-    from backends.runner import Workbench
-    from sessions import RunConfig, new_session
+    from unlearn_tui.backends.model import ModelSpec, load
+    from unlearn_tui.backends.runner import Workbench
+    from unlearn_tui.sessions import RunConfig, new_session
 
     method = pick_method(args.method)
     t0 = time.perf_counter()

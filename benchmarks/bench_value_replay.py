@@ -29,12 +29,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from backends import data, methods
-    from backends.editing.locate import templates_for
-    from backends.editing.values import optimise_value
-    from backends.model import ModelSpec, load
-    from backends.subjects import resolve_subject
-    from backends.targets import build_requests, simple_targets
+    from unlearn_tui.backends import data, methods
+    from unlearn_tui.backends.editing.locate import templates_for
+    from unlearn_tui.backends.editing.values import optimise_value
+    from unlearn_tui.backends.model import ModelSpec, load
+    from unlearn_tui.backends.subjects import resolve_subject
+    from unlearn_tui.backends.targets import build_requests, simple_targets
 
     h = load(ModelSpec())
     items = data.load_items("builtin:world-facts")[:1]

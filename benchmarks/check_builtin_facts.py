@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.data import load_items  # noqa: E402
+from unlearn_tui.backends.data import load_items  # noqa: E402
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 THRESHOLD = 0.99

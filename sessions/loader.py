@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from backends.compat import tomllib
-from backends.errors import UserError
-from backends.fileio import clean_stale_temps
-from backends.params import unknown_key_message
-from backends.spec import (
+from unlearn_tui.backends.compat import tomllib
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.fileio import clean_stale_temps
+from unlearn_tui.backends.params import unknown_key_message
+from unlearn_tui.backends.spec import (
     MISSING,
     SUPPORTED_VERSIONS,
     DataConfig,
@@ -221,7 +221,7 @@ def _file_kind(mode: int) -> str:
 def _builtin_names() -> list[str]:
     """Names of the shipped data sets, or [] when they cannot be listed (no check then)."""
     try:
-        from backends.data import builtin_names
+        from unlearn_tui.backends.data import builtin_names
 
         return list(builtin_names())
     except Exception:  # the data module is optional here; the loader checks again later
@@ -386,7 +386,7 @@ def _eval(c: _Checker, root: dict) -> EvalConfig:
 
 
 def _runs(c: _Checker, root: dict) -> list[RunConfig]:
-    from backends import methods
+    from unlearn_tui.backends import methods
 
     if "runs" not in root:
         return _default(Session, "runs")

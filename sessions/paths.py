@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.paths import APP_NAME, cache_dir, config_dir, data_dir
+from unlearn_tui.backends.paths import APP_NAME, cache_dir, config_dir, data_dir
 
 __all__ = ["APP_NAME", "config_dir", "data_dir", "cache_dir", "AUTOSAVE_NAME", "LEGACY_AUTOSAVE_NAMES",
            "autosave_path", "legacy_autosave_paths"]

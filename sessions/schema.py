@@ -14,7 +14,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from backends.spec import (
+from unlearn_tui.backends.spec import (
     DATA_FORMATS,
     DATA_PREFIXES,
     DEFAULT_DATA,

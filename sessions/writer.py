@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from backends.compat import tomllib
-from backends.errors import UserError
-from backends.fileio import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write, clean_stale_temps
-from backends.spec import DATA_PREFIXES, Session, toml_comment, toml_fields, toml_keys, toml_name
+from unlearn_tui.backends.compat import tomllib
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.fileio import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write, clean_stale_temps
+from unlearn_tui.backends.spec import DATA_PREFIXES, Session, toml_comment, toml_fields, toml_keys, toml_name
 
 from .schema import plain_from_toml, to_plain
 

@@ -39,20 +39,20 @@ def tiny_arch(request):
 
 @pytest.fixture
 def tiny_handle(tiny_arch):
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     return tiny.handle(tiny_arch)
 
 
 @pytest.fixture
 def llama_handle():
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     return tiny.handle("llama")
 
 
 def make_items(n: int, prefix: str = "q"):
-    from backends.data import QAItem
+    from unlearn_tui.backends.data import QAItem
 
     subjects = ["France", "Hamlet", "Jupiter", "oxygen", "the week", "the sky", "Spain", "Mars", "Japan", "Egypt",
                 "Canada", "Brazil"]

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-import sessions
-from sessions import paths as session_paths
-from sessions import writer
+from unlearn_tui import sessions
+from unlearn_tui.sessions import paths as session_paths
+from unlearn_tui.sessions import writer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,7 @@ def test_killed_saves_do_not_pile_up_temp_files(tmp_path):
     p.write_text(MINIMAL)
     child = textwrap.dedent("""
         import os, sys, time
-        import sessions
+        from unlearn_tui import sessions
         s = sessions.load(sys.argv[1])
         s.targets.merge_factor = int(sys.argv[2])
         def hang(fd):              # the temporary file exists and is written: stop here until killed
@@ -257,7 +257,7 @@ def _aside(folder: Path, tag: str) -> list[Path]:
 
 
 def _autosave_of(session_file: Path, merge_factor: int) -> str:
-    from tui.files import autosave_text
+    from unlearn_tui.tui.files import autosave_text
 
     s = sessions.load(session_file)
     s.targets.merge_factor = merge_factor
@@ -266,7 +266,7 @@ def _autosave_of(session_file: Path, merge_factor: int) -> str:
 
 @pytest.mark.anyio
 async def test_autosave_is_one_file_and_is_restored(tmp_path, data_file, llama_handle):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file)
     app = create_app(session, handle=llama_handle, settings=settings())
@@ -285,7 +285,7 @@ async def test_autosave_is_one_file_and_is_restored(tmp_path, data_file, llama_h
 @pytest.mark.anyio
 async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, llama_handle, monkeypatch):
     """A crash part-way through an autosave leaves one whole state: the old one or the new one."""
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     first = write_session(tmp_path, data_file)
     second = tmp_path / "elsewhere" / "second.toml"
@@ -345,7 +345,7 @@ BAD_AUTOSAVES = {
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", sorted(BAD_AUTOSAVES) + ["a-folder"])
 async def test_corrupt_autosave_is_set_aside_and_the_app_starts(kind):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     path = session_paths.autosave_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,7 @@ async def test_corrupt_autosave_is_set_aside_and_the_app_starts(kind):
 @pytest.mark.anyio
 @pytest.mark.parametrize("which", ["toml-only", "json-only", "mismatched-pair"])
 async def test_half_or_mismatched_old_autosave_pair_is_never_restored(tmp_path, data_file, which):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file)
     toml_path, json_path = session_paths.data_dir() / "autosave.toml", session_paths.data_dir() / "autosave.json"
@@ -397,7 +397,7 @@ async def test_half_or_mismatched_old_autosave_pair_is_never_restored(tmp_path, 
 
 
 def test_valid_autosave_is_restored_and_old_pair_set_aside(tmp_path, data_file):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file)
     path = session_paths.autosave_path()
@@ -417,7 +417,7 @@ async def test_stale_highlight_after_a_failed_data_load_does_not_crash(tmp_path,
     """The race: the Targets list posts Highlighted(q2); before it is handled, a data load fails."""
     from textual.widgets import ListView
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
@@ -442,7 +442,7 @@ async def test_failed_reload_leaves_consistent_state_and_panes(tmp_path, data_fi
     """The session's data file turns bad; reopening it fails to load: no pane may show the old items."""
     from textual.widgets import ListView, Static
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file)
     app = create_app(session, handle=llama_handle, settings=settings(), restore=False)
@@ -489,7 +489,7 @@ def _remote_code_session(tmp_path: Path, data_file: Path) -> Path:
 @pytest.fixture
 def model_loads(monkeypatch):
     """Record every model load (and give back a tiny model)."""
-    from backends import model, tiny
+    from unlearn_tui.backends import model, tiny
 
     calls = []
 
@@ -503,7 +503,7 @@ def model_loads(monkeypatch):
 
 @pytest.mark.anyio
 async def test_remote_code_session_is_not_loaded_without_the_flag(tmp_path, data_file, model_loads):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     app = create_app(_remote_code_session(tmp_path, data_file), settings=settings(), restore=False)
     assert app.trust_remote_code is False
@@ -524,7 +524,7 @@ async def test_remote_code_session_is_not_loaded_without_the_flag(tmp_path, data
 
 @pytest.mark.anyio
 async def test_remote_code_session_loads_with_the_flag(tmp_path, data_file, model_loads):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     app = create_app(_remote_code_session(tmp_path, data_file), settings=settings(), restore=False,
                      trust_remote_code=True)
@@ -537,7 +537,7 @@ async def test_remote_code_session_loads_with_the_flag(tmp_path, data_file, mode
 
 @pytest.mark.anyio
 async def test_opening_a_remote_code_session_in_the_app_is_refused(tmp_path, data_file, llama_handle):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     mine = write_session(tmp_path, data_file)
     other_dir = tmp_path / "other"
@@ -555,7 +555,7 @@ async def test_opening_a_remote_code_session_in_the_app_is_refused(tmp_path, dat
 def test_run_app_takes_trust_remote_code(monkeypatch):
     import inspect
 
-    from tui import app as app_mod
+    from unlearn_tui.tui import app as app_mod
 
     seen = {}
 

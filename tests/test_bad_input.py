@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import sessions
-from backends.errors import UserError
-from tui import cli
+from unlearn_tui import sessions
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.tui import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def error_line(err: str, *needles: str, only: bool = True) -> str:
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     try:
-        return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, cwd=cwd,
+        return subprocess.run([sys.executable, "-m", "unlearn_tui.tui.cli", *args], capture_output=True, text=True, cwd=cwd,
                               env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"unlearn-tui {' '.join(args)} did not finish within {timeout} s (it blocks)")
@@ -87,8 +87,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subproce
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if anything tries to load a model."""
-    import backends.model
-
+    import unlearn_tui.backends.model
+    from unlearn_tui import backends
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
@@ -109,8 +109,8 @@ def test_results_are_written_when_the_session_write_back_fails(tmp_path, capsys,
     # (here: into something that no longer loads), so caching them back fails
     _facts_without_paraphrases(tmp_path)
     s = write(tmp_path, BASE.replace("builtin:world-facts", "facts.jsonl"))
-    import tui.replay_view
-
+    import unlearn_tui.tui.replay_view
+    from unlearn_tui import tui
     real = tui.replay_view.run_with_progress
 
     def run_then_edit(*a, **k):
@@ -176,14 +176,14 @@ def test_list_elements_and_integer_range_are_checked_at_load(tmp_path, method, p
 def test_good_lists_still_load(tmp_path):
     s = sessions.loads(with_run("wise", "act_margin = [0.1, 0.2, 0.3]") +
                        '[[runs]]\nmethod = "ga"\n[runs.params]\nlayers = [-1, 2]\n', tmp_path / "s.toml")
-    from backends import methods
+    from unlearn_tui.backends import methods
 
     assert methods.make("wise", s.runs[1].params).params.act_margin == [0.1, 0.2, 0.3]
     assert methods.make("ga", s.runs[2].params).params.layers == [-1, 2]
 
 
 def test_a_field_can_opt_in_to_non_finite_numbers():
-    from backends.params import param, parse_params
+    from unlearn_tui.backends.params import param, parse_params
 
     @dataclass
     class P:
@@ -225,7 +225,7 @@ def test_results_json_is_strict_and_non_finite_scores_become_null():
 
 
 def test_replay_writes_non_finite_scores_as_null_with_a_warning(tmp_path, capsys, monkeypatch):
-    from backends.runner import SessionResult
+    from unlearn_tui.backends.runner import SessionResult
 
     real = SessionResult.to_json
 
@@ -250,7 +250,7 @@ def test_replay_writes_non_finite_scores_as_null_with_a_warning(tmp_path, capsys
 def test_data_file_nested_100000_levels(tmp_path, capsys, no_model_load):
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     s = write(tmp_path, BASE.replace("builtin:world-facts", "deep.json"))
-    from backends import data
+    from unlearn_tui.backends import data
 
     with pytest.raises(UserError) as e:
         data.load_items("deep.json", base_dir=tmp_path)
@@ -263,7 +263,7 @@ def test_data_file_nested_100000_levels(tmp_path, capsys, no_model_load):
 
 
 def test_data_records_nested_too_deep_for_the_walkers(tmp_path):
-    from backends import data
+    from unlearn_tui.backends import data
 
     (tmp_path / "d.json").write_text('[{"question": "q?", "answer": "a", "x": ' + "[" * 500 + "]" * 500 + "}]")
     with pytest.raises(UserError) as e:
@@ -276,7 +276,7 @@ def test_data_records_nested_too_deep_for_the_walkers(tmp_path):
 
 
 def test_data_file_with_an_integer_too_long_to_read(tmp_path):
-    from backends import data
+    from unlearn_tui.backends import data
 
     (tmp_path / "d.json").write_text('[{"question": "q?", "answer": ' + "9" * 5000 + "}]")
     with pytest.raises(UserError) as e:
@@ -342,7 +342,7 @@ def test_fifo_as_data_path_or_session_does_not_block(tmp_path):
 def test_fifo_as_data_file_through_the_data_api(tmp_path):
     # in a child process: on a regression the read blocks, and the timeout ends it
     os.mkfifo(tmp_path / "p.json")
-    code = ("import sys\nfrom backends import data\nfrom backends.errors import UserError\n"
+    code = ("import sys\nfrom unlearn_tui.backends import data\nfrom unlearn_tui.backends.errors import UserError\n"
             "for f in (data.load_items, data.load_lines):\n"
             "    try:\n        f(sys.argv[1])\n    except UserError as e:\n        print(e)\n")
     try:
@@ -377,8 +377,9 @@ def test_tiny_model_on_an_unavailable_device_is_one_line(tmp_path, capsys):
 def test_tiny_model_honours_dtype(tmp_path, capsys, monkeypatch, how):
     import torch
 
-    import backends.model
+    import unlearn_tui.backends.model
 
+    from unlearn_tui import backends
     seen = []
     real = backends.model.load
 
@@ -453,7 +454,7 @@ def test_session_locates_key_paths(tmp_path):
 
 
 def test_cross_field_checks_in_post_init_are_located():
-    from backends.params import param, parse_params
+    from unlearn_tui.backends.params import param, parse_params
 
     @dataclass
     class P:
@@ -492,14 +493,14 @@ def test_trust_remote_code_with_the_flag_runs(tmp_path, capsys):
 
 def test_app_launch_refuses_trust_remote_code_without_the_flag(tmp_path, capsys, monkeypatch):
     calls = []
-    fake = types.ModuleType("tui.app")
+    fake = types.ModuleType("unlearn_tui.tui.app")
 
     def run_app(session_path=None, model=None, device=None, trust_remote_code=False):
         calls.append((session_path, trust_remote_code))
         return 0
 
     fake.run_app = run_app
-    monkeypatch.setitem(sys.modules, "tui.app", fake)
+    monkeypatch.setitem(sys.modules, "unlearn_tui.tui.app", fake)
     s = write(tmp_path, TRUSTING)
     assert cli.main([str(s)]) == 2
     error_line(capsys.readouterr().err, "s.toml:4", "--trust-remote-code")

@@ -61,7 +61,7 @@ k = 2
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "unlearn_tui.tui.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
 
@@ -170,7 +170,7 @@ def test_out_in_missing_directory_or_a_directory(session_dir):
 
 
 def test_help_imports_neither_textual_nor_torch():
-    code = ("import sys\nfrom tui import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom unlearn_tui.tui import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "try:\n    cli.main(['replay', '--help'])\nexcept SystemExit:\n    pass\n"
             "bad = [m for m in ('torch', 'transformers', 'textual') if m in sys.modules]\n"
             "assert not bad, bad\n")
@@ -180,7 +180,7 @@ def test_help_imports_neither_textual_nor_torch():
 
 
 def test_replay_never_imports_textual(session_dir):
-    code = ("import sys\nfrom tui import cli\nrc = cli.main(['replay', sys.argv[1], '--quiet'])\n"
+    code = ("import sys\nfrom unlearn_tui.tui import cli\nrc = cli.main(['replay', sys.argv[1], '--quiet'])\n"
             "assert rc == 0, rc\nassert 'textual' not in sys.modules\nprint('clean')\n")
     proc = subprocess.run([sys.executable, "-c", code, str(session_dir / "s.toml")], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))

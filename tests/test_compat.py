@@ -6,10 +6,10 @@ import warnings
 
 import torch
 
-from backends import tiny
-from backends.compat import cache_kwarg, call_cache, output_cache
-from backends.editing.lifelong import CallTracker
-from backends.generation import generate
+from unlearn_tui.backends import tiny
+from unlearn_tui.backends.compat import cache_kwarg, call_cache, output_cache
+from unlearn_tui.backends.editing.lifelong import CallTracker
+from unlearn_tui.backends.generation import generate
 
 
 def test_cache_round_trip_through_forward_gives_the_full_forward_logits():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from backends import data, net
-from backends.data import QAItem, builtin_names, builtin_refusals, load_items, load_lines, rephrase_split, select
-from backends.errors import UserError
+from unlearn_tui.backends import data, net
+from unlearn_tui.backends.data import QAItem, builtin_names, builtin_refusals, load_items, load_lines, rephrase_split, select
+from unlearn_tui.backends.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

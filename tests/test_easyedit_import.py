@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backends import methods
-from backends.easyedit import import_hparams
-from backends.errors import UserError
-from backends.params import parse_params
+from unlearn_tui.backends import methods
+from unlearn_tui.backends.easyedit import import_hparams
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.params import parse_params
 
 ROME_YAML = """alg_name: "ROME"
 model_name: "./hugging_cache/llama-2-7b"

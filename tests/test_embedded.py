@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.embedded,
 
 @pytest.fixture(scope="module")
 def embedded():
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.model import ModelSpec, load
 
     first = load(ModelSpec())
     second = load(ModelSpec())  # always from the safetensors cache
@@ -20,7 +20,7 @@ def embedded():
 
 
 def test_cache_gives_the_same_weights(embedded):
-    from backends.model import state_hash
+    from unlearn_tui.backends.model import state_hash
 
     first, second = embedded
     assert second.cached
@@ -36,8 +36,8 @@ def test_family_from_config_tied_embeddings_and_chat_template(embedded):
 
 
 def test_knows_a_fact_and_scores_it(embedded):
-    from backends.data import QAItem
-    from backends.metrics import EvalSettings, evaluate
+    from unlearn_tui.backends.data import QAItem
+    from unlearn_tui.backends.metrics import EvalSettings, evaluate
 
     h = embedded[1]
     item = QAItem("x", "What is the capital of France?", "Paris", perturbed_answers=["London", "Berlin", "Madrid"])

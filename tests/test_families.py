@@ -23,11 +23,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import tiny
-from backends.arch import SPECS
-from backends.events import CancelToken, Log
-from backends.model import ModelSpec, load, state_hash
-from backends.targets import Request
+from unlearn_tui.backends import tiny
+from unlearn_tui.backends.arch import SPECS
+from unlearn_tui.backends.events import CancelToken, Log
+from unlearn_tui.backends.model import ModelSpec, load, state_hash
+from unlearn_tui.backends.targets import Request
 
 FAMILIES = sorted(SPECS)
 TARGET = "I don't know."
@@ -84,14 +84,14 @@ def _requests(n: int) -> list[Request]:
 
 
 def _ctx(events: list | None = None):
-    from backends.runner import EditContext
+    from unlearn_tui.backends.runner import EditContext
 
     return EditContext(events.append if events is not None else (lambda e: None), CancelToken(), [], [], {},
                        seed=0)
 
 
 def _apply(handle, name: str, params: dict, reqs, events: list | None = None):
-    from backends.methods import make
+    from unlearn_tui.backends.methods import make
 
     m = make(name, params)
     touched = m.touched_parameters(handle)
@@ -107,7 +107,7 @@ def _logits(handle, text: str) -> torch.Tensor:
 
 
 def _generations(handle, questions: list[str]) -> list[str]:
-    from backends.generation import generate
+    from unlearn_tui.backends.generation import generate
 
     return generate(handle, [handle.prompt_ids(q) for q in questions], max_new_tokens=6)
 
@@ -168,7 +168,7 @@ def test_loader_round_trip_and_adapter_names_real_modules(loaded, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_suffix_runner_logits_equal_the_full_forward(family, saved_folders):
     """WISE/GRACE train through SuffixRunner: its logits must be the model's own, head included."""
-    from backends.editing.lifelong import SuffixRunner, sequence_batch
+    from unlearn_tui.backends.editing.lifelong import SuffixRunner, sequence_batch
 
     h = load(ModelSpec(name=str(saved_folders(family)[0]), device="cpu", dtype="float32"))
     runner = SuffixRunner(h, 2)
@@ -186,7 +186,7 @@ def test_adapter_finds_parts_by_their_other_transformers_names():
     """A GPT-NeoX laid out as before transformers 5 (``embed_out``, no accessors) still resolves."""
     from torch import nn
 
-    from backends.arch import Adapter
+    from unlearn_tui.backends.arch import Adapter
 
     class Cfg:
         model_type = "gpt_neox"
@@ -215,10 +215,10 @@ def test_adapter_finds_parts_by_their_other_transformers_names():
 
 
 def test_rome_rewrites_exactly_the_mlp_out_matrix_it_names(loaded, family, monkeypatch):
-    from backends.editing import locate
-    from backends.editing.hooks import capture
-    from backends.editing.keys import edit_prompt
-    from backends.methods import make
+    from unlearn_tui.backends.editing import locate
+    from unlearn_tui.backends.editing.hooks import capture
+    from unlearn_tui.backends.editing.keys import edit_prompt
+    from unlearn_tui.backends.methods import make
 
     h, _, _ = loaded
     a = h.adapter

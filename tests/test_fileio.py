@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from backends import fileio
+from unlearn_tui.backends import fileio
 
 
 def _entries(folder):
@@ -29,8 +29,8 @@ def _dead_pid() -> int:
 
 
 def test_sessions_and_the_engine_share_one_writer():
-    import sessions
-    import sessions.writer as writer
+    from unlearn_tui import sessions
+    import unlearn_tui.sessions.writer as writer
 
     assert sessions.atomic_write is fileio.atomic_write is writer.atomic_write
     assert writer.clean_stale_temps is fileio.clean_stale_temps
@@ -159,8 +159,8 @@ def test_probe_writable_leaves_nothing_and_fails_in_a_read_only_folder(tmp_path)
 
 def test_the_caches_of_the_engine_go_through_fileio(tmp_path, monkeypatch):
     """stats and templates write their JSON caches with atomic_write (no private writer left)."""
-    from backends import stats
-    from backends.editing import templates
+    from unlearn_tui.backends import stats
+    from unlearn_tui.backends.editing import templates
 
     calls: list = []
     monkeypatch.setattr(stats, "atomic_write", lambda p, text: calls.append(("stats", p, text)))

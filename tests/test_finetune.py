@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from backends import methods, tiny, training
-from backends.errors import Cancelled, NonFiniteError, UserError
-from backends.events import CancelToken, Progress
-from backends.model import state_hash
-from backends.runner import EditContext
-from backends.targets import Request
+from unlearn_tui.backends import methods, tiny, training
+from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
+from unlearn_tui.backends.events import CancelToken, Progress
+from unlearn_tui.backends.model import state_hash
+from unlearn_tui.backends.runner import EditContext
+from unlearn_tui.backends.targets import Request
 from tests.conftest import ROOT, make_items
 
 REFUSAL = "I'm sorry, I don't know the answer to that question."
@@ -72,8 +72,8 @@ def _objective(handle, method, forget_ex, retain_ex, reference):
 
 def test_registry_and_params_need_no_torch():
     code = ("import sys, dataclasses\n"
-            "from backends import methods\n"
-            "from backends.params import describe\n"
+            "from unlearn_tui.backends import methods\n"
+            "from unlearn_tui.backends.params import describe\n"
             "names = methods.names()\n"
             "for n in ('ga', 'gd', 'kl', 'dpo', 'npo'):\n"
             "    assert n in names, n\n"
@@ -125,8 +125,8 @@ def test_retain_required_is_a_clear_error(llama_handle):
 
 
 def test_runner_refuses_retain_methods_without_retain(tmp_path):
-    import sessions
-    from backends.runner import Workbench
+    from unlearn_tui import sessions
+    from unlearn_tui.backends.runner import Workbench
 
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps({"question": it.question, "answer": it.answer}) for it in make_items(4)))

@@ -16,12 +16,12 @@ import math
 import pytest
 import torch
 
-from backends import methods
-from backends.errors import Cancelled, NonFiniteError, UserError
-from backends.events import CancelToken, Progress, StageStarted
-from backends.model import state_hash
-from backends.runner import EditContext
-from backends.targets import build_requests, simple_targets
+from unlearn_tui.backends import methods
+from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
+from unlearn_tui.backends.events import CancelToken, Progress, StageStarted
+from unlearn_tui.backends.model import state_hash
+from unlearn_tui.backends.runner import EditContext
+from unlearn_tui.backends.targets import build_requests, simple_targets
 
 torch.set_num_threads(1)  # the test machine is shared; oversubscribed threads are 100x slower
 TARGET = "I don't know."
@@ -30,7 +30,7 @@ FAST = {"v_steps": 30, "v_lr": 1.0, "templates": 0, "token_budget": 2048, "kl_fa
 
 
 def conditioned(arch: str):
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     h = tiny.handle(arch)
     with torch.no_grad():
@@ -131,9 +131,9 @@ def test_memit_batch_of_five(handle):
 
 def test_alphaedit_preserves_protected_keys(llama_handle, monkeypatch):
     """``||dW K0|| << ||dW|| ||K0||`` for the keys the statistics were computed on."""
-    from backends import stats
-    from backends.editing.hooks import capture
-    from backends.editing.keys import pad_right
+    from unlearn_tui.backends import stats
+    from unlearn_tui.backends.editing.hooks import capture
+    from unlearn_tui.backends.editing.keys import pad_right
 
     h = conditioned("llama")
     ad = h.adapter
@@ -216,7 +216,7 @@ def test_progress_cancel_and_rollback(llama_handle):
 
 
 def test_non_finite_update_is_rolled_back(llama_handle, monkeypatch):
-    from backends.editing import locate
+    from unlearn_tui.backends.editing import locate
 
     h = conditioned("llama")
     base = state_hash(h.model)
@@ -231,8 +231,8 @@ def test_non_finite_update_is_rolled_back(llama_handle, monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_rome_update_is_exact_and_touches_one_matrix(arch, mom2):
     """dW k = delta for the template-averaged key, with and without covariance shaping; one matrix changes."""
-    from backends.editing import locate
-    from backends.editing.keys import averaged_keys, request_prompts
+    from unlearn_tui.backends.editing import locate
+    from unlearn_tui.backends.editing.keys import averaged_keys, request_prompts
 
     h = conditioned(arch)
     m = methods.make("rome", {**FAST, "v_steps": 5})
@@ -259,7 +259,7 @@ def test_rome_update_is_exact_and_touches_one_matrix(arch, mom2):
     dW = W - W0
     torch.testing.assert_close(dW @ seen["k"], seen["r"], rtol=1e-4, atol=1e-4 * float(seen["r"].norm()))
     # the key the update used is the template average at the subject's last token
-    from backends.editing.locate import templates_for
+    from unlearn_tui.backends.editing.locate import templates_for
 
     prompts = request_prompts(h, items[0].question, "France", templates_for(h, m.params, 0))
     h2 = conditioned(arch)
@@ -278,7 +278,7 @@ def test_layer_out_of_range_names_key(llama_handle):
 
 
 def test_auto_layers_scale_with_depth():
-    from backends.editing.locate_params import auto_layer, auto_layers
+    from unlearn_tui.backends.editing.locate_params import auto_layer, auto_layers
 
     assert auto_layer(32) == 5 and auto_layers(32) == [4, 5, 6, 7, 8]
     assert auto_layer(30) == 5 and auto_layers(30) == [4, 5, 6, 7, 8]
@@ -309,8 +309,8 @@ def test_methods_module_has_no_torch_import():
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
 def test_runs_through_the_session_runner(method, tmp_path, monkeypatch):
     """A TOML session drives the method end to end; the run is rolled back afterwards."""
-    import sessions
-    from backends import runner, tiny
+    from unlearn_tui import sessions
+    from unlearn_tui.backends import runner, tiny
 
     monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "cache"))
     h = tiny.handle("llama")
@@ -345,8 +345,8 @@ params = {{ v_steps = 2, templates = 0, token_budget = 512 }}
 
 def test_keys_stop_early_and_match_a_full_forward(llama_handle):
     """keys_at ends the forward after the deepest layer read, with the same keys/outputs as a full pass."""
-    from backends.editing.hooks import capture
-    from backends.editing.keys import edit_prompt, keys_at
+    from unlearn_tui.backends.editing.hooks import capture
+    from unlearn_tui.backends.editing.keys import edit_prompt, keys_at
 
     h = llama_handle
     prompts = [edit_prompt(h, q, None) for q in UNRELATED]
@@ -369,7 +369,7 @@ def test_keys_stop_early_and_match_a_full_forward(llama_handle):
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_alphaedit_low_rank_solve_equals_the_dense_projected_solve(with_prev):
     """The r x r solve in the null-space basis gives the paper's dense update ``(P KK^T + l2 I)^-1 P K R^T``."""
-    from backends.editing.linalg import alphaedit_update, nullspace_basis, nullspace_projector
+    from unlearn_tui.backends.editing.linalg import alphaedit_update, nullspace_basis, nullspace_projector
 
     g = torch.Generator().manual_seed(0)
     d_in, d_out = 48, 20
@@ -393,8 +393,8 @@ def test_alphaedit_low_rank_solve_equals_the_dense_projected_solve(with_prev):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_value_optimisation_block_replay_matches_the_full_forward(arch):
     """Replaying blocks 0..L from recordings gives the same optimised delta as running every block."""
-    from backends.editing.locate_params import LocateParams
-    from backends.editing.values import optimise_value
+    from unlearn_tui.backends.editing.locate_params import LocateParams
+    from unlearn_tui.backends.editing.values import optimise_value
 
     h = conditioned(arch)
     item = _items(1)[0]

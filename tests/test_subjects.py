@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backends.errors import UserError
-from backends.subjects import detect_subject, find_last, resolve_subject, subject_last_token
-from backends.targets import Request, build_requests, simple_targets
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.subjects import detect_subject, find_last, resolve_subject, subject_last_token
+from unlearn_tui.backends.targets import Request, build_requests, simple_targets
 
 
 @pytest.mark.parametrize("question,subject", [

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-import sessions
-from backends.data import QAItem
-from backends.errors import Cancelled, UserError
-from backends.events import CancelToken, Progress, StageStarted
-from backends.leak import check_leak, leak_details, mentions_subject, subject_of
-from backends.refusal import fluency, is_refusal, quality, target_similarity
-from backends.targets import Target, build_requests, load_pool, simple_targets
+from unlearn_tui import sessions
+from unlearn_tui.backends.data import QAItem
+from unlearn_tui.backends.errors import Cancelled, UserError
+from unlearn_tui.backends.events import CancelToken, Progress, StageStarted
+from unlearn_tui.backends.leak import check_leak, leak_details, mentions_subject, subject_of
+from unlearn_tui.backends.refusal import fluency, is_refusal, quality, target_similarity
+from unlearn_tui.backends.targets import Target, build_requests, load_pool, simple_targets
 
 from tests.conftest import SHARED_DATA, make_items
 
@@ -154,12 +154,12 @@ def test_refusal_detector_on_labelled_set():
 
 
 def test_refusal_detector_on_refusal_pools():
-    from backends.data import builtin_refusals
+    from unlearn_tui.backends.data import builtin_refusals
 
     pools = {"builtin": builtin_refusals()}
     tofu = SHARED_DATA / "tofu" / "idontknow.jsonl"
     if tofu.is_file():
-        from backends.data import load_lines
+        from unlearn_tui.backends.data import load_lines
 
         pools["tofu"] = load_lines(tofu)
     for name, pool in pools.items():
@@ -205,7 +205,7 @@ def test_quality_scores():
 
 
 def test_metrics_report_refusal_quality(llama_handle):
-    from backends.metrics import evaluate
+    from unlearn_tui.backends.metrics import evaluate
 
     items = make_items(2)
     targets = {it.id: "I don't know." for it in items}
@@ -246,7 +246,7 @@ def test_simple_target_modes(tmp_path):
 
 
 def _check_generated(mode, targets, items):
-    from backends.selfimprove import target_verdict
+    from unlearn_tui.backends.selfimprove import target_verdict
 
     assert set(targets) == {it.id for it in items}
     for it in items:
@@ -260,7 +260,7 @@ def _check_generated(mode, targets, items):
 
 
 def test_seeded_self_improve_is_reproducible(llama_handle):
-    from backends.selfimprove import generate_targets_report
+    from unlearn_tui.backends.selfimprove import generate_targets_report
 
     items = make_items(3)
     cfg = sessions.TargetsConfig(mode="self-improve", seed=7)
@@ -281,7 +281,7 @@ def test_seeded_self_improve_is_reproducible(llama_handle):
 
 
 def test_seed_changes_the_prompt(llama_handle):
-    from backends.selfimprove import _SPECS, prompt_text
+    from unlearn_tui.backends.selfimprove import _SPECS, prompt_text
 
     spec = _SPECS["self-improve"]
     texts = {prompt_text(llama_handle, spec, "Where is the Eiffel Tower?", k) for k in range(5)}
@@ -291,7 +291,7 @@ def test_seed_changes_the_prompt(llama_handle):
 
 
 def test_generated_modes_on_tiny_model(llama_handle):
-    from backends.selfimprove import generate_targets
+    from unlearn_tui.backends.selfimprove import generate_targets
 
     items = make_items(3)
     for it in items:
@@ -305,7 +305,7 @@ def test_generated_modes_on_tiny_model(llama_handle):
 
 
 def test_generation_reports_progress_and_cancels(llama_handle):
-    from backends.selfimprove import generate_targets_report
+    from unlearn_tui.backends.selfimprove import generate_targets_report
 
     items = make_items(2)
     events = []
@@ -325,9 +325,9 @@ def test_generation_reports_progress_and_cancels(llama_handle):
 
 
 def test_paraphrases_generated_once_and_cached(llama_handle, monkeypatch):
-    from backends import selfimprove
+    from unlearn_tui.backends import selfimprove
 
-    from tui.workspace import store_generated
+    from unlearn_tui.tui.workspace import store_generated
 
     session = sessions.new_session()
     items = make_items(3)
@@ -428,7 +428,7 @@ def test_hand_edited_target_survives_round_trip(tmp_path):
 
 
 def test_merge_preview(llama_handle):
-    from backends.selfimprove import merge_preview
+    from unlearn_tui.backends.selfimprove import merge_preview
 
     items = make_items(5)
     targets = simple_targets("idk", items, ["A.", "B.", "C."], seed=0)
@@ -449,7 +449,7 @@ def test_merge_preview(llama_handle):
 
 
 def test_incorrect_fallback_prefers_a_similar_question():
-    from backends.selfimprove import _fallback
+    from unlearn_tui.backends.selfimprove import _fallback
 
     items = [item("What is the capital of France?", "Paris", "France", "a"),
              item("Who wrote the play Hamlet?", "William Shakespeare", "Hamlet", "b"),
@@ -464,7 +464,7 @@ def test_incorrect_fallback_prefers_a_similar_question():
 def test_runner_stores_generated_targets_for_an_exact_replay(tmp_path, monkeypatch):
     import json
 
-    from backends import runner, selfimprove
+    from unlearn_tui.backends import runner, selfimprove
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"id": it.id, "question": it.question, "answer": it.answer,
@@ -473,7 +473,7 @@ def test_runner_stores_generated_targets_for_an_exact_replay(tmp_path, monkeypat
                              data={"path": str(facts), "forget": 2, "retain": 1, "rephrase": False},
                              targets={"mode": "self-improve", "seed": 2}, eval={"max_new_tokens": 4},
                              path=tmp_path / "s.toml")
-    from tui.workspace import store_generated
+    from unlearn_tui.tui.workspace import store_generated
 
     res = runner.run(s)
     recs = {r["id"]: r for r in res.targets}

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.errors import NonFiniteError, UserError
-from backends.events import Progress
-from backends.targets import Request
+from unlearn_tui.backends.errors import NonFiniteError, UserError
+from unlearn_tui.backends.events import Progress
+from unlearn_tui.backends.targets import Request
 
 TARGET = "I don't know."
 UNRELATED = "The quick brown fox jumps over the lazy dog."
@@ -39,14 +39,14 @@ def _requests(n: int, start: int = 0) -> list[Request]:
 
 
 def _ctx(**kw):
-    from backends.events import CancelToken
-    from backends.runner import EditContext
+    from unlearn_tui.backends.events import CancelToken
+    from unlearn_tui.backends.runner import EditContext
 
     return EditContext(kw.pop("on_event", lambda e: None), CancelToken(), [], [], {}, seed=0, **kw)
 
 
 def _apply(handle, name: str, params: dict, reqs, keep: bool = True, ctx=None):
-    from backends.methods import make
+    from unlearn_tui.backends.methods import make
 
     m = make(name, params)
     with handle.transaction(m.touched_parameters(handle), keep_after=keep) as tx:
@@ -111,7 +111,7 @@ def _assert_same_model(handle, want: tuple[list, list]) -> None:
 
 
 def test_nan_value_in_a_grace_codebook_is_rolled_back_bit_for_bit(llama_handle, monkeypatch):
-    from backends.editing.grace_codebook import GraceCodebook
+    from unlearn_tui.backends.editing.grace_codebook import GraceCodebook
 
     h = llama_handle
     reqs = _requests(3)
@@ -134,7 +134,7 @@ def test_nan_value_in_a_grace_codebook_is_rolled_back_bit_for_bit(llama_handle, 
 
 
 def test_nan_in_a_wise_side_memory_is_rolled_back_bit_for_bit(llama_handle, monkeypatch):
-    from backends.editing.wise_memory import WiseMemory
+    from unlearn_tui.backends.editing.wise_memory import WiseMemory
 
     h = llama_handle
     reqs = _requests(3)
@@ -158,7 +158,7 @@ def test_nan_in_a_wise_side_memory_is_rolled_back_bit_for_bit(llama_handle, monk
 
 def test_a_new_wrapper_with_non_finite_state_is_removed(llama_handle):
     """A wrapper added inside the transaction with a NaN in its state never stays installed."""
-    from backends.editing.grace_codebook import GraceCodebook
+    from unlearn_tui.backends.editing.grace_codebook import GraceCodebook
 
     h = llama_handle
     before = _model_state(h)
@@ -254,8 +254,8 @@ def _held_bytes(transactions, seen: dict | None = None) -> int:
 
 @pytest.mark.parametrize("method", ["wise", "grace"])
 def test_step_mode_undo_stack_grows_linearly_and_undo_redo_stays_exact(tmp_path, method):
-    import sessions
-    from backends.runner import Workbench
+    from unlearn_tui import sessions
+    from unlearn_tui.backends.runner import Workbench
     from tests.test_cli import write_facts
 
     n = 20
@@ -294,7 +294,7 @@ def test_step_mode_undo_stack_grows_linearly_and_undo_redo_stays_exact(tmp_path,
 
 def test_undo_records_only_the_entries_an_edit_changed(llama_handle):
     """A GRACE edit that adds one entry records that entry, not the codebook; the rest is shared."""
-    from backends.model import _MISSING
+    from unlearn_tui.backends.model import _MISSING
 
     h = llama_handle
     reqs = _requests(4)
@@ -314,7 +314,7 @@ def test_undo_records_only_the_entries_an_edit_changed(llama_handle):
 @pytest.mark.parametrize("rule", ["coverage", "moving_avg", "split"])
 def test_grace_rules_that_rewrite_an_entry_undo_and_redo_exactly(llama_handle, rule):
     """Expanding (both ways) and splitting change an existing entry's key or radius: new tensors, exact undo."""
-    from backends.editing.grace_codebook import mlp_io
+    from unlearn_tui.backends.editing.grace_codebook import mlp_io
 
     h = llama_handle
     a, b = "What do you know about France?", "What do you know about Spain?"
@@ -343,7 +343,7 @@ def test_grace_rules_that_rewrite_an_entry_undo_and_redo_exactly(llama_handle, r
 
 
 def _session(folder: Path, runs: list[dict]):
-    import sessions
+    from unlearn_tui import sessions
     from tests.test_cli import write_facts
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -355,7 +355,7 @@ def _session(folder: Path, runs: list[dict]):
 
 
 def _bench(s, events=None):
-    from backends.runner import Workbench
+    from unlearn_tui.backends.runner import Workbench
 
     wb = Workbench(s, events.append if events is not None else (lambda e: None))
     wb.load_model()
@@ -393,7 +393,7 @@ def test_state_paths_outside_the_session_folder_are_refused(tmp_path, how, key):
     proj.mkdir()
     victim = outside / "victim.safetensors"
     if key == "load_state":   # a real state file, outside: reading it needs the opt-in too
-        from backends import tiny
+        from unlearn_tui.backends import tiny
 
         _apply(tiny.handle("llama"), "grace", {**GRACE_FAST, "save_state": str(victim)}, _requests(1))
     value = {"dotdot": "../outside/victim.safetensors", "absolute": str(victim),
@@ -460,7 +460,7 @@ def test_save_state_replaces_only_its_own_kind_of_state_file(tmp_path):
         _run(wb, 2)
     assert e.value.where == "runs[2].params.save_state" and "grace-codebook" in str(e.value)
     _run(wb, 3)   # the explicit opt-in
-    from backends.editing.lifelong import state_file_kind
+    from unlearn_tui.backends.editing.lifelong import state_file_kind
 
     assert state_file_kind(proj / "notes.txt") == "unlearn-tui/grace-codebook"
 
@@ -517,7 +517,7 @@ def test_a_failed_write_removes_the_temp_file_and_keeps_the_old_state(tmp_path, 
 
 
 def test_stats_corpus_is_relative_to_the_session_folder_and_confined(llama_handle, tmp_path, monkeypatch):
-    from backends import stats
+    from unlearn_tui.backends import stats
 
     proj, cwd = tmp_path / "proj", tmp_path / "cwd"
     proj.mkdir()

@@ -13,13 +13,13 @@ from test_tui_flow import data_file, press_job, settings, wait_for, wait_idle, w
 
 @pytest.mark.anyio
 async def test_easyedit_yaml_import_fills_the_form(tmp_path, data_file):
-    from backends import methods
+    from unlearn_tui.backends import methods
 
     if "rome" not in methods.names():
         pytest.skip("rome is not in this build")
     from textual.widgets import Input
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     yml = tmp_path / "rome.yaml"
     yml.write_text("alg_name: ROME\nmodel_name: ./hugging_cache/gpt2\nlayers: [1]\ndevice: 0\n")
@@ -46,11 +46,11 @@ async def test_easyedit_yaml_import_fills_the_form(tmp_path, data_file):
 
 @pytest.mark.anyio
 async def test_yaml_import_absent_module_is_a_message(tmp_path, data_file, monkeypatch):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
-    import backends
+    from unlearn_tui import backends
 
-    monkeypatch.setitem(sys.modules, "backends.easyedit", None)   # import fails as if not yet written
+    monkeypatch.setitem(sys.modules, "unlearn_tui.backends.easyedit", None)   # import fails as if not yet written
     monkeypatch.delattr(backends, "easyedit", raising=False)
     app = create_app(write_session(tmp_path, data_file), settings=settings(), autostart=False)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -62,7 +62,7 @@ async def test_yaml_import_absent_module_is_a_message(tmp_path, data_file, monke
 
 @pytest.mark.anyio
 async def test_self_improve_writes_targets_into_the_session(tmp_path, data_file, llama_handle):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     app = create_app(write_session(tmp_path, data_file), handle=llama_handle, settings=settings())
     async with app.run_test(size=(100, 30)) as pilot:
@@ -81,7 +81,7 @@ async def test_self_improve_writes_targets_into_the_session(tmp_path, data_file,
 
 @pytest.mark.anyio
 async def test_replay_reruns_the_session(tmp_path, data_file, llama_handle):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     app = create_app(write_session(tmp_path, data_file, "none"), handle=llama_handle, settings=settings())
     async with app.run_test(size=(100, 30)) as pilot:
@@ -98,7 +98,7 @@ async def test_replay_reruns_the_session(tmp_path, data_file, llama_handle):
 async def test_open_and_new_session(tmp_path, data_file, llama_handle):
     from textual.widgets import Input
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     first = write_session(tmp_path, data_file, "none")
     other_dir = tmp_path / "other"
@@ -129,9 +129,9 @@ async def test_open_and_new_session(tmp_path, data_file, llama_handle):
 async def test_model_written_targets_of_an_app_run_are_saved(tmp_path, data_file, llama_handle, mode):
     """Regression (issue 13, item 3): a run in a generating mode wrote its targets into the job's copy of
     the session, so they were never saved; now the run's records are stored in the app's session."""
-    import sessions
+    from unlearn_tui import sessions
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     path = write_session(tmp_path, data_file, "none")
     path.write_text(path.read_text().replace('mode = "idk"', f'mode = "{mode}"'))

@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("textual")
 
-from backends import methods  # noqa: E402
-from backends.events import Tracker  # noqa: E402
-from backends.params import param  # noqa: E402
+from unlearn_tui.backends import methods  # noqa: E402
+from unlearn_tui.backends.events import Tracker  # noqa: E402
+from unlearn_tui.backends.params import param  # noqa: E402
 
 ITEMS = [
     {"id": "q1", "question": "What is the capital of France?", "answer": "Paris",
@@ -106,7 +106,7 @@ method = "{method}"
 
 
 def settings(baseline: bool = False):
-    from tui.settings import Settings
+    from unlearn_tui.tui.settings import Settings
 
     return Settings(baseline_on_load=baseline, baseline_limit=10, autosave_seconds=3600)
 
@@ -143,10 +143,10 @@ def weights(handle):
 
 @pytest.mark.anyio
 async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_file, llama_handle):
-    import sessions
+    from unlearn_tui import sessions
     from textual.widgets import DataTable, Input, SelectionList, Static, TextArea
 
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     app = create_app(model="tiny:llama", handle=llama_handle, settings=settings(baseline=True), restore=False)
     app.workspace.session.eval.max_new_tokens = 4
@@ -263,7 +263,7 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
 
 @pytest.mark.anyio
 async def test_cancel_run_restores_weights(tmp_path, data_file, llama_handle, slow_method):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file, slow_method)
     before = weights(llama_handle)
@@ -288,14 +288,14 @@ async def test_cancel_run_restores_weights(tmp_path, data_file, llama_handle, sl
 
 @pytest.mark.anyio
 async def test_progress_is_coalesced_and_ui_responsive(tmp_path, data_file, llama_handle, slow_method):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file, slow_method, extra="params = { steps = 150, delay = 0.002 }\n")
     app = create_app(session, handle=llama_handle, settings=settings())
     seen: list = []
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot, app)
-        from tui.messages import ProgressUpdate
+        from unlearn_tui.tui.messages import ProgressUpdate
 
         orig = app.post_message
 
@@ -314,7 +314,7 @@ async def test_progress_is_coalesced_and_ui_responsive(tmp_path, data_file, llam
 
 @pytest.mark.anyio
 async def test_step_mode_with_undo_redo(tmp_path, data_file, llama_handle, slow_method):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     session = write_session(tmp_path, data_file, slow_method, extra="params = { steps = 2, delay = 0.0 }\n")
     w0 = weights(llama_handle)
@@ -345,7 +345,7 @@ async def test_step_mode_with_undo_redo(tmp_path, data_file, llama_handle, slow_
 
 @pytest.mark.anyio
 async def test_engine_errors_are_notifications_and_app_keeps_running(tmp_path, llama_handle):
-    from tui.app import create_app
+    from unlearn_tui.tui.app import create_app
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
@@ -365,10 +365,10 @@ async def test_engine_errors_are_notifications_and_app_keeps_running(tmp_path, l
 
 @pytest.mark.anyio
 async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle):
-    from sessions.paths import autosave_path
+    from unlearn_tui.sessions.paths import autosave_path
 
-    from tui.app import create_app
-    from tui.screens.confirm import ConfirmQuit
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.screens.confirm import ConfirmQuit
 
     session = write_session(tmp_path, data_file)
     app = create_app(session, handle=llama_handle, settings=settings())

@@ -12,10 +12,10 @@ PANES = ("forget", "targets", "method", "run", "results", "probe")
 
 
 def make_app(tmp_path, settings=None):
-    from backends import data
+    from unlearn_tui.backends import data
     from test_tui_flow import ITEMS, write_session
-    from tui.app import create_app
-    from tui.settings import Settings
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.settings import Settings
 
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")
@@ -46,7 +46,7 @@ def shown(app) -> dict[str, bool]:
 def test_threshold():
     from textual.geometry import Size
 
-    from tui.screens.main import WIDE_MIN_HEIGHT, WIDE_MIN_WIDTH, is_wide
+    from unlearn_tui.tui.screens.main import WIDE_MIN_HEIGHT, WIDE_MIN_WIDTH, is_wide
 
     assert is_wide(Size(WIDE_MIN_WIDTH, WIDE_MIN_HEIGHT))
     assert not is_wide(Size(WIDE_MIN_WIDTH - 1, 60)) and not is_wide(Size(300, WIDE_MIN_HEIGHT - 1))
@@ -116,7 +116,7 @@ async def test_small_terminal_keeps_the_tabs(tmp_path):
 @pytest.mark.anyio
 async def test_user_settings_move_the_threshold(tmp_path):
     """``wide_min_width`` / ``wide_min_height`` from settings.toml decide the layout, not the constants."""
-    from tui.settings import Settings
+    from unlearn_tui.tui.settings import Settings
 
     app = make_app(tmp_path, Settings(wide_min_width=100, wide_min_height=30))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -176,7 +176,7 @@ async def test_resize_switches_layout_live_and_keeps_state(tmp_path):
 
 @pytest.mark.anyio
 async def test_resize_under_a_dialog_applies_when_it_closes(tmp_path):
-    from tui.screens.help import HelpScreen
+    from unlearn_tui.tui.screens.help import HelpScreen
 
     app = make_app(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:

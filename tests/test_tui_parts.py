@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ themes
 def test_our_themes_load_as_textual_themes():
-    from tui import themes
+    from unlearn_tui.tui import themes
 
     found, problems = themes.load_all()
     names = {t.name: t for t in found}
@@ -27,9 +27,9 @@ def test_our_themes_load_as_textual_themes():
 
 
 def test_user_theme_files_and_bad_files(tmp_path, monkeypatch):
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
 
-    from tui import themes
+    from unlearn_tui.tui import themes
 
     d = config_dir() / "themes"
     d.mkdir(parents=True)
@@ -50,10 +50,10 @@ def test_user_theme_files_and_bad_files(tmp_path, monkeypatch):
 
 @pytest.mark.anyio
 async def test_bad_theme_file_is_a_notification_not_a_crash(tmp_path):
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
 
-    from tui.app import create_app
-    from tui.settings import Settings
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.settings import Settings
 
     d = config_dir() / "themes"
     d.mkdir(parents=True)
@@ -73,8 +73,8 @@ async def test_bad_theme_file_is_a_notification_not_a_crash(tmp_path):
 
 # ------------------------------------------------------------------ keymap and actions
 def test_every_action_has_a_binding_with_an_id():
-    from tui import actions
-    from tui.app import UnlearnApp
+    from unlearn_tui.tui import actions
+    from unlearn_tui.tui.app import UnlearnApp
 
     ids = [b.id for b in UnlearnApp.BINDINGS]
     assert all(i and i.startswith("unlearn.") for i in ids)
@@ -87,7 +87,7 @@ def test_every_action_has_a_binding_with_an_id():
 
 
 def test_keymap_file(tmp_path):
-    from tui import actions
+    from unlearn_tui.tui import actions
 
     p = tmp_path / "keymap.toml"
     p.write_text('run = "f9"\n[keys]\ncancel = ["ctrl+k", "f10"]\nnosuch = "x"\nsave = 3\n')
@@ -101,12 +101,12 @@ def test_keymap_file(tmp_path):
 
 @pytest.mark.anyio
 async def test_user_keymap_rebinds_and_help_lists_it(tmp_path):
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
     from textual.widgets import DataTable
 
-    from tui.app import create_app
-    from tui.screens.help import HelpScreen
-    from tui.settings import Settings
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.screens.help import HelpScreen
+    from unlearn_tui.tui.settings import Settings
 
     config_dir(create=True)
     (config_dir() / "keymap.toml").write_text('help = "f9"\n')
@@ -129,9 +129,9 @@ async def test_user_keymap_rebinds_and_help_lists_it(tmp_path):
 
 @pytest.mark.anyio
 async def test_command_palette_offers_every_action():
-    from tui import actions
-    from tui.app import create_app
-    from tui.settings import Settings
+    from unlearn_tui.tui import actions
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.settings import Settings
 
     app = create_app(settings=Settings(), autostart=False, restore=False)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -145,7 +145,7 @@ async def test_command_palette_offers_every_action():
 
 # ------------------------------------------------------------------ settings
 def test_settings_file_bad_values_keep_defaults(tmp_path):
-    from tui.settings import Settings, load
+    from unlearn_tui.tui.settings import Settings, load
 
     p = tmp_path / "settings.toml"
     p.write_text('theme = "unlearn-light"\nautosave_seconds = 5\nprogress_hz = 1000\nwide_min_width = "x"\nfoo = 1\n')
@@ -160,10 +160,10 @@ def test_settings_file_bad_values_keep_defaults(tmp_path):
 
 # ------------------------------------------------------------------ coalescing
 def test_coalescer_limits_rate_keeps_last_and_all_losses():
-    from backends import events as ev
+    from unlearn_tui.backends import events as ev
 
-    from tui import messages as msg
-    from tui.worker import Coalescer
+    from unlearn_tui.tui import messages as msg
+    from unlearn_tui.tui.worker import Coalescer
 
     now = [0.0]
     posted: list = []
@@ -182,10 +182,10 @@ def test_coalescer_limits_rate_keeps_last_and_all_losses():
 
 
 def test_coalescer_flushes_pending_progress_before_other_events():
-    from backends import events as ev
+    from unlearn_tui.backends import events as ev
 
-    from tui import messages as msg
-    from tui.worker import Coalescer
+    from unlearn_tui.tui import messages as msg
+    from unlearn_tui.tui.worker import Coalescer
 
     posted: list = []
     c = Coalescer(posted.append, "run", hz=1, clock=lambda: 5.0)
@@ -202,7 +202,7 @@ def test_first_frame_before_torch_is_imported(tmp_path):
     """A fresh process: the first frame is drawn before torch is imported; the model loads afterwards."""
     script = r"""
 import asyncio, json, sys, time
-from tui.app import create_app
+from unlearn_tui.tui.app import create_app
 async def main():
     app = create_app(model="tiny:llama", restore=False)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -233,11 +233,11 @@ def test_first_frame_builds_only_the_forget_pane(tmp_path):
     """The other panes (their modules and widgets) are imported and mounted after the first frame."""
     script = r"""
 import asyncio, json, sys
-from tui.app import UnlearnApp, create_app
-from tui.settings import Settings
-LATER = ["tui.widgets.targets", "tui.widgets.method", "tui.widgets.run", "tui.widgets.results",
-         "tui.widgets.probe", "textual.widgets._text_area", "textual.widgets._selection_list",
-         "backends.targets", "backends.methods", "rich._emoji_codes"]
+from unlearn_tui.tui.app import UnlearnApp, create_app
+from unlearn_tui.tui.settings import Settings
+LATER = ["unlearn_tui.tui.widgets.targets", "unlearn_tui.tui.widgets.method", "unlearn_tui.tui.widgets.run", "unlearn_tui.tui.widgets.results",
+         "unlearn_tui.tui.widgets.probe", "textual.widgets._text_area", "textual.widgets._selection_list",
+         "unlearn_tui.backends.targets", "unlearn_tui.backends.methods", "rich._emoji_codes"]
 seen = {}
 mark = UnlearnApp._mark_first_frame
 def spy(self):
@@ -268,8 +268,8 @@ def test_quitting_while_the_deferred_panes_mount_is_clean(tmp_path):
     """Leaving right after the first frame (panes still mounting) ends without an error."""
     script = r"""
 import asyncio
-from tui.app import create_app
-from tui.settings import Settings
+from unlearn_tui.tui.app import create_app
+from unlearn_tui.tui.settings import Settings
 async def main():
     for _ in range(3):
         app = create_app(model="tiny:llama", settings=Settings(baseline_on_load=False), autostart=False,
@@ -303,10 +303,10 @@ async def test_tab_switch_with_focus_in_a_pane_does_not_ping_pong(tmp_path):
     to a hidden sibling), and the two tabs then stole focus from each other forever; typing lost keys."""
     from textual.widgets import TabbedContent, TextArea
 
-    from backends import data
+    from unlearn_tui.backends import data
     from test_tui_flow import ITEMS, write_session
-    from tui.app import create_app
-    from tui.settings import Settings
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.settings import Settings
 
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")

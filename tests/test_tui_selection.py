@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-import sessions
-from backends.errors import UserError
-from backends.runner import Workbench
-from sessions import Paraphrase
+from unlearn_tui import sessions
+from unlearn_tui.backends.errors import UserError
+from unlearn_tui.backends.runner import Workbench
+from unlearn_tui.sessions import Paraphrase
 from tests.conftest import make_items
 
 
@@ -106,10 +106,10 @@ def test_set_selection_needs_the_data_and_load_data_selects(tmp_path):
 
 # ------------------------------------------------------------------ the app's jobs go through set_selection
 def _app(tmp_path):
-    from backends import data
+    from unlearn_tui.backends import data
     from test_tui_flow import ITEMS, write_session
-    from tui.app import create_app
-    from tui.settings import Settings
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.settings import Settings
 
     p = tmp_path / "facts.json"
     p.write_text(json.dumps(ITEMS), encoding="utf-8")

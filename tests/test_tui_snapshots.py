@@ -77,8 +77,8 @@ class PaneSnapshot(SVGImageExtension):
 
 
 def fake_results():
-    from backends.metrics import EvalResult, ItemScore, SplitScores
-    from backends.runner import RunResult
+    from unlearn_tui.backends.metrics import EvalResult, ItemScore, SplitScores
+    from unlearn_tui.backends.runner import RunResult
 
     def ev(f1: float, r1: float, gen_f: str, gen_r: str) -> EvalResult:
         return EvalResult({
@@ -99,9 +99,9 @@ def fake_results():
 @pytest.fixture
 def make_app(tmp_path, monkeypatch):
     def make():
-        from backends import data
-        from tui.app import create_app
-        from tui.settings import Settings
+        from unlearn_tui.backends import data
+        from unlearn_tui.tui.app import create_app
+        from unlearn_tui.tui.settings import Settings
 
         p = tmp_path / "facts.json"
         p.write_text(json.dumps(ITEMS), encoding="utf-8")
@@ -128,7 +128,7 @@ async def _prepare(pilot, pane: str, fill: tuple[str, ...] = ()) -> None:
     """Every pane ready, ``pane`` shown and focused; the run and probe panes get fixed content when shown."""
     from textual.widgets import Input, TabbedContent, TextArea
 
-    from tui.screens.main import DeferredPane, MainScreen
+    from unlearn_tui.tui.screens.main import DeferredPane, MainScreen
 
     app = pilot.app
     app.animation_level = "none"

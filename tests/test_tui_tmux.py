@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sessions.paths import AUTOSAVE_NAME
+from unlearn_tui.sessions.paths import AUTOSAVE_NAME
 from test_tui_flow import ITEMS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from backends.errors import Cancelled, NonFiniteError, UserError
-from backends.events import CancelToken, Progress
-from backends.targets import Request
+from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
+from unlearn_tui.backends.events import CancelToken, Progress
+from unlearn_tui.backends.targets import Request
 
 TARGET = "I don't know."
 UNRELATED = "The quick brown fox jumps over the lazy dog."
@@ -37,13 +37,13 @@ def _requests(n: int, start: int = 0) -> list[Request]:
 
 
 def _ctx(cancel: CancelToken | None = None, on_event=None):
-    from backends.runner import EditContext
+    from unlearn_tui.backends.runner import EditContext
 
     return EditContext(on_event or (lambda e: None), cancel or CancelToken(), [], [], {}, seed=0)
 
 
 def _apply(handle, name: str, params: dict, reqs, keep: bool = True, ctx=None):
-    from backends.methods import make
+    from unlearn_tui.backends.methods import make
 
     m = make(name, params)
     with handle.transaction(m.touched_parameters(handle), keep_after=keep) as tx:
@@ -61,8 +61,8 @@ def _logits(handle, question: str):
 
 def _target_stats(handle, question: str, target: str = TARGET):
     """Teacher-forced statistics (probability, MRR) of the target after the question."""
-    from backends.editing.lifelong import end_ids
-    from backends.generation import answer_stats
+    from unlearn_tui.backends.editing.lifelong import end_ids
+    from unlearn_tui.backends.generation import answer_stats
 
     return answer_stats(handle, [(handle.prompt_ids(question), handle.encode_answer(target) + end_ids(handle))])[0]
 
@@ -77,7 +77,7 @@ def _wrapper(handle, kind: str):
 def test_suffix_runner_matches_full_forward(tiny_handle):
     import torch
 
-    from backends.editing.lifelong import SuffixRunner, sequence_batch
+    from unlearn_tui.backends.editing.lifelong import SuffixRunner, sequence_batch
 
     h = tiny_handle
     runner = SuffixRunner(h, 2)
@@ -94,7 +94,7 @@ def test_suffix_runner_matches_full_forward(tiny_handle):
 def test_ties_merge_trims_elects_signs_and_averages_agreeing_values():
     import torch
 
-    from backends.editing.wise_memory import ties_merge
+    from unlearn_tui.backends.editing.wise_memory import ties_merge
 
     a = torch.tensor([4.0, -1.0, 2.0, 0.0])
     b = torch.tensor([2.0, 3.0, -6.0, 0.0])
@@ -134,7 +134,7 @@ def test_wise_routes_edit_prompt_to_side_memory_and_unrelated_prompt_to_main(tin
 
 
 def test_wise_never_writes_model_weights(llama_handle):
-    from backends.model import state_hash
+    from unlearn_tui.backends.model import state_hash
 
     h = llama_handle
     before = state_hash(h.model)
@@ -172,8 +172,8 @@ def test_wise_retrieval_answers_with_the_memory_most_over_its_threshold(tiny_han
     """Top-1 by score / threshold (not by raw score); below every threshold the main memory answers."""
     import torch
 
-    from backends.editing.lifelong import weight_apply
-    from backends.editing.wise_memory import WiseMemory, projection_inputs, template_header_len
+    from unlearn_tui.backends.editing.lifelong import weight_apply
+    from unlearn_tui.backends.editing.wise_memory import WiseMemory, projection_inputs, template_header_len
 
     h = tiny_handle
     layer = h.adapter.n_layers - 1
@@ -215,7 +215,7 @@ def test_wise_retrieval_answers_with_the_memory_most_over_its_threshold(tiny_han
 
 def test_wise_first_token_weight_lifts_the_first_target_token():
     """The extra first-token NLL term moves the first refusal token more than the plain mean NLL does."""
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     def first_token_logprob(weight: float) -> float:
         h = tiny.handle("llama")
@@ -230,7 +230,7 @@ def test_wise_first_token_weight_lifts_the_first_target_token():
 def test_wise_threshold_sits_between_out_of_scope_and_in_scope_scores():
     import torch
 
-    from backends.editing.wise_memory import WiseMemory
+    from unlearn_tui.backends.editing.wise_memory import WiseMemory
 
     mem = WiseMemory(0, "out_in", (2, 3), pool="max")
     mem.delta = torch.eye(2, 3)
@@ -277,7 +277,7 @@ def test_wise_cancel_restores_side_memory_exactly(llama_handle):
 def test_wise_non_finite_update_is_rolled_back(llama_handle, monkeypatch):
     import torch
 
-    from backends.editing.wise_memory import WiseMemory
+    from unlearn_tui.backends.editing.wise_memory import WiseMemory
 
     original = WiseMemory._new_shard
 
@@ -298,7 +298,7 @@ def test_wise_non_finite_update_is_rolled_back(llama_handle, monkeypatch):
 def test_wise_state_file_recreates_the_edited_model_exactly(tmp_path):
     import torch
 
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     h = tiny.handle("llama")
     reqs = _requests(3)
@@ -324,7 +324,7 @@ def test_wise_state_file_recreates_the_edited_model_exactly(tmp_path):
 def test_grace_leaves_prompts_outside_every_ball_bit_for_bit_unchanged(tiny_handle):
     import torch
 
-    from backends.generation import generate
+    from unlearn_tui.backends.generation import generate
 
     h = tiny_handle
     reqs = _requests(3)
@@ -344,8 +344,8 @@ def test_grace_leaves_prompts_outside_every_ball_bit_for_bit_unchanged(tiny_hand
 def test_grace_replacement_starts_at_the_hit_and_is_kept_for_generated_tokens(llama_handle):
     import torch
 
-    from backends.editing.hooks import capture
-    from backends.generation import generate
+    from unlearn_tui.backends.editing.hooks import capture
+    from unlearn_tui.backends.generation import generate
 
     h = llama_handle
     req = _requests(1)
@@ -373,7 +373,7 @@ def test_grace_codebook_split_and_expand_rules(llama_handle):
 
     h = llama_handle
     a, b = "What do you know about France?", "What do you know about Spain?"
-    from backends.editing.grace_codebook import mlp_io
+    from unlearn_tui.backends.editing.grace_codebook import mlp_io
 
     layer = h.adapter.n_layers - 1
     d = float(torch.dist(mlp_io(h, layer, h.prompt_ids(a))[0], mlp_io(h, layer, h.prompt_ids(b))[0]))
@@ -411,7 +411,7 @@ def test_grace_sequential_edits_accumulate_first_edit_holds_after_tenth(llama_ha
 def test_grace_state_file_recreates_the_codebook_exactly(tmp_path):
     import torch
 
-    from backends import tiny
+    from unlearn_tui.backends import tiny
 
     h = tiny.handle("gpt2")
     reqs = _requests(2)
@@ -430,7 +430,7 @@ def test_grace_state_file_recreates_the_codebook_exactly(tmp_path):
 
 @pytest.mark.parametrize("name", ["wise", "grace"])
 def test_bad_hyper_parameters_name_the_key(llama_handle, name, tmp_path):
-    from backends.methods import make
+    from unlearn_tui.backends.methods import make
 
     with pytest.raises(UserError) as e:
         make(name, {"layer": 99}).touched_parameters(llama_handle)
@@ -446,8 +446,8 @@ def test_bad_hyper_parameters_name_the_key(llama_handle, name, tmp_path):
 
 
 def test_params_are_plain_data_and_defaults_are_auto():
-    from backends.methods import get
-    from backends.params import describe
+    from unlearn_tui.backends.methods import get
+    from unlearn_tui.backends.params import describe
 
     wise = {f.name: f for f in describe(get("wise").Params)}
     grace = {f.name: f for f in describe(get("grace").Params)}
@@ -461,7 +461,7 @@ def test_params_are_plain_data_and_defaults_are_auto():
 
 @pytest.mark.parametrize("name", ["wise", "grace"])
 def test_easyedit_hparams_map_onto_our_params(name, tmp_path):
-    from backends.methods import get
+    from unlearn_tui.backends.methods import get
 
     cls = get(name)
     if name == "wise":
@@ -482,7 +482,7 @@ def test_easyedit_hparams_map_onto_our_params(name, tmp_path):
     path = tmp_path / "hparams.yaml"
     path.write_text(yaml_text)
     try:
-        from backends.easyedit import import_hparams
+        from unlearn_tui.backends.easyedit import import_hparams
     except ImportError:  # the generic importer is not in this build: check the mapping itself
         fields = {f for f in cls.Params.__dataclass_fields__}
         assert all((v if isinstance(v, str) else v[0]) in fields for v in cls.EASYEDIT_KEYS.values())
@@ -491,6 +491,6 @@ def test_easyedit_hparams_map_onto_our_params(name, tmp_path):
     assert method == name
     assert params == expected
     assert "model_name" in ignored and "device" in ignored
-    from backends.methods import make
+    from unlearn_tui.backends.methods import make
 
     make(name, params)   # the imported values validate

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-import sessions
-from backends.errors import UserError
+from unlearn_tui import sessions
+from unlearn_tui.backends.errors import UserError
 from tests.conftest import make_items
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def workspace(n: int = 5, **data):
-    from tui.settings import Settings
-    from tui.workspace import Workspace
+    from unlearn_tui.tui.settings import Settings
+    from unlearn_tui.tui.workspace import Workspace
 
     seen: list = []
     s = sessions.new_session(data=dict({"forget": 2, "retain": 1}, **data),
@@ -87,7 +87,7 @@ def test_targets_edit_reset_mode_merge_and_preview():
 
 
 def test_store_generated_records_into_the_session():
-    from tui.workspace import store_generated
+    from unlearn_tui.tui.workspace import store_generated
 
     ws, seen = workspace()
     n = ws.store_generated([{"id": "q0", "target": "I can't help with France.", "source": "self-improve",
@@ -145,7 +145,7 @@ def test_replace_session_resets_everything():
 
 
 def test_job_queue_starts_queues_refuses_and_skips_duplicates():
-    from tui.jobs import Job, JobQueue
+    from unlearn_tui.tui.jobs import Job, JobQueue
 
     started: list = []
     busy = [False]
@@ -176,7 +176,7 @@ def test_job_queue_starts_queues_refuses_and_skips_duplicates():
 
 
 def test_job_body_loads_the_snapshot_then_makes_one_call():
-    from tui.jobs import Job
+    from unlearn_tui.tui.jobs import Job
 
     ws, _ = workspace()
     calls: list = []
@@ -204,7 +204,7 @@ def test_widgets_post_messages_and_never_call_the_app():
             if re.search(r"\bself\.app\b|\bapp\.(action_|session|workspace|set_|toggle|edit_|reset_)", line):
                 offenders.append(f"{p.name}:{n}: {line.strip()}")
     assert offenders == []
-    from tui.screens.main import TABS
+    from unlearn_tui.tui.screens.main import TABS
 
     for _, _, module, cls_name in TABS:
         cls = getattr(importlib.import_module(f"tui.widgets.{module}"), cls_name)

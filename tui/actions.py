@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.compat import tomllib
+from unlearn_tui.backends.compat import tomllib
 
 from textual.binding import Binding
 
@@ -86,7 +86,7 @@ def pane_bindings(scope: str) -> list[Binding]:
 
 
 def keymap_path() -> Path:
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
 
     return config_dir() / "keymap.toml"
 

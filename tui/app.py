@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 from . import actions, files
 from . import messages as msg
@@ -468,7 +468,7 @@ class UnlearnApp(App):
 
     # ================================================================ actions: data and session files
     def action_open_data(self) -> None:
-        from backends import data as data_mod
+        from unlearn_tui.backends import data as data_mod
 
         from .screens.dialogs import PathDialog
 
@@ -562,7 +562,7 @@ class UnlearnApp(App):
         return True
 
     def action_new_session(self) -> None:
-        import sessions
+        from unlearn_tui import sessions
 
         self._guard_unsaved(lambda: self.replace_session(
             sessions.new_session(model={"name": self.workspace.model_name})))
@@ -586,7 +586,7 @@ class UnlearnApp(App):
 
     def import_yaml(self, path: str) -> bool:
         try:
-            from backends import easyedit
+            from unlearn_tui.backends import easyedit
         except ImportError:
             self.report_error("EasyEdit YAML import is not available in this build yet")
             return False
@@ -662,7 +662,7 @@ def create_app(session_path: str | Path | None = None, model: str | None = None,
     is shown but its model is not loaded (an error notification says why).
     Raises UserError for a bad session file.
     """
-    import sessions
+    from unlearn_tui import sessions
 
     problems: list[str] = []
     if settings is None:

@@ -95,7 +95,7 @@ def _protected_files(session, session_path: str) -> list[tuple[str, Path]]:
 
 def check_out(text: str, session=None, session_path: str | None = None) -> Path:
     """Validate ``--out`` before anything runs; returns the path (UserError naming ``--out``)."""
-    from backends.errors import UserError
+    from unlearn_tui.backends.errors import UserError
 
     if not text.strip():
         raise UserError('expected a file path for the JSON results, got ""', "--out")
@@ -113,8 +113,8 @@ def check_writable(path: Path) -> None:
     """Raise UserError unless ``path`` can be created or replaced (nothing is left behind)."""
     import stat
 
-    from backends.errors import UserError
-    from backends.fileio import probe_writable
+    from unlearn_tui.backends.errors import UserError
+    from unlearn_tui.backends.fileio import probe_writable
 
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -175,7 +175,7 @@ def cache_generated(session, path: str, before: tuple) -> None:
     Only those two lists change: the file is re-read and everything else in it
     (comments included) is kept; command-line overrides such as --device are not saved.
     """
-    import sessions
+    from unlearn_tui import sessions
 
     plain = sessions.to_plain(session)
     after = (plain["targets"].get("items"), plain["data"].get("paraphrases"))
@@ -211,7 +211,7 @@ def located(exc, session=None, overridden: tuple[str, ...] = ()) -> str:
     loading; the session's line index still points at the key.  A key set on the
     command line (``--device``) is named as the flag instead.
     """
-    from backends.errors import UserError
+    from unlearn_tui.backends.errors import UserError
 
     if session is None or not isinstance(exc, UserError) or not exc.where:
         return str(exc)
@@ -234,10 +234,10 @@ def located(exc, session=None, overridden: tuple[str, ...] = ()) -> str:
 
 
 def replay(args: argparse.Namespace) -> int:
-    import sessions
-    from backends.errors import Cancelled, NonFiniteError, UserError
-    from backends.fileio import atomic_write
-    from sessions.loader import check_override
+    from unlearn_tui import sessions
+    from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
+    from unlearn_tui.backends.fileio import atomic_write
+    from unlearn_tui.sessions.loader import check_override
 
     session = None
     overridden: list[str] = []
@@ -250,7 +250,7 @@ def replay(args: argparse.Namespace) -> int:
             session.model.dtype = check_override("dtype", args.dtype, "--dtype")
             overridden.append("--dtype")
         out = check_out(args.out, session, args.session) if args.out is not None else None
-        from tui.replay_view import run_with_progress
+        from unlearn_tui.tui.replay_view import run_with_progress
 
         cached_before = (sessions.to_plain(session)["targets"].get("items"),
                          sessions.to_plain(session)["data"].get("paraphrases"))
@@ -285,23 +285,23 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from backends.errors import UserError
+    from unlearn_tui.backends.errors import UserError
 
     try:  # the same checks as replay, before the app starts
-        from sessions.loader import check_override
+        from unlearn_tui.sessions.loader import check_override
 
         if args.model is not None:
             check_override("name", args.model, "--model")
         if args.device is not None:
             check_override("device", args.device, "--device")
         if args.session is not None:
-            import sessions
+            from unlearn_tui import sessions
 
             sessions.load(args.session, allow_remote_code=args.trust_remote_code)
     except UserError as exc:
         return fail(str(exc))
     try:
-        from tui.app import run_app
+        from unlearn_tui.tui.app import run_app
     except ImportError as exc:  # the app is optional for headless installs
         return fail(f"the interactive app is not available ({exc}); use 'unlearn-tui replay SESSION.toml'")
     try:

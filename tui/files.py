@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 from .workspace import quiet
 
 
 def save(session: Any, path: str | Path | None = None) -> tuple[Path | None, str | None]:
     """Save ``session`` (to ``path``, default its own file): (where, None), or (None, the one-line error)."""
-    import sessions
+    from unlearn_tui import sessions
 
     try:
         return sessions.save(session, path), None
@@ -31,7 +31,7 @@ def save(session: Any, path: str | Path | None = None) -> tuple[Path | None, str
 
 def open_session(path: str | Path) -> tuple[Any, str | None]:
     """(the session in ``path``, None), or (None, the one-line error)."""
-    import sessions
+    from unlearn_tui import sessions
 
     try:
         return sessions.load(path), None
@@ -41,8 +41,8 @@ def open_session(path: str | Path) -> tuple[Any, str | None]:
 
 def write_autosave(session: Any) -> str | None:
     """Write the autosave file (see below); the one-line error, or None."""
-    from sessions.paths import autosave_path
-    from backends.fileio import atomic_write
+    from unlearn_tui.sessions.paths import autosave_path
+    from unlearn_tui.backends.fileio import atomic_write
 
     try:
         path = autosave_path()
@@ -54,7 +54,7 @@ def write_autosave(session: Any) -> str | None:
 
 
 def drop_autosave() -> None:
-    from sessions.paths import autosave_path
+    from unlearn_tui.sessions.paths import autosave_path
 
     try:
         autosave_path().unlink()
@@ -77,7 +77,7 @@ AUTOSAVE_FORMAT = 1
 
 def autosave_text(session: Any) -> str:
     """The autosave file's content for ``session`` (see above)."""
-    import sessions
+    from unlearn_tui import sessions
 
     return json.dumps({"format": AUTOSAVE_FORMAT,
                        "path": str(session.path) if session.path is not None else None,
@@ -102,7 +102,7 @@ def _set_aside(path: Path, tag: str) -> Path | None:
 
 def _read_autosave(path: Path) -> Any:
     """The session in the autosave file; raises ValueError (one line) when it is not a valid autosave."""
-    import sessions
+    from unlearn_tui import sessions
 
     try:
         raw = path.read_bytes()
@@ -131,7 +131,7 @@ def _read_autosave(path: Path) -> Any:
 
 def restore_autosave() -> tuple[Any, bool, list[str]]:
     """(session or None, restored, warnings): the autosave if it is valid (see above)."""
-    from sessions.paths import autosave_path, legacy_autosave_paths
+    from unlearn_tui.sessions.paths import autosave_path, legacy_autosave_paths
 
     problems: list[str] = []
     old = [p for p in legacy_autosave_paths() if os.path.lexists(p)]

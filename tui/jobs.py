@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 from .workspace import Snapshot, quiet
 

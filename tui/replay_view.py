@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-from backends import events as ev
+from unlearn_tui.backends import events as ev
 
 
 def _fmt(v: Any) -> str:
@@ -18,7 +18,7 @@ def _fmt(v: Any) -> str:
 
 
 def results_table(result: Any, title: str = "unlearn-tui results") -> Table:
-    from backends.runner import result_row
+    from unlearn_tui.backends.runner import result_row
 
     t = Table(title=title, header_style="bold")
     cols = ["run", "targets", "m", "forget R1", "retain R1", "rephr. R1", "forget P", "forget MRR",
@@ -45,7 +45,7 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
                       regenerate: bool = False):
     """:func:`backends.runner.run` with a progress bar and the table; the targets and paraphrases the
     model wrote (the result's records) are stored in ``session``, so ``replay`` can cache them in its file."""
-    from backends.runner import run
+    from unlearn_tui.backends.runner import run
 
     from .workspace import store_generated
 

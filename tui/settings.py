@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.compat import tomllib
+from unlearn_tui.backends.compat import tomllib
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Settings:
 
 
 def settings_path() -> Path:
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
 
     return config_dir() / "settings.toml"
 

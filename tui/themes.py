@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.compat import tomllib
+from unlearn_tui.backends.compat import tomllib
 
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 COLOR_KEYS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "boost",
               "warning", "error", "success")
@@ -29,13 +29,13 @@ DEFAULT_LIGHT = "unlearn-light"
 
 
 def builtin_dir() -> Path:
-    import themes
+    from unlearn_tui import themes
 
     return Path(themes.__file__).resolve().parent
 
 
 def user_dir() -> Path:
-    from sessions.paths import config_dir
+    from unlearn_tui.sessions.paths import config_dir
 
     return config_dir() / "themes"
 

@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from backends import events as ev
-from backends.errors import Cancelled, NonFiniteError, UserError
+from unlearn_tui.backends import events as ev
+from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
 
 from . import messages as msg
 
@@ -83,7 +83,7 @@ def _guarded_workbench(session: Any, cancel: ev.CancelToken, handle: Any,
     ``model.trust_remote_code = true`` without ``--trust-remote-code``), raised as UserError, or None.
     ``loaded(name)`` is called (in the worker thread) after a model was loaded.
     """
-    from backends.runner import Workbench  # torch-free import
+    from unlearn_tui.backends.runner import Workbench  # torch-free import
 
     class GuardedWorkbench(Workbench):
         def load_model(self):

@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 ASPECTS = ("items", "selection", "baseline", "targets", "runs", "form", "results", "probe", "session")
 """What a change can touch; panes compare the revisions of the aspects they show."""
@@ -35,7 +35,7 @@ def store_generated(session: Any, targets: Iterable[dict] = (), paraphrases: Ite
     Target records: ``{"id", "target", "source", "leak", "mentions_subject"}``; paraphrase records:
     ``{"id", "paraphrase", "source"}`` (a stored paraphrase of the same id is replaced).
     """
-    from sessions import Paraphrase
+    from unlearn_tui.sessions import Paraphrase
 
     n = 0
     for rec in targets:
@@ -180,7 +180,7 @@ class Workspace:
 
     def normalize_selection(self) -> str | None:
         """Counts in the session (forget = 10) become explicit id lists once the items are known."""
-        from backends import data
+        from unlearn_tui.backends import data
 
         d = self.session.data
         known = {it.id for it in self.items or []}
@@ -221,7 +221,7 @@ class Workspace:
     def target_pool(self) -> tuple[list[str], str | None]:
         """The refusal pool, and a warning when the session's pool file cannot be read."""
         if self._pool is None:
-            from backends.targets import load_pool
+            from unlearn_tui.backends.targets import load_pool
 
             try:
                 self._pool = load_pool(self.session.targets.pool, self.session)
@@ -232,7 +232,7 @@ class Workspace:
 
     def target_text(self, item_id: str) -> tuple[str | None, str, dict]:
         """(text, source, flags) for an item: the session's override, else the mode's rule."""
-        from backends.targets import simple_targets
+        from unlearn_tui.backends.targets import simple_targets
 
         o = self.session.target_for(item_id)
         if o is not None:
@@ -281,7 +281,7 @@ class Workspace:
         """The merged edit requests as markup (the Targets pane's preview)."""
         from rich.markup import escape
 
-        from backends.targets import Target, build_requests
+        from unlearn_tui.backends.targets import Target, build_requests
 
         items = self.forget_items()
         if not items:
@@ -307,7 +307,7 @@ class Workspace:
         return dict(self.params.get(name, {}))
 
     def set_methods(self, names: list[str]) -> None:
-        from sessions import RunConfig
+        from unlearn_tui.sessions import RunConfig
 
         old = {r.method: r for r in self.session.runs}
         runs = [old.get(n) or RunConfig(n, dict(self.params.get(n, {}))) for n in names]
@@ -317,8 +317,8 @@ class Workspace:
 
     def set_param(self, method: str, field: str, value: Any) -> None:
         """A valid (coerced) value for ``method.field``; ``None`` is "auto".  A default is not stored."""
-        from backends import methods
-        from backends.params import describe
+        from unlearn_tui.backends import methods
+        from unlearn_tui.backends.params import describe
 
         self.param_errors.pop((method, field), None)
         info = next((f for f in describe(methods.get(method).Params) if f.name == field), None)

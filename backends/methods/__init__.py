@@ -26,18 +26,18 @@ if TYPE_CHECKING:
 
 # name -> module that registers it (imported lazily, in this order for listings)
 _MODULES: dict[str, str] = {
-    "none": "backends.methods.none",
-    "ike": "backends.methods.ike",
-    "rome": "backends.methods.rome",
-    "memit": "backends.methods.memit",
-    "alphaedit": "backends.methods.alphaedit",
-    "wise": "backends.methods.wise",
-    "grace": "backends.methods.grace",
-    "ga": "backends.methods.finetune",
-    "gd": "backends.methods.finetune",
-    "kl": "backends.methods.finetune",
-    "dpo": "backends.methods.finetune",
-    "npo": "backends.methods.finetune",
+    "none": "unlearn_tui.backends.methods.none",
+    "ike": "unlearn_tui.backends.methods.ike",
+    "rome": "unlearn_tui.backends.methods.rome",
+    "memit": "unlearn_tui.backends.methods.memit",
+    "alphaedit": "unlearn_tui.backends.methods.alphaedit",
+    "wise": "unlearn_tui.backends.methods.wise",
+    "grace": "unlearn_tui.backends.methods.grace",
+    "ga": "unlearn_tui.backends.methods.finetune",
+    "gd": "unlearn_tui.backends.methods.finetune",
+    "kl": "unlearn_tui.backends.methods.finetune",
+    "dpo": "unlearn_tui.backends.methods.finetune",
+    "npo": "unlearn_tui.backends.methods.finetune",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.compat import tomllib
+from unlearn_tui.backends.compat import tomllib
 
 from rich.markup import escape
 from textual.app import ComposeResult
@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Checkbox, Input, Label, Select, SelectionList, Static
 
-from backends.errors import UserError
+from unlearn_tui.backends.errors import UserError
 
 from . import ActionRequested, Revisions
 
@@ -99,7 +99,7 @@ class MethodPane(Vertical):
                 self._title(self._method)
 
     def refresh_all(self) -> None:
-        from backends import methods
+        from unlearn_tui.backends import methods
 
         sl = self.query_one("#me-list", SelectionList)
         chosen = [r.method for r in self.ws.session.runs]
@@ -128,8 +128,8 @@ class MethodPane(Vertical):
             self.show_form(event.selection.value)
 
     def show_form(self, name: str | None) -> None:
-        from backends import methods
-        from backends.params import describe
+        from unlearn_tui.backends import methods
+        from unlearn_tui.backends.params import describe
 
         self._method = name
         self._gen = getattr(self, "_gen", 0) + 1
@@ -173,7 +173,7 @@ class MethodPane(Vertical):
 
     def _title(self, name: str | None):
         """Show the form's title; returns the method class (None: no such method)."""
-        from backends import methods
+        from unlearn_tui.backends import methods
 
         title = self.query_one("#me-title", Static)
         if name is None:
@@ -197,8 +197,8 @@ class MethodPane(Vertical):
             return [r.method for r in self.ws.session.runs]
 
     def _set(self, field: str, value: Any, err_id: str) -> None:
-        from backends import methods
-        from backends.params import coerce_value
+        from unlearn_tui.backends import methods
+        from unlearn_tui.backends.params import coerce_value
 
         if self._method is None:
             return

@@ -70,7 +70,7 @@ class ResultsPane(Vertical):
     def rows(self) -> list[dict]:
         if not self.ws.results:
             return []
-        from backends.runner import result_row
+        from unlearn_tui.backends.runner import result_row
 
         return [result_row(r) for r in self.ws.results]
 

@@ -11,7 +11,7 @@ from textual.widgets import Button, Input, Label, ListItem, ListView, Select, St
 from ..actions import pane_bindings
 from . import Revisions
 
-from backends.spec import TARGET_MODES as MODES  # noqa: E402  (the one list of target modes)
+from unlearn_tui.backends.spec import TARGET_MODES as MODES  # noqa: E402  (the one list of target modes)
 
 
 def warnings_for(item, text: str | None, flags: dict | None = None) -> list[str]:
