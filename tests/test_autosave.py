@@ -273,7 +273,7 @@ async def test_autosave_is_one_file_and_is_restored(tmp_path, data_file, llama_h
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         app.workspace.set_merge_factor(4)
-        app.autosave()
+        app.file_actions.autosave()
     folder = session_paths.data_dir()
     assert sorted(os.listdir(folder)) == [session_paths.AUTOSAVE_NAME]   # one file; no pair, no temp file
     obj = json.loads(session_paths.autosave_path().read_text(encoding="utf-8"))
@@ -309,7 +309,7 @@ async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, 
         with monkeypatch.context() as m:
             m.setattr(os, "replace", replace)
             try:
-                app.autosave()
+                app.file_actions.autosave()
             except KeyboardInterrupt:
                 pass
 
@@ -317,12 +317,12 @@ async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, 
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         app.workspace.set_merge_factor(3)
-        app.autosave()                                   # state A: first.toml, merge 3
+        app.file_actions.autosave()                                   # state A: first.toml, merge 3
         assert restored_state() == (3, first.resolve())
         app.workspace.set_merge_factor(5)
         autosave_dying_after(0)                          # before anything is renamed
         assert restored_state() == (3, first.resolve())  # the previous autosave, whole
-        assert app.save_to(str(second))
+        assert app.file_actions.save_to(str(second))
         app.workspace.set_merge_factor(6)                          # state B: second.toml, merge 6
         autosave_dying_after(1)                          # after its first rename
         assert restored_state() == (6, second.resolve())  # never B's session with A's file name
@@ -430,7 +430,7 @@ async def test_stale_highlight_after_a_failed_data_load_does_not_crash(tmp_path,
         assert [c.name for c in lv.children] == ["q1", "q2"]
         mark = len(app.jobs_done)
         lv.index = 1                  # posts Highlighted(q2) ...
-        app.open_data(str(bad))       # ... and the items are gone before it is delivered
+        app.file_actions.open_data(str(bad))       # ... and the items are gone before it is delivered
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy, what="reload")
         await pilot.pause()
         assert app.is_running and app.workspace.items is None and "bad.json" in app.last_error
@@ -547,7 +547,7 @@ async def test_opening_a_remote_code_session_in_the_app_is_refused(tmp_path, dat
     app = create_app(mine, handle=llama_handle, settings=settings(), restore=False)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
-        assert app.open_session(theirs) is False
+        assert app.file_actions.open_session(theirs) is False
         assert app.workspace.session.path == mine.resolve() and not app.workspace.session.model.trust_remote_code
         assert "model.trust_remote_code" in app.last_error and "--trust-remote-code" in app.last_error
 

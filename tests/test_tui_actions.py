@@ -55,7 +55,7 @@ async def test_yaml_import_absent_module_is_a_message(tmp_path, data_file, monke
     app = create_app(write_session(tmp_path, data_file), settings=settings(), autostart=False)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        assert app.import_yaml(str(tmp_path / "x.yaml")) is False
+        assert app.file_actions.import_yaml(str(tmp_path / "x.yaml")) is False
         assert "not available" in app.last_error
         assert app.is_running
 
@@ -147,6 +147,6 @@ async def test_model_written_targets_of_an_app_run_are_saved(tmp_path, data_file
         assert all(t.target.strip() and t.source in ("self-improve", "generated", "regenerated", "fallback")
                    for t in written.values())
         assert ws.dirty
-        assert app.save_to(None)
+        assert app.file_actions.save_to(None)
     saved = sessions.load(path)
     assert {t.id: t.target for t in saved.targets.items} == {i: t.target for i, t in written.items()}

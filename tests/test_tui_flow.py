@@ -353,7 +353,7 @@ async def test_engine_errors_are_notifications_and_app_keeps_running(tmp_path, l
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         mark = len(app.jobs_done)
-        app.open_data(str(bad))
+        app.file_actions.open_data(str(bad))
         await wait_for(pilot, lambda: "reload" in app.jobs_done[mark:] and not app.bridge.busy, what="reload")
         assert app.last_error and "bad.json" in app.last_error
         assert app.workspace.items is None
@@ -375,7 +375,7 @@ async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         app.workspace.set_merge_factor(3)
-        app.autosave()
+        app.file_actions.autosave()
         assert autosave_path().is_file()             # unsaved work is on disk already
         await pilot.press("ctrl+q")
         await pilot.pause()

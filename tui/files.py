@@ -1,7 +1,8 @@
 """Session files: open, save, save-as, the autosave and its restore (no Textual here).
 
 Saving goes through :func:`sessions.save` (comment-preserving, atomic);
-the autosave through :func:`backends.fileio.atomic_write`.
+the autosave through :func:`backends.fileio.atomic_write`.  The dialogs that
+ask for the paths are in :mod:`tui.file_actions`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,58 @@ def open_session(path: str | Path) -> tuple[Any, str | None]:
         return None, quiet(exc)
 
 
+def builtin_data_names() -> list[str]:
+    """The built-in data sets the open-data dialog offers."""
+    from unlearn_tui.backends import data as data_mod
+
+    return data_mod.builtin_names()
+
+
+def data_spec(path: str) -> str:
+    """The data spec for what the user typed: a built-in name, ``builtin:``/``hub:`` as is, else an absolute path."""
+    if path in builtin_data_names():
+        return f"builtin:{path}"
+    if path.startswith(("builtin:", "hub:")):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def save_as_start(session: Any) -> tuple[Path, str]:
+    """(the folder the save-as dialog shows, the path it proposes) for ``session``."""
+    current = session.path
+    start = current.parent if current else Path.cwd()
+    return start, str(current) if current else str(Path.cwd() / "session.toml")
+
+
+def import_hparams(path: str | Path) -> tuple[Any, str | None]:
+    """((method, params, ignored keys), None) from an EasyEdit hparams YAML, or (None, the one-line error)."""
+    try:
+        from unlearn_tui.backends import easyedit
+    except ImportError:
+        return None, "EasyEdit YAML import is not available in this build yet"
+    try:
+        return easyedit.import_hparams(path), None
+    except UserError as exc:
+        return None, quiet(exc)
+
+
+def remote_code_refusal(session: Any, trusted: bool) -> str | None:
+    """The one-line error when ``session`` may not load its model, else None.
+
+    A session with ``[model] trust_remote_code = true`` would run Python code shipped with the
+    model; the app loads it only when started with ``--trust-remote-code`` (``trusted``).
+    """
+    if not getattr(session.model, "trust_remote_code", False) or trusted:
+        return None
+    where = f"{session.path}: " if session.path is not None else ""
+    return (f"{where}model.trust_remote_code = true would run code shipped with the model; the model "
+            f"was not loaded: start unlearn-tui with --trust-remote-code to allow it")
+
+
 def write_autosave(session: Any) -> str | None:
     """Write the autosave file (see below); the one-line error, or None."""
-    from unlearn_tui.sessions.paths import autosave_path
     from unlearn_tui.backends.fileio import atomic_write
+    from unlearn_tui.sessions.paths import autosave_path
 
     try:
         path = autosave_path()

@@ -5,13 +5,17 @@ A :class:`Job` is a value: its name, a label, the state it runs on (a
 exactly one call on the :class:`backends.runner.Workbench` (``run_all``,
 ``step_next``, ``undo``, ...) made in the worker thread.  :meth:`JobQueue.submit`
 answers with a :class:`Submitted`: started, queued (after which job), or refused
-(with the one-line reason).
+(with the one-line reason).  The functions at the end build the App's jobs
+(each one Workbench call, the same calls ``replay`` makes) from the
+:class:`tui.workspace.Workspace` as it is when the job starts.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from unlearn_tui.backends.errors import UserError
 
@@ -107,3 +111,51 @@ class JobQueue:
 
     def __bool__(self) -> bool:
         return bool(self.waiting)
+
+
+# ==================================================================== the App's jobs
+def _nothing(what: str) -> Any:
+    raise UserError(f"nothing to {what}")
+
+
+def _job(ws: Any, name: str, call: Callable[[Any], Any], on_done: Callable[[Any], None] | None = None) -> Job:
+    return Job(name, call, ws.snapshot(), on_done=on_done)
+
+
+def startup_job(ws: Any, reload_model: bool, baseline_limit: int, on_items: Callable[[Any, Any], None],
+                name: str = "startup") -> Job:
+    """Load the data (``on_items(items, error)`` as soon as they are read), the model, the baseline."""
+    return _job(ws, name, lambda wb: wb.startup(reload_model, baseline_limit, on_items), ws.set_baseline)
+
+
+def run_job(ws: Any, on_done: Callable[[Any], None], name: str = "run") -> Job:
+    """Every run of the session (``run`` or ``replay``); refused (UserError) when nothing can run."""
+    ws.check_runnable()
+    return _job(ws, name, lambda wb: wb.run_all(), on_done)
+
+
+def step_job(ws: Any, question: str | None, after_step: Callable[[str, Any], None]) -> Job:
+    """The next step edit; ``after_step("step", step)`` when it is done."""
+    ws.check_runnable()
+    return _job(ws, "step", lambda wb: wb.step_next(question=question), functools.partial(after_step, "step"))
+
+
+def undo_job(ws: Any, redo: bool, question: str | None, after_step: Callable[[str, Any], None]) -> Job:
+    """Undo (or redo) the last step edit, scored; refused in the worker when there is nothing to undo."""
+    what = "redo" if redo else "undo"
+    if redo:
+        call = lambda wb: wb.redo(score=True, question=question) or _nothing(what)  # noqa: E731
+    else:
+        call = lambda wb: wb.undo(score=True, question=question) or _nothing(what)  # noqa: E731
+    return _job(ws, what, call, functools.partial(after_step, what))
+
+
+def probe_job(ws: Any, question: str) -> Job:
+    """Ask the model ``question``; the answer goes to the workspace."""
+    return _job(ws, "probe", lambda wb: (question, *wb.probe(question)), ws.probe_answered)
+
+
+def self_improve_job(ws: Any, item_ids: list[str], on_done: Callable[[list], None]) -> Job:
+    """Have the model write targets for ``item_ids``; ``on_done(records)``."""
+    ids = list(item_ids)
+    return _job(ws, "self-improve", lambda wb: wb.write_targets(ids), on_done)

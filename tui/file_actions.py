@@ -1,0 +1,184 @@
+"""The file actions that ask the user: open data, save / save as, the unsaved-changes guard,
+open and new session, EasyEdit YAML import, the autosave timer and quitting.
+
+Only the dialog glue lives here (which dialog, what its answer does, what is
+notified); reading and writing the files is :mod:`tui.files` (no Textual).
+The App's ``action_*`` methods for these keys call :class:`FileActions`
+(``app.file_actions``), which works through the App: its workspace, its
+notifications, ``report_error`` and the start-up job that reloads the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import files
+from .workspace import quiet
+
+
+class FileActions:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._autosave_timer: Any = None
+
+    @property
+    def workspace(self) -> Any:
+        return self.app.workspace
+
+    def _error(self, message: str) -> None:
+        self.app.router.report_error(message)
+
+    # ---- data
+    def ask_open_data(self) -> None:
+        from .screens.dialogs import PathDialog
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.open_data(files.data_spec(path))
+
+        names = files.builtin_data_names()
+        self.app.push_screen(PathDialog("Open a data file (JSON, JSONL, CSV, Parquet) or a built-in set",
+                                        choices=names), chosen)
+
+    def open_data(self, spec: str, fmt: str = "auto") -> None:
+        self.workspace.open_data(spec, fmt)
+        self.app.start_startup(reload_model=False, name="reload")
+
+    # ---- saving
+    def save(self) -> None:
+        if self.workspace.session.path is None:
+            self.ask_save_as()
+            return
+        self.save_to(None)
+
+    def save_to(self, path: str | None) -> bool:
+        where, error = files.save(self.workspace.session, path)
+        if error is not None:
+            self._error(error)
+            return False
+        self.workspace.mark_clean()
+        self.app.update_title()
+        files.drop_autosave()
+        self.app.notify(f"saved {where}", timeout=3)
+        return True
+
+    def ask_save_as(self) -> None:
+        from .screens.dialogs import PathDialog
+
+        start, value = files.save_as_start(self.workspace.session)
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.save_to(path)
+
+        self.app.push_screen(PathDialog("Save the session as", value=value, start=start, must_exist=False,
+                                        ok="Save"), chosen)
+
+    def guard_unsaved(self, then: Callable[[], object], what: str = "The session has unsaved changes.") -> None:
+        """Run ``then`` now, or once the user saved or discarded the unsaved changes (never if cancelled)."""
+        from .screens.confirm import ConfirmQuit
+
+        if not self.workspace.dirty:
+            then()
+            return
+
+        def chosen(choice: str | None) -> None:
+            if choice == "save":
+                if self.workspace.session.path is None:
+                    self.ask_save_as()
+                    return
+                if self.save_to(None):
+                    then()
+            elif choice == "discard":
+                then()
+
+        self.app.push_screen(ConfirmQuit(what), chosen)
+
+    # ---- sessions
+    def ask_open_session(self) -> None:
+        from .screens.dialogs import PathDialog
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.guard_unsaved(lambda: self.open_session(path))
+
+        self.app.push_screen(PathDialog("Open a session (TOML)"), chosen)
+
+    def open_session(self, path: str | Path) -> bool:
+        s, error = files.open_session(path)
+        if error is not None:
+            self._error(error)
+            return False
+        refusal = self.app.remote_code_refusal(s)
+        if refusal:                    # not opened: the current session (and model) stay
+            self._error(quiet(refusal))
+            return False
+        self.replace_session(s)
+        self.app.notify(f"opened {path}", timeout=3)
+        return True
+
+    def new_session(self) -> None:
+        from unlearn_tui import sessions
+
+        self.guard_unsaved(lambda: self.replace_session(
+            sessions.new_session(model={"name": self.workspace.model_name})))
+
+    def replace_session(self, s: Any) -> None:
+        reload_model = self.workspace.replace_session(s)
+        if reload_model:
+            self.app.model_ready = False
+        files.drop_autosave()
+        self.app.update_title()
+        self.app.start_startup(reload_model=reload_model, name="reload")
+
+    # ---- EasyEdit hyper-parameters
+    def ask_import_yaml(self) -> None:
+        from .screens.dialogs import PathDialog
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.import_yaml(path)
+
+        self.app.push_screen(PathDialog("Import EasyEdit hparams (YAML)"), chosen)
+
+    def import_yaml(self, path: str) -> bool:
+        imported, error = files.import_hparams(path)
+        if error is not None:
+            self._error(error)
+            return False
+        method, params, ignored = imported
+        self.workspace.import_params(method, params)
+        extra = f"; ignored: {', '.join(ignored)}" if ignored else ""
+        self.app.notify(f"imported {method} hyper-parameters from {Path(path).name}{extra}", timeout=6)
+        return True
+
+    # ---- autosave and quitting
+    def schedule_autosave(self) -> None:
+        """An unsaved change: write the autosave a second after the last one."""
+        if self._autosave_timer is not None:
+            self._autosave_timer.stop()
+        self._autosave_timer = self.app.set_timer(1.0, self.autosave)
+
+    def autosave(self) -> None:
+        """Write the unsaved session to the autosave file (see tui/files.py)."""
+        self._autosave_timer = None
+        if not self.workspace.dirty:
+            return
+        error = files.write_autosave(self.workspace.session)
+        if error:
+            self.app.notify(error, severity="warning", timeout=5)
+
+    def quit(self) -> None:
+        """Leave (after the unsaved-changes guard): stop the engine, drop the autosave, exit."""
+        def leave() -> None:
+            if self.app.bridge is not None:
+                self.app.bridge.request_cancel()
+            if self._autosave_timer is not None:
+                self._autosave_timer.stop()
+            self.workspace.dirty = False          # discarded (or saved): nothing left for the autosave
+            files.drop_autosave()
+            self.app.exit(0)
+
+        self.guard_unsaved(leave)

@@ -1,0 +1,182 @@
+"""Routing of the engine: jobs go in, the worker's messages come out as pane updates.
+
+:class:`EngineRouter` (``app.router``) submits :class:`tui.jobs.Job` values to
+the App's :class:`tui.jobs.JobQueue` and answers what the queue says (started,
+queued, refused).  Every :class:`tui.messages.EngineMessage` the worker posts to
+the App is handed to :meth:`EngineRouter.route` (one ``@on`` handler on the
+App), which calls the method of the message's handler name (``on_job_done``,
+``on_progress_update``, ...): the message becomes workspace changes, lines and
+progress in the Run pane, the status strip and notifications.  Runs on the UI
+thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import messages as msg
+from .jobs import EDITING_JOBS
+
+
+class EngineRouter:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def _run_pane(self) -> Any:
+        return self.app.pane("run")
+
+    # ---- jobs in
+    def submit(self, make: Any, name: str) -> None:
+        """Queue a job: ``make()`` (UI thread, when it starts) returns a :class:`Job`."""
+        if self.app.bridge is None:
+            return
+        self._answer(self.app.jobs.submit(make, name))
+
+    def _answer(self, answer: Any) -> None:
+        if answer is None:
+            return
+        if answer.status == "started":
+            job = self.app.jobs.current
+            run = self._run_pane()
+            if run is not None and job is not None and job.name in EDITING_JOBS:
+                run.reset_loss()
+                run.status("")
+            self.strip(answer.message)
+        elif answer.status == "queued":
+            self.app.notify(answer.message, timeout=3)
+        elif answer.status == "refused":
+            self.report_error(answer.message)
+            self.next_job()
+
+    def next_job(self) -> None:
+        self._answer(self.app.jobs.next())
+
+    # ---- messages out
+    def route(self, m: msg.EngineMessage) -> None:
+        handler = getattr(self, m.handler_name, None)
+        if handler is not None:
+            handler(m)
+
+    def on_engine_note(self, m: msg.EngineNote) -> None:
+        app = self.app
+        if m.kind == "data":
+            warning = app.workspace.data_loaded(m.value, m.error)
+            if m.error:
+                self.report_error(m.error)
+            if warning:
+                app.notify(warning, severity="warning")
+        elif m.kind == "model":
+            app.model_ready = True
+            app.workspace.model_name = str(m.value)
+            app.update_title()
+            app.notify(f"model ready: {m.value}", timeout=3)
+
+    def on_job_started(self, m: msg.JobStarted) -> None:
+        self.strip(f"{m.job}: started")
+
+    def on_stage_changed(self, m: msg.StageChanged) -> None:
+        run = self._run_pane()
+        if run is not None:
+            run.stage(m.stage, m.total, m.detail)
+            run.log_line(f"{m.stage} {m.detail}".strip())
+        self.strip(f"{m.job}: {m.stage}", 0, m.total)
+
+    def on_progress_update(self, m: msg.ProgressUpdate) -> None:
+        run = self._run_pane()
+        if run is not None:
+            run.progress(m)
+        eta = f" · ETA {m.eta_s:.0f}s" if m.eta_s is not None else ""
+        self.strip(f"{m.job}: {m.stage} {m.done}/{m.total if m.total else '?'}{eta}", m.done, m.total)
+
+    def on_log_line(self, m: msg.LogLine) -> None:
+        run = self._run_pane()
+        if run is not None:
+            run.log_line(m.message, m.level)
+        if m.level == "warning":
+            self.app.notify(m.message, severity="warning", timeout=5)
+
+    def on_run_started_msg(self, m: msg.RunStartedMsg) -> None:
+        run = self._run_pane()
+        if run is not None:
+            run.reset_loss()
+            run.status(f"run {m.index + 1}/{m.total_runs}: {m.method}")
+
+    def on_run_done(self, m: msg.RunDone) -> None:
+        self.app.workspace.add_result(m.result)
+
+    def on_job_done(self, m: msg.JobDone) -> None:
+        app = self.app
+        job = app.jobs.finished()
+        app.bridge.finished()
+        app.jobs_done.append(m.job)
+        self.strip(f"{m.job}: done in {m.seconds:.1f}s", 1, 1)
+        if job is not None and job.on_done is not None:
+            job.on_done(m.value)
+        self.next_job()
+
+    def on_job_failed(self, m: msg.JobFailed) -> None:
+        app = self.app
+        app.jobs.finished()
+        app.bridge.finished()
+        app.jobs_done.append(m.job)
+        run = self._run_pane()
+        if m.cancelled:
+            text = f"{m.job}: cancelled; the weights were rolled back"
+            app.notify(text, severity="warning", timeout=6)
+            if run is not None:
+                run.status(f"[b yellow]{text}[/]")
+                run.log_line(text, "warning")
+            self.strip(text)
+            app.jobs.clear()
+        else:
+            self.report_error(f"{m.job}: {m.message}", modal=m.bug)
+            if run is not None:
+                run.status(f"[b red]{m.job} failed[/]: {m.message}" +
+                           ("; the weights were rolled back" if m.rolled_back and m.job in ("run", "step") else ""))
+            self.strip(f"{m.job} failed")
+        if app.workspace.baseline_pending:
+            app.workspace.set_baseline(None)
+        self.next_job()
+
+    # ---- what a finished job shows
+    def run_finished(self, result: Any) -> None:
+        """``on_done`` of a run or replay job."""
+        self.app.workspace.run_finished(result)
+        run = self._run_pane()
+        if run is not None:
+            text = f"[b green]finished[/]: {len(result.runs)} run(s)"
+            if result.undone:
+                text += f" (the {result.undone} kept step edit(s) were undone first)"
+            run.status(text)
+            run.idle("idle")
+        self.app.notify("run finished; see Results (f6)", timeout=4)
+
+    def step_finished(self, what: str, step: Any) -> None:
+        """``on_done`` of a step, undo or redo job."""
+        text = self.app.workspace.step_finished(what, step)
+        run = self._run_pane()
+        if run is not None:
+            run.status(text)
+        self.app.notify(text, timeout=3)
+
+    def report_error(self, message: str, modal: bool = False) -> None:
+        """An error: the Run pane's log, then a notification (or, for a bug, the error screen)."""
+        self.app.last_error = message
+        run = self._run_pane()
+        if run is not None:
+            run.log_line(message, "error")
+        if modal:
+            from .screens.error import ErrorModal
+
+            self.app.push_screen(ErrorModal(message))
+        else:
+            self.app.notify(message, severity="error", timeout=10)
+
+    def strip(self, text: str, done: int | None = None, total: int | None = None) -> None:
+        """The status strip above the footer: the job's text and progress."""
+        try:
+            self.app.screen.query_one("#strip-text").update(text)
+            if done is not None:
+                self.app.screen.query_one("#strip-bar").update(total=total, progress=done)
+        except Exception:
+            pass
