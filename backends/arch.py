@@ -98,8 +98,13 @@ class Adapter:
         return cls(model, spec)
 
     # names -----------------------------------------------------------------
-    def check_layer(self, layer: int, where: str = "layer") -> int:
-        if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
+    def check_layer(self, layer: int, where: str = "layer", *, negative: bool = True) -> int:
+        """``layer`` as an index ``0..n_layers-1``; negative counts from the end unless ``negative=False``.
+
+        The one layer-range check: anything else (a bool, a float, out of range) is a
+        :class:`UserError` naming ``where``."""
+        lo = -self.n_layers if negative else 0
+        if isinstance(layer, bool) or not isinstance(layer, int) or not lo <= layer < self.n_layers:
             raise UserError(f"layer {layer!r} is out of range; this model has layers 0..{self.n_layers - 1}",
                             where)
         return layer % self.n_layers

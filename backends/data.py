@@ -447,18 +447,25 @@ def _text(value: Any, what: str, where: str) -> str:
     raise UserError(f"{what}: found {type(value).__name__} {_short(value)}; expected text", where)
 
 
+def _json_array(text: str) -> list | None:
+    """``text`` (stripped) parsed as a JSON array when it is one; else None (the caller reads it as text)."""
+    if not text.startswith("["):
+        return None
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):  # not a JSON array after all
+        return None
+    return parsed if isinstance(parsed, list) else None
+
+
 def _text_list(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         s = value.strip()
-        if s.startswith("["):
-            try:
-                parsed = json.loads(s)
-            except (ValueError, RecursionError):  # not a JSON array after all: read as text
-                parsed = None
-            if isinstance(parsed, list):
-                return _text_list(parsed)
+        parsed = _json_array(s)
+        if parsed is not None:
+            return _text_list(parsed)
         return [p.strip() for p in s.split("|") if p.strip()]
     if isinstance(value, (list, tuple)):
         out = []
@@ -525,16 +532,11 @@ def load_lines(path: str | os.PathLike, base_dir: Path | None = None) -> list[st
 
 
 def _lines_from_text(text: str, where: str) -> list[str]:
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            parsed = json.loads(stripped)
-        except (ValueError, RecursionError):  # not a JSON array of strings: read as lines
-            parsed = None
-        if isinstance(parsed, list) and all(isinstance(s, str) for s in parsed):
-            lines = [s.strip() for s in parsed if s.strip()]
-            if lines:
-                return lines
+    parsed = _json_array(text.strip())
+    if parsed is not None and all(isinstance(s, str) for s in parsed):
+        lines = [s.strip() for s in parsed if s.strip()]
+        if lines:
+            return lines
     lines = []
     for raw in text.splitlines():
         line = raw.strip()

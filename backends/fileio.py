@@ -161,6 +161,30 @@ def clean_stale_temps(directory: Path | str, name: str | None = None, *,
     return removed
 
 
+@contextlib.contextmanager
+def _replacing(target: Path, mode: int | None) -> Iterator[tuple[int, str, int]]:
+    """``(fd, name, kept mode)`` of a fresh temporary file beside ``target``, which replaces ``target``
+    when the block ends cleanly; on any exception it is removed and the exception goes on.
+
+    The caller writes, sets the mode and fsyncs; this cleans stale temporaries first, renames and
+    fsyncs the folder (the rules of the module doc), for :func:`atomic_write` and
+    :func:`save_safetensors` alike.
+    """
+    directory = target.parent
+    clean_stale_temps(directory, target.name)
+    keep = _kept_mode(target, mode)
+    # O_CREAT | O_EXCL, mode 0600: never an existing file, never through a symlink
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(target), suffix=".tmp")
+    try:
+        yield fd, tmp, keep
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
 def atomic_write(path: Path | str, data: str | bytes, *, encoding: str = "utf-8",
                  mode: int | None = None) -> Path:
     """Replace the file ``path`` with ``data`` atomically; returns the file written.
@@ -170,13 +194,8 @@ def atomic_write(path: Path | str, data: str | bytes, *, encoding: str = "utf-8"
     cleanup) are in the module doc.
     """
     target = _target(path)
-    directory = target.parent
     payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
-    clean_stale_temps(directory, target.name)
-    keep = _kept_mode(target, mode)
-    # O_CREAT | O_EXCL, mode 0600: never an existing file, never through a symlink
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(target), suffix=".tmp")
-    try:
+    with _replacing(target, mode) as (fd, tmp, keep):
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -185,12 +204,6 @@ def atomic_write(path: Path | str, data: str | bytes, *, encoding: str = "utf-8"
             os.fsync(f.fileno())
         if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
             os.chmod(tmp, keep)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
     return target
 
 
@@ -206,21 +219,11 @@ def save_safetensors(path: Path | str, tensors: Mapping[str, Any], metadata: Map
     from safetensors.torch import save_file
 
     target = _target(path)
-    directory = target.parent
-    clean_stale_temps(directory, target.name)
-    keep = _kept_mode(target, mode)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(target), suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(target, mode) as (fd, tmp, keep):
+        os.close(fd)
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata is not None else None)
         os.chmod(tmp, keep)
         _fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
     return target
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .batching import pad_left, pad_right
 from .model import ModelHandle
 
 
@@ -51,12 +52,8 @@ def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: 
         else tok.eos_token_id
     for idx in _batches(len(prompts), batch_size):
         seqs = [prompts[i] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[row, width - len(s):] = 1
+        ids, mask = pad_left(seqs, pad)
+        width = ids.shape[1]
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
         if sample:
             torch.manual_seed(seed + idx.start)
@@ -82,13 +79,7 @@ def answer_stats(handle: ModelHandle, pairs: Sequence[tuple[list[int], list[int]
     results: list[TokenStats] = []
     for idx in _batches(len(pairs), batch_size):
         batch = [pairs[i] for i in idx]
-        width = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (p, a) in enumerate(batch):
-            seq = list(p) + list(a)
-            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, :len(seq)] = 1
+        ids, mask = pad_right([list(p) + list(a) for p, a in batch], pad)
         with torch.no_grad():
             logits = model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).logits
         for row, (p, a) in enumerate(batch):

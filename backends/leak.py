@@ -91,6 +91,14 @@ def check_leak(target: str, item: Any, threshold: float = DEFAULT_THRESHOLD) -> 
     return leak_details(target, item, threshold)["leak"]
 
 
+def leak_flag(target: str, item: Any, flag: bool | None = None) -> bool:
+    """The leak flag of a target record: its stored ``flag`` when set, else :func:`check_leak`.
+
+    The one rule for the audit trail (``target_records``) and the TUI's Targets pane, so the pane
+    never contradicts the engine."""
+    return flag if flag is not None else check_leak(target, item)
+
+
 def leak_details(target: str, item: Any, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """``{"leak", "recall", "exact"}`` for the audit trail and the TUI."""
     answer = getattr(item, "answer", "") or ""
@@ -194,5 +202,5 @@ def _lcs_f(a: list[str], b: list[str]) -> float:
     return 2 * p * r / (p + r)
 
 
-__all__ = ["check_leak", "leak_details", "answer_recall", "mentions_subject", "mention_recall", "subject_of",
-           "tokens", "content_tokens", "differs", "DEFAULT_THRESHOLD"]
+__all__ = ["check_leak", "leak_flag", "leak_details", "answer_recall", "mentions_subject", "mention_recall",
+           "subject_of", "tokens", "content_tokens", "differs", "DEFAULT_THRESHOLD"]

@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import methods
 from .errors import Cancelled, NonFiniteError, UserError
@@ -55,6 +55,9 @@ from .methods.base import EditContext  # noqa: F401  (re-exported: runner.EditCo
 from .metrics import EvalResult, EvalSettings, evaluate
 from .params import to_dict
 from .targets import GENERATED_SOURCES, Request, Target, build_requests, load_pool, simple_targets
+
+if TYPE_CHECKING:
+    from .model import ModelHandle
 
 
 @dataclass
@@ -146,7 +149,7 @@ class Workbench:
     """Stateful engine: one model, one data set, many runs (see the module doc for its phases)."""
 
     def __init__(self, session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-                 handle: Any = None, regenerate: bool = False) -> None:
+                 handle: ModelHandle | None = None, regenerate: bool = False) -> None:
         self.session = session
         self.on_event = on_event
         self.cancel = cancel or CancelToken()
@@ -581,7 +584,7 @@ class Workbench:
 
 
 def run(session: Any, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-        handle: Any = None, regenerate: bool = False) -> SessionResult:
+        handle: ModelHandle | None = None, regenerate: bool = False) -> SessionResult:
     """Run a whole session headlessly (see the module doc): :meth:`Workbench.run_all` on its data.
 
     Model-written targets and paraphrases are in the result (``new_targets``,

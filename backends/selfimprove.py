@@ -47,13 +47,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
-from .leak import check_leak, differs, mentions_subject, subject_of
+from .leak import check_leak, differs, leak_flag, mentions_subject, subject_of
 from .refusal import is_refusal
 from .targets import Target, build_requests, pick_from_pool
+
+if TYPE_CHECKING:
+    from .model import ModelHandle
 
 MAX_TRIES = 3              # first (greedy) try + sampled regenerations
 BATCH_SIZE = 8
@@ -139,7 +142,7 @@ def _rotated(exemplars: Sequence, key: int) -> list:
     return list(exemplars[k:]) + list(exemplars[:k])
 
 
-def prompt_text(handle: Any, spec: _Spec, question: str, order_key: int = 0, prefill: str = "") -> str:
+def prompt_text(handle: ModelHandle, spec: _Spec, question: str, order_key: int = 0, prefill: str = "") -> str:
     """The full prompt text (instructions + exemplars + the question) for one item.
 
     ``prefill`` starts the model's reply (the paraphrase openers below).
@@ -162,7 +165,7 @@ def prompt_text(handle: Any, spec: _Spec, question: str, order_key: int = 0, pre
     return f"{spec.system}\n\n{body}\n\nQuestion: {question}\n{spec.label}:" + (" " + prefill if prefill else "")
 
 
-def _prompt_ids(handle: Any, spec: _Spec, question: str, order_key: int, prefill: str = "") -> list[int]:
+def _prompt_ids(handle: ModelHandle, spec: _Spec, question: str, order_key: int, prefill: str = "") -> list[int]:
     return handle.encode_prompt(prompt_text(handle, spec, question, order_key, prefill))
 
 
@@ -251,7 +254,7 @@ def _fallback(mode: str, item: Any, pool: Sequence[str], seed: int, others: Sequ
     return pick_from_pool(pool, seed, item.id)
 
 
-def generate_targets_report(handle: Any, mode: str, items: Sequence[Any], pool: Sequence[str],
+def generate_targets_report(handle: ModelHandle, mode: str, items: Sequence[Any], pool: Sequence[str],
                             targets_cfg: Any, on_event: EventCallback = ignore,
                             cancel: CancelToken | None = None, max_tries: int = MAX_TRIES,
                             batch_size: int = BATCH_SIZE,
@@ -316,7 +319,7 @@ def generate_targets_report(handle: Any, mode: str, items: Sequence[Any], pool: 
     return out, report
 
 
-def generate_targets(handle: Any, mode: str, items: Sequence[Any], pool: Sequence[str], targets_cfg: Any,
+def generate_targets(handle: ModelHandle, mode: str, items: Sequence[Any], pool: Sequence[str], targets_cfg: Any,
                      on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> dict[str, Target]:
     """Targets written by the model for ``items`` (see the module doc); item id -> :class:`Target`."""
     return generate_targets_report(handle, mode, items, pool, targets_cfg, on_event, cancel)[0]
@@ -364,7 +367,7 @@ def paraphrase_verdict(text: str, item: Any) -> dict[str, Any]:
     return {"ok": bool(ok), "mentions_subject": ment}
 
 
-def generate_paraphrases(handle: Any, items: Sequence[Any], seed: int = 0, on_event: EventCallback = ignore,
+def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 0, on_event: EventCallback = ignore,
                          cancel: CancelToken | None = None, max_tries: int = MAX_TRIES,
                          batch_size: int = BATCH_SIZE,
                          max_new_tokens: int = 32) -> dict[str, tuple[str, str, bool | None]]:
@@ -405,7 +408,7 @@ def generate_paraphrases(handle: Any, items: Sequence[Any], seed: int = 0, on_ev
     return out
 
 
-def ensure_paraphrases(handle: Any, forget_items: Sequence[Any], stored: Sequence[Any] = (), seed: int = 0,
+def ensure_paraphrases(handle: ModelHandle, forget_items: Sequence[Any], stored: Sequence[Any] = (), seed: int = 0,
                        on_event: EventCallback = ignore, cancel: CancelToken | None = None,
                        regenerate: bool = False) -> tuple[list[dict], list[dict]]:
     """A paraphrased question for every forget item: ``(records, written)``.
@@ -473,7 +476,7 @@ def target_records(forget_items: Sequence[Any], targets: dict[str, Target]) -> l
         t = targets.get(it.id)
         if t is None:
             continue
-        leak = t.leak if t.leak is not None else check_leak(t.text, it)
+        leak = leak_flag(t.text, it, t.leak)
         ment = t.mentions_subject if t.mentions_subject is not None else mentions_subject(t.text, it)
         out.append({"id": it.id, "question": it.question, "target": t.text, "source": t.source,
                     "leak": leak, "mentions_subject": ment})
@@ -481,7 +484,7 @@ def target_records(forget_items: Sequence[Any], targets: dict[str, Target]) -> l
 
 
 def merge_preview(items: Sequence[Any], targets: dict[str, Target], merge_factor: int = 1,
-                  subjects: dict[str, str] | None = None, handle: Any = None) -> list[dict]:
+                  subjects: dict[str, str] | None = None, handle: ModelHandle | None = None) -> list[dict]:
     """The exact edit requests query merging makes, as JSON-able dicts for the TUI.
 
     One dict per request: ``index``, ``item_ids``, ``questions``, ``prompt`` (the

@@ -44,12 +44,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
 from .fileio import atomic_write, save_safetensors
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    from .model import ModelHandle
 
 VERSION = 1
 CORPUS_VERSION = 1
@@ -123,14 +126,14 @@ def corpus_key(corpus: str) -> str:
     return f"file-{p.stem[:24]}-{h.hexdigest()[:12]}"
 
 
-def cache_file(handle: Any, corpus: str, budget: int, layer: int) -> Path:
+def cache_file(handle: ModelHandle, corpus: str, budget: int, layer: int) -> Path:
     return _stats_dir() / handle.fingerprint / f"{corpus_key(corpus)}-b{budget}-L{layer}.safetensors"
 
 
 # --------------------------------------------------------------------------- corpora
 
 
-def _self_corpus_path(handle: Any, seq_len: int) -> Path:
+def _self_corpus_path(handle: ModelHandle, seq_len: int) -> Path:
     return cache_dir() / "corpora" / f"self-{handle.fingerprint}-s{seq_len}-v{CORPUS_VERSION}.json"
 
 
@@ -143,7 +146,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         pass
 
 
-def _self_chunks(handle: Any, seq_len: int, batch: int = 16, seed: int = 1234) -> Iterator[list[int]]:
+def _self_chunks(handle: ModelHandle, seq_len: int, batch: int = 16, seed: int = 1234) -> Iterator[list[int]]:
     """Token chunks sampled from the model, cached and extended on demand."""
     from .generation import generate
 
@@ -184,7 +187,7 @@ def _self_chunks(handle: Any, seq_len: int, batch: int = 16, seed: int = 1234) -
         yield from new
 
 
-def _text_chunks(handle: Any, texts: Iterator[str], seq_len: int) -> Iterator[list[int]]:
+def _text_chunks(handle: ModelHandle, texts: Iterator[str], seq_len: int) -> Iterator[list[int]]:
     tok = handle.tokenizer
     buf: list[int] = []
     for t in texts:
@@ -242,7 +245,7 @@ def _hub_texts(spec: str) -> Iterator[str]:
                         f'or a text file', "stats.corpus") from None
 
 
-def corpus_chunks(handle: Any, corpus: str, seq_len: int = SEQ_LEN) -> Iterator[list[int]]:
+def corpus_chunks(handle: ModelHandle, corpus: str, seq_len: int = SEQ_LEN) -> Iterator[list[int]]:
     if corpus == "self":
         return _self_chunks(handle, seq_len)
     if corpus.startswith("hub:"):
@@ -275,14 +278,15 @@ def _load(path: Path) -> tuple[Any, dict] | None:
         return None
 
 
-def compute(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS, token_budget: int = DEFAULT_BUDGET,
-            tol: float = DEFAULT_TOL, seq_len: int = SEQ_LEN, batch_size: int = 16, min_tokens: int = MIN_TOKENS,
+def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CORPUS,
+            token_budget: int = DEFAULT_BUDGET, tol: float = DEFAULT_TOL, seq_len: int = SEQ_LEN,
+            batch_size: int = 16, min_tokens: int = MIN_TOKENS,
             on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> tuple[dict, int, bool]:
     """Uncached computation: ({layer: C (float32, d_in x d_in)}, tokens used, converged)."""
     import torch
 
+    from .batching import pad_right
     from .editing.hooks import capture, stop_after
-    from .editing.keys import pad_right
 
     ad = handle.adapter
     layers = [ad.check_layer(l, "stats.layers") for l in layers]
@@ -336,7 +340,7 @@ def compute(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS, to
     return {l: acc[l] / count for l in layers}, count, converged
 
 
-def second_moments(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_CORPUS,
+def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CORPUS,
                    token_budget: int = DEFAULT_BUDGET, tol: float = DEFAULT_TOL, use_cache: bool = True,
                    on_event: EventCallback = ignore, cancel: CancelToken | None = None,
                    base_dir: str | os.PathLike | None = None, where: str = "stats.corpus",
@@ -385,7 +389,7 @@ def second_moments(handle: Any, layers: Sequence[int], corpus: str = DEFAULT_COR
     return out, info
 
 
-def nullspace_basis(handle: Any, layer: int, cov: Any, threshold: float, relative: bool = False,
+def nullspace_basis(handle: ModelHandle, layer: int, cov: Any, threshold: float, relative: bool = False,
                     use_cache: bool = True) -> tuple[Any, int]:
     """AlphaEdit's null-space basis of ``cov`` (see :func:`backends.editing.linalg.nullspace_basis`), cached.
 
@@ -414,7 +418,7 @@ def nullspace_basis(handle: Any, layer: int, cov: Any, threshold: float, relativ
 # --------------------------------------------------------------------------- sharing
 
 
-def export_stats(handle: Any, layers: Sequence[int], path: str | os.PathLike, corpus: str = DEFAULT_CORPUS,
+def export_stats(handle: ModelHandle, layers: Sequence[int], path: str | os.PathLike, corpus: str = DEFAULT_CORPUS,
                  token_budget: int = DEFAULT_BUDGET, **kw: Any) -> Path:
     """Write the layers' statistics (computing missing ones) to one ``.safetensors`` file (atomically)."""
     mats, info = second_moments(handle, layers, corpus, token_budget, **kw)
@@ -427,7 +431,7 @@ def export_stats(handle: Any, layers: Sequence[int], path: str | os.PathLike, co
     return path
 
 
-def read_export(path: str | os.PathLike, handle: Any = None) -> dict:
+def read_export(path: str | os.PathLike, handle: ModelHandle | None = None) -> dict:
     """``{layer: C}`` from an exported file; checks the model fingerprint when ``handle`` is given."""
     from safetensors import safe_open
 
@@ -452,7 +456,7 @@ def read_export(path: str | os.PathLike, handle: Any = None) -> dict:
     return mats
 
 
-def import_stats(path: str | os.PathLike, handle: Any) -> list[int]:
+def import_stats(path: str | os.PathLike, handle: ModelHandle) -> list[int]:
     """Put an exported file into this model's cache (under its corpus and budget); returns the layers."""
     from safetensors import safe_open
 

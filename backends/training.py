@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batching import pad_right
 from .errors import NonFiniteError, UserError
 from .events import Log, Tracker
 
@@ -133,14 +134,10 @@ class Packed:
 
 
 def pack(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Packed:
-    width = max(len(e.prompt) + len(e.completion) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    tmask = torch.zeros((len(examples), width - 1), dtype=torch.bool)
-    for row, e in enumerate(examples):
-        seq = list(e.prompt) + list(e.completion)
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
+    seqs = [list(e.prompt) + list(e.completion) for e in examples]
+    ids, mask = pad_right(seqs, pad_id)
+    tmask = torch.zeros((len(examples), ids.shape[1] - 1), dtype=torch.bool)
+    for row, (e, seq) in enumerate(zip(examples, seqs)):
         tmask[row, len(e.prompt) - 1:len(seq) - 1] = True
     return Packed(ids.to(device), mask.to(device), tmask.to(device), ids[:, 1:].to(device))
 

@@ -133,7 +133,7 @@ def test_alphaedit_preserves_protected_keys(llama_handle, monkeypatch):
     """``||dW K0|| << ||dW|| ||K0||`` for the keys the statistics were computed on."""
     from unlearn_tui.backends import stats
     from unlearn_tui.backends.editing.hooks import capture
-    from unlearn_tui.backends.editing.keys import pad_right
+    from unlearn_tui.backends.batching import pad_right
 
     h = conditioned("llama")
     ad = h.adapter

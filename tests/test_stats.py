@@ -30,7 +30,7 @@ def corpus_file(tmp_path):
 
 def test_second_moment_matches_direct_computation(llama_handle, corpus_file):
     from unlearn_tui.backends.editing.hooks import capture
-    from unlearn_tui.backends.editing.keys import pad_right
+    from unlearn_tui.backends.batching import pad_right
 
     h = llama_handle
     mats, info = stats.second_moments(h, [1], corpus_file, token_budget=300, tol=0.0, use_cache=False)

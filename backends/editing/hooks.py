@@ -84,7 +84,8 @@ def install_output_hook(model: Any, name: str, fn: Callable[[Any, Any], Any]):
 
 
 class StopForward(Exception):
-    """Raised by :func:`stop_after`'s hook to end a forward pass early."""
+    """Raised by a hook to end a forward pass early: :func:`stop_after`'s, and the block-input hook of
+    :class:`backends.editing.lifelong.SuffixRunner`."""
 
 
 @contextlib.contextmanager

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..batching import pad_right
 from ..subjects import subject_last_token
 from .hooks import capture, stop_after
 from .templates import fill
@@ -47,16 +48,6 @@ def essence_prompt(handle: ModelHandle, subject: str | None, where: str = "", fa
     if fact_token == "last" or not subject:
         return edit_prompt(handle, question or "Tell me something.", None, "{}", where, "last")
     return edit_prompt(handle, f"{subject} is a", subject, "{}", where)
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()

@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..batching import pad_right
 from ..compat import call_cache
 from ..errors import UserError
 from ..fileio import atomic_write
+from .hooks import StopForward
 
 if TYPE_CHECKING:
     from ..model import ModelHandle
@@ -102,10 +104,6 @@ NEUTRAL_QUESTIONS = [
 ]
 
 
-class _Stop(Exception):
-    """Raised by the prefix hook to end a forward pass at block L."""
-
-
 def end_ids(handle: ModelHandle) -> list[int]:
     eos = handle.model.generation_config.eos_token_id
     if eos is None:
@@ -151,14 +149,8 @@ class SeqBatch:
 def sequence_batch(handle: ModelHandle, prompts: Sequence[list[int]], targets: Sequence[list[int]]) -> SeqBatch:
     pad = handle.tokenizer.pad_token_id or 0
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return SeqBatch(ids.to(handle.device), mask.to(handle.device), [len(p) for p in prompts],
-                    [len(s) for s in seqs])
+    ids, mask = pad_right(seqs, pad, handle.device)
+    return SeqBatch(ids, mask, [len(p) for p in prompts], [len(s) for s in seqs])
 
 
 # --------------------------------------------------------------------------- suffix runner
@@ -191,13 +183,13 @@ class SuffixRunner:
         def pre(mod, args, kw):
             h = args[0] if args else kw["hidden_states"]
             store["h"] = h.detach()
-            raise _Stop
+            raise StopForward   # the forward pass ends at the block's input
 
         hd = block.register_forward_pre_hook(pre, with_kwargs=True)
         try:
             with torch.no_grad():
                 self.parent(use_cache=False, **kwargs)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             hd.remove()

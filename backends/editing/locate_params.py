@@ -11,10 +11,13 @@ method base is :class:`backends.methods.base.SpreadLayers`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..params import param
+
+if TYPE_CHECKING:
+    from ..arch import Adapter
 
 REF_DEPTH = 32
 ROME_REF_LAYER = 5
@@ -31,14 +34,11 @@ def auto_layers(n_layers: int, ref: tuple[int, int] = MEMIT_REF_LAYERS) -> list[
     return list(range(lo, hi + 1))
 
 
-def check_layers(layers: list[int], n_layers: int, key: str = "layers") -> list[int]:
+def check_layers(layers: list[int], adapter: Adapter, key: str = "layers") -> list[int]:
+    """MEMIT/AlphaEdit's layer list: non-empty, each in range (no negative indices), no repeats; sorted."""
     if not layers:
         raise UserError(f"{key} is empty; expected at least one layer index", key)
-    out = []
-    for l in layers:
-        if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < n_layers:
-            raise UserError(f"layer {l!r} is out of range; this model has layers 0..{n_layers - 1}", key)
-        out.append(l)
+    out = [adapter.check_layer(l, key, negative=False) for l in layers]
     if len(set(out)) != len(out):
         raise UserError(f"{key} lists a layer twice: {layers}", key)
     return sorted(out)

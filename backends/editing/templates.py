@@ -19,17 +19,20 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..fileio import atomic_write
 from ..paths import cache_dir
+
+if TYPE_CHECKING:
+    from ..model import ModelHandle
 
 VERSION = 1
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 DEFAULT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))  # (tokens, how many)
 
 
-def cache_path(handle: Any) -> Path:
+def cache_path(handle: ModelHandle) -> Path:
     return cache_dir() / "templates" / f"{handle.fingerprint}.json"
 
 
@@ -39,7 +42,7 @@ def _clean(text: str) -> str:
     return text.rstrip(".!?,;:") or "The"
 
 
-def _sample(handle: Any, length: int, count: int, seed: int) -> list[str]:
+def _sample(handle: ModelHandle, length: int, count: int, seed: int) -> list[str]:
     from ..generation import generate
 
     tok = handle.tokenizer
@@ -55,7 +58,7 @@ def _sample(handle: Any, length: int, count: int, seed: int) -> list[str]:
     return [_clean(f"{s} {o}") for (s, _), o in zip(prompts, outs)]
 
 
-def context_templates(handle: Any, lengths: Sequence[tuple[int, int]] = DEFAULT_LENGTHS, seed: int = 0,
+def context_templates(handle: ModelHandle, lengths: Sequence[tuple[int, int]] = DEFAULT_LENGTHS, seed: int = 0,
                       use_cache: bool = True) -> list[str]:
     """``["{}", "<prefix>. {}", ...]`` for this model (cached on disk per fingerprint)."""
     key = f"{seed}:" + ",".join(f"{a}x{b}" for a, b in lengths)

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from ..editing.locate_params import auto_layers, check_layers
-from ..errors import UserError
-from ..events import CancelToken, EventCallback, Tracker
+from ..events import CancelToken, EventCallback, Log, Tracker
 
 if TYPE_CHECKING:
     from ..editing.locate import SpreadSolver
@@ -154,10 +153,9 @@ class SpreadLayers(MethodBase):
     """
 
     def layers(self, handle: ModelHandle) -> list[int]:
-        n = handle.adapter.n_layers
         if self.params.layers is None:
-            return auto_layers(n)
-        return check_layers(list(self.params.layers), n, "params.layers")
+            return auto_layers(handle.adapter.n_layers)
+        return check_layers(list(self.params.layers), handle.adapter, "params.layers")
 
     def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return [handle.adapter.mlp_out_weight_name(layer) for layer in self.layers(handle)]
@@ -183,9 +181,7 @@ def resolve_layer(handle: ModelHandle, layer: int | None, frac: float, key: str)
     n = handle.adapter.n_layers
     if layer is None:
         return max(0, min(n - 1, int(round(frac * (n - 1)))))
-    if not -n <= layer < n:
-        raise UserError(f"layer {layer} is out of range; this model has layers 0..{n - 1}", key)
-    return layer % n
+    return handle.adapter.check_layer(layer, key)
 
 
 def inner_params_layer(value: Any) -> int:
@@ -231,6 +227,31 @@ class OneLayerAdaptor(MethodBase):
         if save is not None:
             check_state_target(save, kind, f"{where}.save_state", p.overwrite)
         return load, save
+
+    @staticmethod
+    def installed(handle: ModelHandle, kind: type, layer: int) -> Any:
+        """The adaptor of type ``kind`` already wrapping ``layer``, or None."""
+        return next((w for w in handle.wrappers if isinstance(w, kind) and w.layer == layer), None)
+
+    def install_loaded(self, handle: ModelHandle, existing: Any, loaded: Any, ctx: EditContext, what: str,
+                       save_path: Path | None) -> None:
+        """Put a loaded adaptor in place of ``existing`` (if any), report it, and save it when asked."""
+        if existing is not None:
+            handle.remove_wrapper(existing)
+        handle.add_wrapper(loaded)
+        Tracker(ctx.on_event, ctx.cancel, f"{self.name}: load {what}", 1).step(detail=self.params.load_state)
+        self.save_if_asked(loaded, save_path, ctx)
+
+    def finish(self, adaptor: Any, runner: Any, save_path: Path | None, ctx: EditContext) -> None:
+        """After the edits: say when the suffix shortcut fell back to full forwards; save when asked."""
+        if runner.fast is False:
+            ctx.on_event(Log(f"{self.name}: the suffix shortcut did not match this architecture; used full "
+                             "forwards", "warning"))
+        self.save_if_asked(adaptor, save_path, ctx)
+
+    def save_if_asked(self, adaptor: Any, save_path: Path | None, ctx: EditContext) -> None:
+        if save_path is not None:
+            adaptor.save_state(str(save_path), f"{ctx.where}.save_state", self.params.overwrite)
 
     def edit_each(self, requests: Sequence[Request], ctx: EditContext, n_iter: int,
                   train: Callable[[Request, Callable[[float], None]], dict],

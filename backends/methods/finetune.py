@@ -136,13 +136,7 @@ class FineTune(MethodBase):
             return list(range(n // 2, n))
         if not self.params.layers:
             raise UserError("expected at least one layer", "params.layers")
-        out = []
-        for layer in self.params.layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-                raise UserError(f"layer {layer!r} is out of range; this model has layers 0..{n - 1}",
-                                "params.layers")
-            out.append(layer % n)
-        return sorted(set(out))
+        return sorted({handle.adapter.check_layer(layer, "params.layers") for layer in self.params.layers})
 
     def touched_parameters(self, handle: ModelHandle) -> list[str]:
         from .. import training

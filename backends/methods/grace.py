@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
-from ..events import Log, Tracker
 from ..params import param
 from . import register
 from .base import OneLayerAdaptor, inner_params_layer, settings_view
@@ -88,19 +87,14 @@ class GraceMethod(OneLayerAdaptor):
         layer = self.layer(handle)
         where = ctx.where
         load_path, save_path = self.state_paths(ctx, STATE_KIND)
-        existing = next((w for w in handle.wrappers if isinstance(w, GraceCodebook) and w.layer == layer), None)
+        existing = self.installed(handle, GraceCodebook, layer)
         if load_path is not None:
             cb = GraceCodebook.load_state(str(load_path), f"{where}.load_state")
             if cb.hidden != handle.adapter.hidden_size:
                 raise UserError(f"the saved codebook has keys of size {cb.hidden} but this model's hidden size "
                                 f"is {handle.adapter.hidden_size}; it was saved for another model",
                                 f"{where}.load_state")
-            if existing is not None:
-                handle.remove_wrapper(existing)
-            handle.add_wrapper(cb)
-            Tracker(ctx.on_event, ctx.cancel, "grace: load codebook", 1).step(detail=p.load_state)
-            if save_path is not None:
-                cb.save_state(str(save_path), f"{where}.save_state", p.overwrite)
+            self.install_loaded(handle, existing, cb, ctx, "codebook", save_path)
             return {"edits": 0, "loaded": p.load_state, "entries": len(cb), "layer": cb.layer}
         if existing is None:
             cb = GraceCodebook(layer, handle.adapter.hidden_size)
@@ -126,10 +120,6 @@ class GraceMethod(OneLayerAdaptor):
             requests, ctx, p.n_iter,
             lambda r, on_step: add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
             lambda info: info["action"])
-        if runner.fast is False:
-            ctx.on_event(Log("grace: the suffix shortcut did not match this architecture; used full forwards",
-                             "warning"))
-        if save_path is not None:
-            cb.save_state(str(save_path), f"{where}.save_state", p.overwrite)
+        self.finish(cb, runner, save_path, ctx)
         return {"edits": len(requests), "entries": len(cb), "layer": layer, "eps": eps,
                 "actions": {a: cb.log.count(a) for a in ("add", "expand", "split")}, "per_edit": per_edit}

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..editing.locate_params import EASYEDIT_COMMON, LocateParams, auto_layer
-from ..errors import UserError
 from ..params import param
 from . import register
 from .base import MethodBase
@@ -50,13 +49,9 @@ class ROME(MethodBase):
     params: ROME.Params
 
     def layer(self, handle: ModelHandle) -> int:
-        n = handle.adapter.n_layers
         if self.params.layer is None:
-            return auto_layer(n)
-        if not 0 <= self.params.layer < n:
-            raise UserError(f"layer {self.params.layer} is out of range; this model has layers 0..{n - 1}",
-                            "params.layer")
-        return self.params.layer
+            return auto_layer(handle.adapter.n_layers)
+        return handle.adapter.check_layer(self.params.layer, "params.layer", negative=False)
 
     def touched_parameters(self, handle: ModelHandle) -> list[str]:
         return [handle.adapter.mlp_out_weight_name(self.layer(handle))]

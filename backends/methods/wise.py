@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
-from ..events import Log, Tracker
 from ..params import param
 from . import register
 from .base import OneLayerAdaptor, inner_params_layer, settings_view
@@ -162,16 +161,11 @@ class WiseMethod(OneLayerAdaptor):
         layer = self.layer(handle)
         where = ctx.where
         load_path, save_path = self.state_paths(ctx, STATE_KIND)
-        existing = next((w for w in handle.wrappers if isinstance(w, WiseMemory) and w.layer == layer), None)
+        existing = self.installed(handle, WiseMemory, layer)
         if load_path is not None:
             mem = WiseMemory.load_state(str(load_path), f"{where}.load_state")
             mem.check_compatible(handle, f"{where}.load_state")
-            if existing is not None:
-                handle.remove_wrapper(existing)
-            handle.add_wrapper(mem)
-            Tracker(ctx.on_event, ctx.cancel, "wise: load side memory", 1).step(detail=p.load_state)
-            if save_path is not None:
-                mem.save_state(str(save_path), f"{where}.save_state", p.overwrite)
+            self.install_loaded(handle, existing, mem, ctx, "side memory", save_path)
             return {"edits": 0, "loaded": p.load_state, "memory_edits": len(mem.edits),
                     "thresholds": [thr for _, thr in mem.memories()], "layer": mem.layer}
 
@@ -198,11 +192,7 @@ class WiseMethod(OneLayerAdaptor):
             requests, ctx, p.n_iter,
             lambda r, on_step: train_edit(mem, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
             lambda info: f"threshold {info['threshold']:.3g}, {info['memories']} side memories")
-        if runner.fast is False:
-            ctx.on_event(Log("wise: the suffix shortcut did not match this architecture; used full forwards",
-                             "warning"))
-        if save_path is not None:
-            mem.save_state(str(save_path), f"{where}.save_state", p.overwrite)
+        self.finish(mem, runner, save_path, ctx)
         return {"edits": len(requests), "memory_edits": len(mem.edits), "layer": layer,
                 "margins": [alpha, beta, gamma], "norm_constraint": c, "lr": lr,
                 "shards_pending": len(mem.shards), "memories": len(mem.memories()),

@@ -11,17 +11,21 @@ from textual.widgets import Button, Input, Label, ListItem, ListView, Select, St
 from ..actions import pane_bindings
 from . import Revisions
 
+from unlearn_tui.backends.leak import leak_flag  # noqa: E402  (the engine's leak rule; torch-free)
 from unlearn_tui.backends.spec import TARGET_MODES as MODES  # noqa: E402  (the one list of target modes)
 
 
 def warnings_for(item, text: str | None, flags: dict | None = None) -> list[str]:
-    """Inline warnings: the target leaks the gold answer / names the subject."""
+    """Inline warnings: the target leaks the gold answer / names the subject.
+
+    The leak warning is the engine's leak flag (:func:`backends.leak.leak_flag`: the record's stored
+    flag, else the engine's check), so the pane and the ``--out`` audit trail always agree."""
     out = []
     if not text:
         return out
     low = text.lower()
     flags = flags or {}
-    if flags.get("leak") or (item.answer and item.answer.strip().lower() in low):
+    if leak_flag(text, item, flags.get("leak")):
         out.append(f"⚠ leak: the target contains the answer “{item.answer}”")
     subject = getattr(item, "subject", None)
     if flags.get("mentions_subject") or (subject and subject.lower() in low):
