@@ -148,11 +148,9 @@ def subject_of(item: Any) -> str | None:
     sub = getattr(item, "subject", None)
     if sub:
         return sub
+    from .subjects import detect_subject
+
     question = getattr(item, "question", "") or ""
-    try:
-        from .subjects import detect_subject
-    except ImportError:
-        return _simple_subject(question)
     return detect_subject(question) or _simple_subject(question)
 
 

@@ -126,15 +126,6 @@ def truth_ratio(gold_logprob: float, perturbed_logprobs: Sequence[float]) -> flo
     return math.exp(sum(perturbed_logprobs) / len(perturbed_logprobs) - gold_logprob)
 
 
-def _refusal_quality():
-    """``backends.refusal.quality(generation, target) -> dict`` when that module is present."""
-    try:
-        from .refusal import quality
-    except ImportError:
-        return None
-    return quality
-
-
 def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], settings: EvalSettings,
                    on_event: EventCallback = ignore, cancel: CancelToken | None = None,
                    targets: dict[str, str] | None = None) -> SplitScores:
@@ -143,7 +134,9 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
     With ``targets`` (item id -> refusal target), each item also gets the
     refusal-quality scores (similarity to its target, refused, fluency).
     """
-    quality = _refusal_quality() if targets else None
+    from .refusal import quality as refusal_quality
+
+    quality = refusal_quality if targets else None
     prompts = [handle.prompt_ids(it.question) for it in items]
     # one teacher-forced pass for gold and perturbed answers of every item
     pairs: list[tuple[list[int], list[int]]] = []

@@ -45,22 +45,6 @@ async def test_easyedit_yaml_import_fills_the_form(tmp_path, data_file):
 
 
 @pytest.mark.anyio
-async def test_yaml_import_absent_module_is_a_message(tmp_path, data_file, monkeypatch):
-    from unlearn_tui.tui.app import create_app
-
-    from unlearn_tui import backends
-
-    monkeypatch.setitem(sys.modules, "unlearn_tui.backends.easyedit", None)   # import fails as if not yet written
-    monkeypatch.delattr(backends, "easyedit", raising=False)
-    app = create_app(write_session(tmp_path, data_file), settings=settings(), autostart=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.pause()
-        assert app.file_actions.import_yaml(str(tmp_path / "x.yaml")) is False
-        assert "not available" in app.last_error
-        assert app.is_running
-
-
-@pytest.mark.anyio
 async def test_self_improve_writes_targets_into_the_session(tmp_path, data_file, llama_handle):
     from unlearn_tui.tui.app import create_app
 

@@ -65,10 +65,8 @@ def save_as_start(session: Any) -> tuple[Path, str]:
 
 def import_hparams(path: str | Path) -> tuple[Any, str | None]:
     """((method, params, ignored keys), None) from an EasyEdit hparams YAML, or (None, the one-line error)."""
-    try:
-        from unlearn_tui.backends import easyedit
-    except ImportError:
-        return None, "EasyEdit YAML import is not available in this build yet"
+    from unlearn_tui.backends import easyedit
+
     try:
         return easyedit.import_hparams(path), None
     except UserError as exc:
