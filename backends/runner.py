@@ -413,14 +413,21 @@ class Workbench:
             report = method.apply(self.handle, requests, self.context(run_cfg.method, index))
         return tx, method, report or {}, time.perf_counter() - t0
 
-    def run_one(self, index: int, run_cfg: Any, total: int = 1, keep: bool = False) -> RunResult:
-        """One run: apply, evaluate, and roll back (unless ``keep``)."""
+    def run_one(self, index: int, run_cfg: Any, total: int = 1, keep: bool = False,
+                baseline: EvalResult | None = None) -> RunResult:
+        """One run: apply, evaluate, and roll back (unless ``keep``).
+
+        ``baseline`` is the evaluation of the unedited model on the same prepared
+        splits: a method that never changes the model (``changes_model = False``)
+        reuses it instead of evaluating the same model twice.
+        """
         p = self.prepare()
         self.on_event(RunStarted(index, run_cfg.method, total))
         tx, method, report, seconds = self.apply(run_cfg, list(p.requests), index=index, keep=keep)
         try:
             t1 = time.perf_counter()
-            ev = self.evaluate(p)
+            reuse = baseline is not None and not getattr(method, "changes_model", True) and not self.undo_stack
+            ev = baseline if reuse else self.evaluate(p)
             eval_seconds = time.perf_counter() - t1
         finally:
             if not keep:
@@ -451,7 +458,7 @@ class Workbench:
         self.load_model()
         result = SessionResult(self.evaluate(p), undone=undone)
         for i, r in enumerate(runs):
-            result.runs.append(self.run_one(i, r, len(runs)))
+            result.runs.append(self.run_one(i, r, len(runs), baseline=result.baseline))
         p = self.prepare()
         result.targets = p.target_records()
         result.paraphrases = list(p.paraphrases)

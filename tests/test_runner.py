@@ -233,3 +233,18 @@ def test_run_all_is_what_run_does_and_never_writes_the_session(tmp_path, scribbl
         [r.to_json() | {"seconds": 0, "eval_seconds": 0} for r in headless.runs]
     assert res.targets == headless.targets and res.new_targets == [] and res.new_paraphrases == []
     assert s == before
+
+
+def test_a_none_run_reuses_the_baseline_instead_of_evaluating_again(tmp_path, scribble, monkeypatch):
+    from unlearn_tui.backends import runner
+
+    calls = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = make_session(tmp_path, [{"method": "none"}, {"method": "_scribble"}, {"method": "none"}],
+                     rephrase=False)
+    result = run(s)
+    assert len(calls) == 2                              # the baseline and the scribble run, nothing else
+    base = result.baseline.summary()
+    assert result.runs[0].eval.summary() == base and result.runs[2].eval.summary() == base
+    assert result.runs[1].eval.summary() != base        # the edit was scored on its own

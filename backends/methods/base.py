@@ -84,6 +84,9 @@ class MethodBase(abc.ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_retain: ClassVar[bool] = False
+    # False only for a method that never changes the model (``none``): its scores are the baseline's,
+    # so a run reuses the baseline evaluation instead of evaluating the same model twice
+    changes_model: ClassVar[bool] = True
     Params: ClassVar[type]
 
     def __init__(self, params: Any) -> None:

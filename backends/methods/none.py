@@ -20,6 +20,7 @@ class NoEdit(MethodBase):
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "No edit: evaluate the model as it is"
     needs_retain: ClassVar[bool] = False
+    changes_model: ClassVar[bool] = False
 
     @dataclass
     class Params:
