@@ -29,10 +29,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -124,8 +126,17 @@ def wheel_check() -> int:
     with tempfile.TemporaryDirectory(prefix="unlearn-tui-wheel-") as tmp_s:
         tmp = Path(tmp_s)
         py = fresh_venv(tmp / "venv")
-        sh(py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(ROOT))
+        # build from a clean copy: a stale build/ folder in the checkout would leak into the wheel
+        src = tmp / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "*.egg-info", ".ci-cache", "__pycache__", ".pytest_cache"))
+        sh(py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src))
         wheel = next((tmp / "dist").glob("unlearn_tui-*.whl"))
+        with zipfile.ZipFile(wheel) as z:   # one namespace in site-packages, nothing generic
+            tops = sorted({n.split("/")[0] for n in z.namelist()})
+        if any(t != "unlearn_tui" and not t.startswith("unlearn_tui-") for t in tops):
+            print(f"wheel-check: the wheel installs more than unlearn_tui: {tops}", file=sys.stderr)
+            return 1
         c = str(constraints_file(tmp))
         sh(py, "-m", "pip", "install", "-q", "-c", c, TORCH_PIN)
         sh(py, "-m", "pip", "install", "-q", "-c", c, str(wheel))
