@@ -4,10 +4,11 @@ Both take token-id lists (prompts already formatted by the handle), so the
 same code serves metrics, targets (self-improvement) and the probe.
 
 * :func:`generate` left-pads a batch and decodes greedily.
-* :func:`answer_stats` right-pads ``prompt + answer`` sequences and, from ONE
-  forward pass per batch, returns for every pair the mean log-probability of
-  the answer tokens, the mean reciprocal rank of each gold token and the share
-  of gold tokens ranked within ``top_k``.
+* :func:`answer_stats` sorts ``prompt + answer`` sequences by length, right-pads
+  them in token-budgeted batches and, from ONE forward pass per batch that
+  unembeds only the answer positions, returns for every pair (in input order)
+  the mean log-probability of the answer tokens, the mean reciprocal rank of
+  each gold token and the share of gold tokens ranked within ``top_k``.
 """
 
 from __future__ import annotations
@@ -69,31 +70,120 @@ def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: 
     return out
 
 
+def _order_and_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches: longest first (little padding), each within a token budget.
+
+    The budget is ``batch_size`` rows of the median length, so a batch of short
+    sequences holds up to ``batch_size`` items and one of long sequences fewer;
+    ``batch_size`` stays the upper bound on items, and every batch has at least one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not order:
+        return []
+    size = max(1, batch_size)
+    by_len = sorted(lengths)
+    budget = size * max(1, by_len[len(by_len) // 2])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and (len(cur) >= size or (len(cur) + 1) * w > budget):
+            batches.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    batches.append(cur)
+    return batches
+
+
+def _forward_kwargs(model) -> dict:
+    """``logits_to_keep=1`` (or the older ``num_logits_to_keep``) where the model's forward takes it."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def answer_stats(handle: ModelHandle, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 100,
                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[TokenStats]:
-    """Teacher-forced statistics of each answer after its prompt."""
+    """Teacher-forced statistics of each answer after its prompt, in the order of ``pairs``.
+
+    Pairs are sorted by length and batched within a token budget (see
+    :func:`_order_and_batches`).  Each batch is ONE call of the model itself (so
+    wrappers' model-level hooks see the call), asked for the last position's
+    logits only; the final norm's output is captured by a hook, the hidden
+    states at the answer positions are gathered and only those are unembedded
+    (:meth:`Adapter.unembed_logits`, which keeps Gemma 2's soft-capping).
+    """
     import torch
 
     model = handle.model
+    adapter = handle.adapter
     pad = handle.tokenizer.pad_token_id
-    results: list[TokenStats] = []
-    for idx in _batches(len(pairs), batch_size):
-        batch = [pairs[i] for i in idx]
-        ids, mask = pad_right([list(p) + list(a) for p, a in batch], pad)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).logits
-        for row, (p, a) in enumerate(batch):
-            if not a:
-                results.append(TokenStats(0.0, 0.0, 0.0, 0))
-                continue
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logits.device)
-            lg = logits[row, pos].float()
-            gold = torch.tensor(a, dtype=torch.long, device=lg.device)
-            gold_logit = lg.gather(1, gold[:, None])
-            logp = torch.log_softmax(lg, dim=-1).gather(1, gold[:, None]).squeeze(1)
-            rank = (lg > gold_logit).sum(dim=1) + 1
-            results.append(TokenStats(float(logp.mean()), float((1.0 / rank.float()).mean()),
-                                      float((rank <= top_k).float().mean()), len(a)))
-        if on_batch:
-            on_batch(len(batch))
-    return results
+    results: list[TokenStats | None] = [None] * len(pairs)
+    live: list[int] = []
+    for i, (_p, a) in enumerate(pairs):
+        if a:
+            live.append(i)
+        else:
+            results[i] = TokenStats(0.0, 0.0, 0.0, 0)
+    if on_batch:  # empty answers need no forward pass; progress still counts them, batch_size at a time
+        for idx in _batches(len(pairs) - len(live), batch_size):
+            on_batch(len(idx))
+    lengths = [len(pairs[i][0]) + len(pairs[i][1]) for i in live]
+    extra = _forward_kwargs(model)
+    captured: list = []
+    hook = adapter.final_norm().register_forward_hook(lambda _m, _args, out: captured.append(out))
+    try:
+        for group in _order_and_batches(lengths, batch_size):
+            idx = [live[g] for g in group]
+            batch = [pairs[i] for i in idx]
+            # inputs made outside inference mode: wrappers may keep the mask (CallTracker)
+            ids, mask = pad_right([list(p) + list(a) for p, a in batch], pad, device=handle.device)
+            width = ids.shape[1]
+            rows, cols, gold_ids = [], [], []
+            for r, (p, a) in enumerate(batch):
+                start = len(p) - 1
+                for j, tok_id in enumerate(a):
+                    rows.append(r)
+                    cols.append((start + j) % width)   # an empty prompt reads the last column, as before
+                    gold_ids.append(tok_id)
+            captured.clear()
+            with torch.inference_mode():
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+                if captured:
+                    hidden = captured[-1]
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                    dev = hidden.device
+                    r_t = torch.tensor(rows, dtype=torch.long, device=dev)
+                    c_t = torch.tensor(cols, dtype=torch.long, device=dev)
+                    lg = adapter.unembed_logits(hidden[r_t, c_t]).float()
+                else:  # no final-norm output seen: fall back to the model's full logits
+                    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    dev = full.device
+                    r_t = torch.tensor(rows, dtype=torch.long, device=dev)
+                    c_t = torch.tensor(cols, dtype=torch.long, device=dev)
+                    lg = full[r_t, c_t].float()
+                del out
+                gold = torch.tensor(gold_ids, dtype=torch.long, device=dev)[:, None]
+                gold_logit = lg.gather(1, gold)
+                logp = torch.log_softmax(lg, dim=-1).gather(1, gold).squeeze(1)
+                rank = (lg > gold_logit).sum(dim=1) + 1
+                hit = (rank <= top_k).float()
+                inv = 1.0 / rank.float()
+                logp, inv, hit = logp.cpu(), inv.cpu(), hit.cpu()
+            sizes = [len(a) for _p, a in batch]
+            for i, lp, iv, ht, n in zip(idx, logp.split(sizes), inv.split(sizes), hit.split(sizes), sizes):
+                results[i] = TokenStats(float(lp.mean()), float(iv.mean()), float(ht.mean()), n)
+            if on_batch:
+                on_batch(len(batch))
+    finally:
+        hook.remove()
+    return results  # type: ignore[return-value]
