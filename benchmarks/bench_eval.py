@@ -1,12 +1,13 @@
 """Evaluation throughput on the embedded model: batched path vs one item at a time.
 
 Usage: python benchmarks/bench_eval.py [--model NAME] [--items 32] [--batch 16] [--repeats 5] [--stats-only]
+                                      [--rev d29ab26]
 Both paths compute the same metrics (generation + one teacher-forced pass); the
 script also checks that they agree.
 
 It also times the teacher-forced pass alone (``answer_stats`` on every gold and
-perturbed answer) against the version committed at HEAD (``git show
-HEAD:backends/generation.py``, imported from a temporary file), side by side
+perturbed answer) against the version committed at ``--rev`` (default d29ab26,
+before the speed work; ``git show REV:backends/generation.py``, imported from a temporary file), side by side
 in one run: medians over ``--repeats`` and the ratio, plus the largest
 difference in the scores.
 """
@@ -27,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_line  # noqa: E402
 
 
-def _head_generation():
-    """backends/generation.py as committed at HEAD, as a module of the package (its relative imports work)."""
+def _generation_at(rev: str):
+    """backends/generation.py as committed at ``rev``, as a module of the package (its relative imports work)."""
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", "HEAD:backends/generation.py"], cwd=root, capture_output=True, text=True,
+    src = subprocess.run(["git", "show", f"{rev}:backends/generation.py"], cwd=root, capture_output=True, text=True,
                          check=True).stdout
     tmp = Path(tempfile.mkdtemp()) / "generation_head.py"
     tmp.write_text(src)
@@ -41,10 +42,11 @@ def _head_generation():
     return mod
 
 
-def bench_answer_stats(h, items, batch: int, repeats: int) -> None:
+def bench_answer_stats(h, items, batch: int, repeats: int, rev: str = "d29ab26") -> None:
     from unlearn_tui.backends.generation import answer_stats
 
-    before = _head_generation().answer_stats
+    before = _generation_at(rev).answer_stats
+    old = f"before ({rev})"
     pairs = []
     for it in items:
         p = h.prompt_ids(it.question)
@@ -54,19 +56,19 @@ def bench_answer_stats(h, items, batch: int, repeats: int) -> None:
     print(f"answer_stats: {len(pairs)} pairs, {n_tok} tokens, batch {batch}, {repeats} repeats")
     before(h, pairs[:4], batch_size=batch)
     answer_stats(h, pairs[:4], batch_size=batch)  # warm-up
-    times: dict[str, list[float]] = {"before (HEAD)": [], "after": []}
+    times: dict[str, list[float]] = {old: [], "after": []}
     outs = {}
     for _ in range(repeats):  # interleaved, so drift in the machine's load hits both alike
-        for label, fn in (("before (HEAD)", before), ("after", answer_stats)):
+        for label, fn in ((old, before), ("after", answer_stats)):
             t = time.perf_counter()
             outs[label] = fn(h, pairs, batch_size=batch)
             times[label].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"  {k:14s} median {v * 1000:8.1f} ms  ({len(pairs) / v:8.1f} pairs/s; runs "
+        print(f"  {k:18s} median {v * 1000:8.1f} ms  ({len(pairs) / v:8.1f} pairs/s; runs "
               f"{', '.join(f'{x * 1000:.0f}' for x in times[k])} ms)")
-    print(f"  ratio before/after: {med['before (HEAD)'] / med['after']:.2f}x")
-    a, b = outs["before (HEAD)"], outs["after"]
+    print(f"  ratio before/after: {med[old] / med['after']:.2f}x")
+    a, b = outs[old], outs["after"]
     dp = max(abs(x.probability - y.probability) for x, y in zip(a, b))
     dl = max(abs(x.mean_logprob - y.mean_logprob) for x, y in zip(a, b))
     dm = max(abs(x.mrr - y.mrr) for x, y in zip(a, b))
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model name (default: the embedded model), e.g. tiny:llama")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stats-only", action="store_true", help="time answer_stats only (no generation)")
+    ap.add_argument("--rev", default="d29ab26", help="git revision whose answer_stats is the 'before' side")
     args = ap.parse_args()
     from unlearn_tui.backends.data import load_items
     from unlearn_tui.backends.metrics import EvalSettings, evaluate
@@ -92,7 +95,7 @@ def main() -> None:
     items = load_items("builtin:world-facts")[: args.items]
     print(machine_line())
     print(f"model {h.name} on {h.device}; {len(items)} items, max_new_tokens {args.max_new_tokens}")
-    bench_answer_stats(h, items, args.batch, args.repeats)
+    bench_answer_stats(h, items, args.batch, args.repeats, args.rev)
     if args.stats_only:
         return
     evaluate(h, {"forget": items[:2]}, EvalSettings(8, 2))  # warm-up
