@@ -41,8 +41,7 @@ from .paths import cache_dir
 
 # What to load: the experiment description's ``ModelConfig`` (the session's ``[model]`` table:
 # name, device, dtype, trust_remote_code, revision) is the one definition; ``ModelSpec()`` is
-# the embedded default, ``DEFAULT_MODEL`` its name (both re-exported here).
-from .spec import DEFAULT_MODEL as DEFAULT_MODEL
+# the embedded default.
 from .spec import ModelConfig as ModelSpec
 
 CACHE_VERSION = 1

@@ -286,8 +286,6 @@ class Workbench:
         """Drop the prepared state (it is also dropped by itself when what it depends on changes)."""
         self._prepared = None
 
-    invalidate_targets = invalidate
-
     def prepare(self, paraphrases: bool = True) -> Prepared:
         """Targets, requests and (with ``paraphrases``) the rephrase split of the current selection.
 

@@ -90,7 +90,8 @@ def resolve_model() -> str:
     cache (transformers refuses ``save_pretrained`` on a GGUF-loaded model);
     it is the same weights, dequantized once and saved as safetensors.
     """
-    from unlearn_tui.backends.model import DEFAULT_MODEL, ModelSpec, load
+    from unlearn_tui.backends.model import ModelSpec, load
+    from unlearn_tui.backends.spec import DEFAULT_MODEL
 
     try:
         load(ModelSpec())

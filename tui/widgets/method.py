@@ -128,7 +128,6 @@ class MethodPane(Vertical):
             self.show_form(event.selection.value)
 
     def show_form(self, name: str | None) -> None:
-        from unlearn_tui.backends import methods
         from unlearn_tui.backends.params import describe
 
         self._method = name
