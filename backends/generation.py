@@ -43,7 +43,28 @@ def _batches(n: int, size: int):
 def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: int = 32, batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None, sample: bool = False, seed: int = 0,
              temperature: float = 0.7) -> list[str]:
-    """Greedy (or seeded sampled) continuations, decoded without special tokens."""
+    """Greedy (or seeded sampled) continuations, decoded without special tokens.
+
+    Greedy decoding goes through :func:`shared_prefix.greedy` (shared tokens
+    encoded once) where :func:`shared_prefix.verified` says it agrees with
+    this model's own ``generate``; otherwise, and for sampling, through
+    :func:`plain_generate`.
+    """
+    if not sample and prompts and max_new_tokens > 0:
+        from . import shared_prefix
+
+        if shared_prefix.verified(handle, prompts):
+            try:
+                return shared_prefix.greedy(handle, prompts, max_new_tokens, batch_size, on_batch)
+            except shared_prefix.Unsupported:
+                pass
+    return plain_generate(handle, prompts, max_new_tokens, batch_size, on_batch, sample, seed, temperature)
+
+
+def plain_generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: int = 32,
+                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None, sample: bool = False,
+                   seed: int = 0, temperature: float = 0.7) -> list[str]:
+    """:func:`generate` through the model's own ``generate`` (left-padded batches in input order)."""
     import torch
 
     model, tok = handle.model, handle.tokenizer
@@ -114,6 +135,26 @@ def _forward_kwargs(model) -> dict:
 def answer_stats(handle: ModelHandle, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 100,
                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[TokenStats]:
     """Teacher-forced statistics of each answer after its prompt, in the order of ``pairs``.
+
+    Through :func:`shared_prefix.answer_stats` (the shared prefix once, each
+    distinct prompt once, then its answers) where :func:`shared_prefix.verified`
+    says it agrees with :func:`plain_answer_stats` on this model; otherwise
+    through the latter.
+    """
+    if pairs:
+        from . import shared_prefix
+
+        if shared_prefix.verified(handle, [p for p, _a in pairs], [a for _p, a in pairs]):
+            try:
+                return shared_prefix.answer_stats(handle, pairs, top_k, batch_size, on_batch)
+            except shared_prefix.Unsupported:
+                pass
+    return plain_answer_stats(handle, pairs, top_k, batch_size, on_batch)
+
+
+def plain_answer_stats(handle: ModelHandle, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 100,
+                       batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[TokenStats]:
+    """:func:`answer_stats` with one ``prompt + answer`` row per pair.
 
     Pairs are sorted by length and batched within a token budget (see
     :func:`_order_and_batches`).  Each batch is ONE call of the model itself (so

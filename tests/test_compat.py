@@ -9,7 +9,7 @@ import torch
 from unlearn_tui.backends import tiny
 from unlearn_tui.backends.compat import cache_kwarg, call_cache, output_cache
 from unlearn_tui.backends.editing.lifelong import CallTracker
-from unlearn_tui.backends.generation import generate
+from unlearn_tui.backends.generation import plain_generate
 
 
 def test_cache_round_trip_through_forward_gives_the_full_forward_logits():
@@ -38,8 +38,27 @@ def test_call_tracker_sees_cached_generation_steps():
     hook = h.model.register_forward_hook(lambda *a: seen.append(tracker.continuing))
     tracker.install(h.model)
     try:
-        generate(h, [h.prompt_ids("What is the capital of France?")], max_new_tokens=4)
+        # the model's own generate: what runs whenever a wrapper (GRACE's tracker) is installed on the handle
+        plain_generate(h, [h.prompt_ids("What is the capital of France?")], max_new_tokens=4)
     finally:
         tracker.remove()
         hook.remove()
     assert seen[0] is False and len(seen) >= 2 and all(seen[1:])
+
+
+def test_a_handle_with_a_wrapper_generates_through_the_model_s_own_generate():
+    """GRACE's tracker relies on generate's cached calls: with any wrapper installed the plain path runs."""
+    from unlearn_tui.backends import generation, shared_prefix
+
+    h = tiny.handle("llama")
+    h.wrappers.append(object())
+    try:
+        assert not shared_prefix.usable(h)
+        calls: list[int] = []
+        real = h.model.generate
+        h.model.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+        generation.generate(h, [h.prompt_ids("Sky?")], max_new_tokens=2)
+        assert calls == [1]
+    finally:
+        h.wrappers.clear()
+        del h.model.generate

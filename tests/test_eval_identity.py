@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearn_tui.backends import tiny
-from unlearn_tui.backends.generation import _order_and_batches, answer_stats
+from unlearn_tui.backends.generation import _order_and_batches, answer_stats, plain_answer_stats
 
 QUESTIONS = ["Hi", "What is the capital of France?", "Who wrote the play Hamlet?",
              "What is the largest planet in the solar system? Answer the question briefly.", "Sky?",
@@ -50,9 +50,15 @@ def test_batched_answer_stats_equal_one_at_a_time(arch):
         for batch_size in (1, 3, 16):
             seen: list[int] = []
             got = answer_stats(handle, pairs, top_k=top_k, batch_size=batch_size, on_batch=seen.append)
-            assert sum(seen) == len(pairs) and max(seen) <= batch_size
+            seen_plain: list[int] = []
+            plain = plain_answer_stats(handle, pairs, top_k=top_k, batch_size=batch_size, on_batch=seen_plain.append)
+            # progress counts pairs; the plain path's steps are batches of at most batch_size pairs, the
+            # shared-prefix path's are groups of at most batch_size prompts with all their answers
+            assert sum(seen) == sum(seen_plain) == len(pairs) and max(seen_plain) <= batch_size
+            per_prompt = max(sum(1 for q, _a in pairs if q == p) for p, _a in pairs)
+            assert max(seen) <= batch_size * per_prompt
             assert len(got) == len(pairs)
-            for (p, a), st, (lp, mrr, hit, n) in zip(pairs, got, refs):
+            for (p, a), st, (lp, mrr, hit, n) in [*zip(pairs, got, refs), *zip(pairs, plain, refs)]:
                 assert st.n_tokens == n == len(a)  # input order: each result has its own pair's length
                 # ranks exact: MRR and top-hit are functions of the ranks alone, so they must be equal floats
                 assert st.top_hit == hit
@@ -92,7 +98,7 @@ def test_only_answer_positions_are_unembedded(arch):
     shapes: list[tuple[int, ...]] = []
     hd = handle.adapter.unembed().register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
     try:
-        answer_stats(handle, pairs, batch_size=len(pairs))
+        plain_answer_stats(handle, pairs, batch_size=len(pairs))   # the path used with wrappers installed
     finally:
         hd.remove()
     d = handle.adapter.hidden_size
