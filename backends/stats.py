@@ -6,10 +6,19 @@ projection) over ordinary text.  The reference tools read 100k Wikipedia
 articles; here the default is cheap, offline and cached:
 
 * **Corpora** (``corpus=``):
-  ``"self"`` (default) — text sampled from the model itself (seeded; half raw
-  continuations of generic starters, half chat answers to generic
-  instructions when the model has a chat template), generated on demand and
-  cached per model under ``cache_dir()/corpora/``; works with no network.
+  ``"self"`` (default) — text sampled from the model itself, generated on
+  demand and cached per model under ``cache_dir()/corpora/``; works with no
+  network.  Row ``j`` is a raw continuation of a generic starter or, every
+  other row when the model has a chat template, a chat answer to a generic
+  instruction; it is sampled (temperature 1, top-k 50, top-p 0.95) with its
+  own seeded draws, so the same model and seed give the same corpus whatever
+  the batching, and runs to ``seq_len`` tokens (an end-of-sequence token
+  starts a new text rather than ending the row).  Rows are sampled in wide
+  batches, sized by a token budget (:data:`SAMPLE_TOKENS`: 128 rows of 128
+  tokens on a CPU, 256 on CUDA) and by how many tokens the caller will read;
+  the keys of the requested layers are read during that generation (up to
+  :data:`CAPTURE_BYTES`), so text sampled just now needs no second forward pass.  :data:`CORPUS_VERSION` is
+  in the corpus file's name and in the statistics' cache key.
   ``"hub:wikitext"`` or ``"hub:OWNER/NAME[:CONFIG]"`` — a Hugging Face text
   data set, streamed (a :class:`UserError` when offline).
   A path to a ``.txt`` file — the user's own text.
@@ -18,11 +27,13 @@ articles; here the default is cheap, offline and cached:
   With ``base_dir`` (the session's folder) a path is relative to it and must
   resolve inside it (a ``..``, an absolute path or a symlink leading out of
   it is a UserError) unless ``allow_outside`` or ``UNLEARN_TUI_ALLOW_OUTSIDE=1``.
-* **Budget and early stop**: keys are accumulated in float32 over batches of
-  ``seq_len``-token chunks until ``token_budget`` tokens (default 8,192) were seen, or earlier
-  when the estimate has converged: the relative Frobenius change of ``C``
-  between consecutive batches is below ``tol`` for every layer (checked once
-  at least ``min_tokens`` were seen).
+* **Budget and early stop**: keys are accumulated in float32 over groups of
+  chunks (up to ``batch_size * seq_len`` tokens each, in corpus order) until
+  ``token_budget`` tokens (default 8,192) were seen, or earlier when the
+  estimate has converged: the relative Frobenius change of ``C`` between
+  consecutive groups is below ``tol`` for every layer (checked once at least
+  ``min_tokens`` were seen).  The key pass (for text not sampled just now)
+  ends each forward at the deepest requested layer.
 * **Cache**: one ``.safetensors`` per (model fingerprint, corpus, budget,
   layer) under ``cache_dir()/stats/`` (``VERSION`` in the metadata); all
   missing layers are computed in ONE pass over the corpus.
@@ -30,15 +41,18 @@ articles; here the default is cheap, offline and cached:
   file with metadata (fingerprint, corpus, tokens); :func:`import_stats` puts
   such a file into the cache after checking the fingerprint.
 
-Progress is reported through :class:`~backends.events.Tracker` (stage
-``"covariance statistics"``, counted in tokens); the cancel token is checked
-every batch.
+Progress is reported through :class:`~backends.events.Tracker`, counted in
+tokens: stage ``"sampling statistics corpus"`` while the self corpus is
+sampled (done/total and ETA, at most every :data:`PROGRESS_INTERVAL`
+seconds), then ``"covariance statistics"``.  The cancel token is checked at
+every decoding step and every group; a cancelled sampling writes no corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -55,12 +69,19 @@ if TYPE_CHECKING:
     from .model import ModelHandle
 
 VERSION = 1
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: rows seeded one by one and sampled in wide batches (1: 16 rows per seed)
 DEFAULT_CORPUS = "self"
 DEFAULT_BUDGET = 8_192
 DEFAULT_TOL = 0.01
 SEQ_LEN = 128
 MIN_TOKENS = 2_048
+SEED = 1234
+TOP_K, TOP_P, TEMPERATURE = 50, 0.95, 1.0
+SAMPLE_TOKENS = {"cpu": 16_384, "cuda": 32_768}  # tokens per sampling batch (rows = this // seq_len)
+KEY_PASS_GROUPS = {"cpu": 1, "cuda": 4}         # convergence groups read by one forward pass
+PROGRESS_INTERVAL = 0.25                         # seconds between sampling Progress events (at most)
+CAPTURE_BYTES = 1 << 30                          # at most this much for keys read while sampling
+SPLIT_MIN_ROWS = 16                              # rows of each kind for a generate call per kind (CPU)
 
 STARTERS = ("The", "In", "A", "It", "This", "When", "Many", "One", "After", "There", "Scientists", "During",
             "According to", "Most", "People", "Today")
@@ -126,8 +147,10 @@ def corpus_key(corpus: str) -> str:
     return f"file-{p.stem[:24]}-{h.hexdigest()[:12]}"
 
 
-def cache_file(handle: ModelHandle, corpus: str, budget: int, layer: int) -> Path:
-    return _stats_dir() / handle.fingerprint / f"{corpus_key(corpus)}-b{budget}-L{layer}.safetensors"
+def cache_file(handle: ModelHandle, corpus: str, budget: int, layer: int, key: str | None = None) -> Path:
+    """The cache file of one layer; ``key`` is ``corpus_key(corpus)`` when the caller has it (a file
+    corpus is hashed once per call of :func:`second_moments`, not once per layer and again per save)."""
+    return _stats_dir() / handle.fingerprint / f"{key or corpus_key(corpus)}-b{budget}-L{layer}.safetensors"
 
 
 # --------------------------------------------------------------------------- corpora
@@ -146,45 +169,244 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         pass
 
 
-def _self_chunks(handle: ModelHandle, seq_len: int, batch: int = 16, seed: int = 1234) -> Iterator[list[int]]:
-    """Token chunks sampled from the model, cached and extended on demand."""
-    from .generation import generate
+def _kind(handle: ModelHandle) -> str:
+    return "cuda" if str(handle.device).startswith("cuda") else "cpu"
 
+
+def key_pass_groups(handle: ModelHandle) -> int:
+    """How many convergence groups one forward pass of the key pass reads (:data:`KEY_PASS_GROUPS`)."""
+    return KEY_PASS_GROUPS[_kind(handle)]
+
+
+def sample_rows(handle: ModelHandle, seq_len: int) -> int:
+    """How many sequences one sampling batch holds: a token budget (:data:`SAMPLE_TOKENS`) over ``seq_len``."""
+    budget = SAMPLE_TOKENS[_kind(handle)]
+    return max(8, budget // max(1, seq_len))
+
+
+def _row_prompt(handle: ModelHandle, j: int) -> tuple[bool, list[int]]:
+    """Row ``j``'s kind (chat or raw) and prompt ids: a fixed function of ``j``, whatever the batching."""
+    tok = handle.tokenizer
+    if handle.has_chat_template and j % 2 == 1:
+        return True, handle.encode_prompt(handle.format_prompt(INSTRUCTIONS[(j // 2) % len(INSTRUCTIONS)],
+                                                               raw=True))
+    k = j // 2 if handle.has_chat_template else j
+    ids = list(tok(STARTERS[k % len(STARTERS)], add_special_tokens=False)["input_ids"])
+    if tok.bos_token_id is not None and not handle.has_chat_template:
+        ids = [tok.bos_token_id] + ids
+    return False, ids
+
+
+def _row_uniforms(seed: int, j: int, n: int) -> Any:
+    """Row ``j``'s ``n`` uniform draws (CPU, float32): its own generator, so rows never share randomness."""
+    import torch
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + j) % (2**63 - 1))
+    return torch.rand(n, generator=g, dtype=torch.float32)
+
+
+def pick(scores: Any, u: Any, top_k: int = TOP_K, top_p: float = TOP_P, temperature: float = TEMPERATURE) -> Any:
+    """One token per row of ``scores`` (``(rows, vocab)``), drawn with the row's uniform ``u`` (``(rows, 1)``).
+
+    The distribution of ``generate(do_sample=True, temperature, top_k, top_p)`` (temperature, then the
+    ``top_k`` best, then the smallest head of those holding ``top_p`` of the mass), sampled by inverting
+    its cumulative distribution at ``u``: only the ``top_k`` best are sorted, never the vocabulary.
+    Returns ``(rows, 1)`` token ids on the device of ``scores``.
+    """
+    import torch
+
+    vals, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)             # sorted, best first
+    probs = torch.softmax(vals.float() / temperature, dim=-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)       # the nucleus (the best stays)
+    cdf = probs.cumsum(-1)
+    at = (cdf < u * cdf[:, -1:]).sum(-1, keepdim=True).clamp_(max=vals.shape[-1] - 1)
+    return idx.gather(1, at)
+
+
+class _Sampled:
+    """Progress of the corpus sampling in tokens: a :class:`Tracker` made on the first sampled batch,
+    stepped at most every ``interval`` seconds (:data:`PROGRESS_INTERVAL`; every decoding step checks
+    the cancel token)."""
+
+    def __init__(self, on_event: EventCallback, cancel: CancelToken | None, total: int | None,
+                 detail: str, interval: float | None = None) -> None:
+        self.on_event, self.cancel, self.total, self.detail = on_event, cancel, total, detail
+        self.interval = PROGRESS_INTERVAL if interval is None else interval
+        self.tracker: Tracker | None = None
+        self.pending = 0
+        self.last = 0.0
+
+    def start(self) -> None:
+        if self.tracker is None:
+            self.tracker = Tracker(self.on_event, self.cancel, "sampling statistics corpus", self.total,
+                                   detail=self.detail)
+            self.last = time.perf_counter()
+        else:
+            self.tracker.check()
+
+    def add(self, n: int, flush: bool = False) -> None:
+        assert self.tracker is not None
+        self.pending += n
+        now = time.perf_counter()
+        if flush or (self.pending and now - self.last >= self.interval):
+            t = self.tracker
+            if t.total is not None and t.done + self.pending > t.total:
+                t.total = t.done + self.pending  # more than planned: the total follows
+            self.last = now
+            n, self.pending = self.pending, 0
+            t.step(n, detail=f"{t.done + n} tokens")
+        else:
+            self.tracker.check()
+
+
+class KeyedChunk(list):
+    """A chunk of token ids with its keys, read while it was sampled: ``keys[module name]`` is a
+    ``(len(chunk), d)`` tensor (the model's dtype and device) of the input of that module."""
+
+    keys: dict[str, Any]
+
+
+def _sample_group(handle: ModelHandle, prompts: dict[int, list[int]], seq_len: int, seed: int,
+                  progress: _Sampled, capture: Sequence[str] = ()) -> dict[int, list[int]]:
+    """``{row: chunk}`` for the rows of ``prompts`` (``{row: prompt ids}``): ONE ``generate`` call whose
+    last logits processor draws every row's next token with :func:`pick` and the row's own uniforms.
+    A row runs to ``seq_len`` tokens: an end-of-sequence token does not end it (the model starts a new
+    text after it, as in a packed corpus), so no row idles while the others finish.
+
+    With ``capture`` (module names), the inputs of those modules are read during the generation, one
+    more step is run so that the last token's are too, and the chunks are :class:`KeyedChunk` objects;
+    when the buffers would pass :data:`CAPTURE_BYTES`, or the calls are not the expected ones (one
+    prefill, then one token per step), plain chunks are returned and the caller runs the key pass.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from .batching import pad_left
+
+    model, tok = handle.model, handle.tokenizer
+    out: dict[int, list[int]] = {j: p[:seq_len] for j, p in prompts.items() if len(p) >= seq_len}
+    live = [j for j in prompts if j not in out]    # rows with something left to generate
+    progress.add(sum(len(c) for c in out.values()))
+    if not live:
+        return out
+    limits = [seq_len - len(prompts[j]) for j in live]
+    steps = max(limits)
+    alive = [sum(1 for n in limits if n > t) for t in range(steps)]   # rows still short of seq_len at step t
+    ids, mask = pad_left([prompts[j] for j in live], tok.pad_token_id, handle.device)
+    width = ids.shape[1]
+    progress.add(sum(len(prompts[j]) for j in live))
+    u = torch.stack([_row_uniforms(seed, j, steps) for j in live]).to(ids.device)
+    item = torch.empty((), dtype=handle.dtype).element_size()
+    names = list(capture) if len(live) * (width + steps) * handle.adapter.mlp_width * item * len(capture) \
+        <= CAPTURE_BYTES else []
+
+    class RowSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t = input_ids.shape[1] - width
+            nxt = pick(scores, u[:, min(t, steps - 1):min(t, steps - 1) + 1])
+            progress.add(alive[t] if t < steps else 0)     # the extra step (keys of the last token) adds none
+            return torch.full_like(scores, float("-inf")).scatter_(1, nxt, 0.0)   # generate keeps it
+
+    prefill: dict[str, Any] = {}
+    fed: dict[str, Any] = {}
+    calls = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def pre(_m, args):
+            x = args[0]
+            c = calls[name]
+            calls[name] = c + 1
+            if c == 0:
+                prefill[name] = x.detach().clone()
+            elif c <= steps and x.ndim == 3 and x.shape[1] == 1:
+                if name not in fed:
+                    fed[name] = torch.empty((x.shape[0], steps, x.shape[-1]), dtype=x.dtype, device=x.device)
+                fed[name][:, c - 1] = x[:, 0]        # the input of generated token c - 1
+        return pre
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps + (1 if names else 0),
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                                 logits_processor=LogitsProcessorList([RowSampler()]),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    keyed = bool(names) and all(calls[n] == steps + 1 and n in fed and prefill[n].shape[:2] == ids.shape
+                                for n in names)
+    for r, (j, n, g) in enumerate(zip(live, limits, gen[:, width:steps + width].tolist())):
+        chunk = prompts[j] + g[:n]
+        if keyed:
+            chunk = KeyedChunk(chunk)
+            p = len(prompts[j])
+            chunk.keys = {name: torch.cat([prefill[name][r, width - p:], fed[name][r, :n]]) for name in names}
+        out[j] = chunk
+    return out
+
+
+def _sample(handle: ModelHandle, first: int, n: int, seq_len: int, seed: int, progress: _Sampled,
+            capture: Sequence[str] = ()) -> list[list[int]]:
+    """Rows ``first .. first + n - 1`` of the corpus, in ``generate`` calls of rows alike.
+
+    On a CPU with at least :data:`SPLIT_MIN_ROWS` rows of each kind, each kind (chat or raw) is one
+    call: its rows need the same number of steps (a chat prompt fills a third of a chunk), and a CPU
+    pays for every row and step.  Otherwise (few rows, where a step costs about the same whatever its
+    width, or CUDA) all rows are one call.
+    """
+    progress.start()
+    kinds: dict[bool, dict[int, list[int]]] = {}
+    for j in range(first, first + n):
+        chat, prompt = _row_prompt(handle, j)
+        kinds.setdefault(chat, {})[j] = prompt
+    groups = list(kinds.values())
+    if _kind(handle) != "cpu" or min(map(len, groups)) < SPLIT_MIN_ROWS:
+        groups = [{j: p for g in groups for j, p in g.items()}]
+    got: dict[int, list[int]] = {}
+    for prompts in groups:
+        got.update(_sample_group(handle, prompts, seq_len, seed, progress, capture))
+    return [got[j] for j in range(first, first + n)]
+
+
+def _self_chunks(handle: ModelHandle, seq_len: int, seed: int = SEED, tokens: int | None = None,
+                 on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+                 rows: int | None = None, capture: Sequence[str] = ()) -> Iterator[list[int]]:
+    """Token chunks sampled from the model, cached and extended on demand.
+
+    Row ``j`` of the corpus is a fixed prompt (:func:`_row_prompt`) continued with its own seeded
+    draws, so the corpus is the same whatever the batching.  Rows are sampled ``rows`` at a time
+    (default :func:`sample_rows`); ``tokens`` (how many the caller will read, if known) sizes the
+    batches so little is sampled beyond it.  The cache file is rewritten, atomically, after each batch.
+    Newly sampled chunks come with the inputs of the ``capture`` modules (:class:`KeyedChunk`, see
+    :func:`_sample_group`); chunks read from the cache are plain.
+    """
     path = _self_corpus_path(handle, seq_len)
     chunks: list[list[int]] = []
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("version") == CORPUS_VERSION:
+            if data.get("version") == CORPUS_VERSION and data.get("seed", SEED) == seed:
                 chunks = [list(map(int, c)) for c in data["chunks"]]
         except (OSError, ValueError, KeyError, TypeError):
             chunks = []
     yield from chunks
-    tok = handle.tokenizer
-    b = len(chunks) // batch
+    width = rows or sample_rows(handle, seq_len)
+    have = sum(map(len, chunks))
+    want = None if tokens is None else max(0, tokens - have)
+    progress = _Sampled(on_event, cancel, want, f"{seq_len}-token sequences from the model, up to {width} at a time")
+    sampled = 0
     while True:
-        prompts = []
-        chat = handle.has_chat_template and b % 2 == 1
-        for i in range(batch):
-            j = b * batch + i
-            if chat:
-                prompts.append(handle.encode_prompt(handle.format_prompt(INSTRUCTIONS[j % len(INSTRUCTIONS)],
-                                                                         raw=True)))
-            else:
-                ids = list(tok(STARTERS[j % len(STARTERS)], add_special_tokens=False)["input_ids"])
-                if tok.bos_token_id is not None and not handle.has_chat_template:
-                    ids = [tok.bos_token_id] + ids
-                prompts.append(ids)
-        texts = generate(handle, prompts, max_new_tokens=seq_len, batch_size=batch, sample=True,
-                         seed=seed + b, temperature=1.0)
-        new = []
-        for p, t in zip(prompts, texts):
-            ids = p + list(tok(t, add_special_tokens=False)["input_ids"])
-            new.append(ids[:seq_len])
-        chunks.extend(new)
-        _write_json_atomic(path, {"version": CORPUS_VERSION, "chunks": chunks})
-        b += 1
-        yield from new
+        n = width
+        if want is not None and sampled < want:  # enough rows for what is still wanted (seq_len each)
+            n = max(1, min(width, math.ceil((want - sampled) / seq_len)))
+        new = _sample(handle, len(chunks), n, seq_len, seed, progress, capture)
+        chunks.extend(list(c) for c in new)     # plain lists: the cache never holds the keys
+        sampled += sum(map(len, new))
+        progress.add(0, flush=True)
+        _write_json_atomic(path, {"version": CORPUS_VERSION, "seed": seed, "chunks": chunks})
+        while new:                              # handed over one by one: the caller frees the keys it used
+            yield new.pop(0)
 
 
 def _text_chunks(handle: ModelHandle, texts: Iterator[str], seq_len: int) -> Iterator[list[int]]:
@@ -245,9 +467,14 @@ def _hub_texts(spec: str) -> Iterator[str]:
                         f'or a text file', "stats.corpus") from None
 
 
-def corpus_chunks(handle: ModelHandle, corpus: str, seq_len: int = SEQ_LEN) -> Iterator[list[int]]:
+def corpus_chunks(handle: ModelHandle, corpus: str, seq_len: int = SEQ_LEN, tokens: int | None = None,
+                  on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+                  capture: Sequence[str] = ()) -> Iterator[list[int]]:
+    """The corpus as token chunks of up to ``seq_len``.  For ``"self"``: ``tokens`` (how many the caller
+    will read, if known) sizes the sampling, whose progress and cancel point are ``on_event`` and
+    ``cancel``, and newly sampled chunks carry the inputs of the ``capture`` modules (:class:`KeyedChunk`)."""
     if corpus == "self":
-        return _self_chunks(handle, seq_len)
+        return _self_chunks(handle, seq_len, tokens=tokens, on_event=on_event, cancel=cancel, capture=capture)
     if corpus.startswith("hub:"):
         return _text_chunks(handle, _hub_texts(corpus), seq_len)
     return _text_chunks(handle, _file_texts(Path(corpus).expanduser()), seq_len)
@@ -282,7 +509,13 @@ def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CO
             token_budget: int = DEFAULT_BUDGET, tol: float = DEFAULT_TOL, seq_len: int = SEQ_LEN,
             batch_size: int = 16, min_tokens: int = MIN_TOKENS,
             on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> tuple[dict, int, bool]:
-    """Uncached computation: ({layer: C (float32, d_in x d_in)}, tokens used, converged)."""
+    """Uncached computation: ({layer: C (float32, d_in x d_in)}, tokens used, converged).
+
+    The keys are summed over groups of chunks of up to ``batch_size * seq_len`` tokens, in corpus
+    order; the convergence check runs after each group.  Chunks sampled just now bring their keys
+    (:class:`KeyedChunk`: read while the model generated them); for the others one forward pass
+    reads :func:`key_pass_groups` groups at once and ends at the deepest layer's key.
+    """
     import torch
 
     from .batching import pad_right
@@ -296,48 +529,71 @@ def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CO
     prev: dict = {}
     count = 0
     converged = False
-    tracker = Tracker(on_event, cancel, "covariance statistics", token_budget,
-                      detail=f"{corpus}, layers {', '.join(map(str, layers))}")
+    tracker: Tracker | None = None
     pad = handle.tokenizer.pad_token_id or 0
-    it = corpus_chunks(handle, corpus, seq_len)
+    it = corpus_chunks(handle, corpus, seq_len, tokens=token_budget, on_event=on_event, cancel=cancel,
+                       capture=list(names.values()))
+    group_tokens = max(1, batch_size) * seq_len
+    per_pass = key_pass_groups(handle)
+    read = 0          # tokens taken from the corpus (the last chunk trimmed to the budget)
     exhausted = False
-    while count < token_budget and not exhausted:
-        batch: list[list[int]] = []
-        room = token_budget - count
-        while len(batch) < batch_size and sum(len(b) for b in batch) < room:
-            nxt = next(it, None)
-            if nxt is None:
-                exhausted = True
+    while count < token_budget and not exhausted and not converged:
+        # groups of (ids, keys read while sampling or None)
+        groups: list[list[tuple[list[int], dict | None]]] = []
+        while len(groups) < per_pass and read < token_budget and not exhausted:
+            group: list[tuple[list[int], dict | None]] = []
+            size = 0
+            while size < group_tokens and read < token_budget:
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                take = min(len(nxt), token_budget - read)
+                keys = getattr(nxt, "keys", None)
+                group.append((list(nxt[:take]), {k: v[:take] for k, v in keys.items()} if keys else None))
+                size += take
+                read += take
+            if group:
+                groups.append(group)
+        if not groups:
+            break
+        if tracker is None:  # after the corpus was sampled (its own stage), so the ETA is the key pass's
+            tracker = Tracker(on_event, cancel, "covariance statistics", token_budget,
+                              detail=f"{corpus}, layers {', '.join(map(str, layers))}")
+        todo = [g for g in groups if any(k is None or any(n not in k for n in names.values()) for _, k in g)]
+        fwd = {id(g) for g in todo}
+        if todo:
+            ids, mask = pad_right([c for g in todo for c, _ in g], pad, handle.device)
+            with torch.no_grad(), capture(handle.model, list(names.values()), "input") as got, \
+                    stop_after(handle.model, names[max(layers)]):
+                # the forward ends at the deepest layer's key: no later blocks, no (batch, seq, vocab) logits
+                handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            sel_all = mask.bool()
+            passed = {l: got[name][0][sel_all] for l, name in names.items()}   # (tokens, d), corpus order
+        start = 0
+        for group in groups:
+            n = sum(len(c) for c, _ in group)
+            with torch.no_grad():
+                for l, name in names.items():
+                    k = passed[l][start:start + n] if id(group) in fwd else \
+                        torch.cat([keys[name] for _, keys in group])
+                    k = k.float()
+                    acc[l].addmm_(k.T, k)
+            if id(group) in fwd:
+                start += n
+            count += n
+            # convergence: relative change of the normalised estimate between groups
+            cur = {l: acc[l] / count for l in layers}
+            if count >= min_tokens and prev:
+                worst = max(float((cur[l] - prev[l]).norm() / cur[l].norm().clamp_min(1e-12)) for l in layers)
+                converged = worst < tol
+            prev = cur
+            tracker.step(n, detail=f"{count} tokens")
+            if converged:
                 break
-            batch.append(nxt[:max(1, room - sum(len(b) for b in batch))])
-        if not batch:
-            break
-        ids, mask = pad_right(batch, pad, handle.device)
-        with torch.no_grad(), capture(handle.model, list(names.values()), "input") as got, \
-                stop_after(handle.model, names[max(layers)]):
-            # the forward ends at the deepest layer's key: no later blocks, no (batch, seq, vocab) logits
-            handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        sel = mask.bool()
-        n = int(sel.sum())
-        for l, name in names.items():
-            k = got[name][0][sel].float()
-            acc[l].addmm_(k.T, k)
-        count += n
-        # convergence: relative change of the normalised estimate between batches
-        if count >= min_tokens and prev:
-            worst = 0.0
-            for l in layers:
-                cur = acc[l] / count
-                worst = max(worst, float((cur - prev[l]).norm() / cur.norm().clamp_min(1e-12)))
-            if worst < tol:
-                converged = True
-        prev = {l: acc[l] / count for l in layers}
-        tracker.step(n, detail=f"{count} tokens")
-        if converged:
-            break
     if count == 0:
         raise UserError(f'the corpus "{corpus}" gave no text', "stats.corpus")
-    return {l: acc[l] / count for l in layers}, count, converged
+    return prev, count, converged
 
 
 def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CORPUS,
@@ -366,8 +622,9 @@ def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEF
         info.seconds = time.perf_counter() - t0
         return {l: loaded[l].to(handle.device) for l in layers}, info
     todo = []
+    key = corpus_key(corpus) if use_cache else None
     for l in layers:
-        got = _load(cache_file(handle, corpus, token_budget, l)) if use_cache else None
+        got = _load(cache_file(handle, corpus, token_budget, l, key)) if use_cache else None
         if got is not None:
             out[l] = got[0].to(handle.device)
             info.cached_layers.append(l)
@@ -382,7 +639,7 @@ def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEF
         for l, c in res.items():
             out[l] = c
             if use_cache:
-                _save(cache_file(handle, corpus, token_budget, l), c.cpu(),
+                _save(cache_file(handle, corpus, token_budget, l, key), c.cpu(),
                       {"version": VERSION, "fingerprint": handle.fingerprint, "layer": l, "corpus": corpus,
                        "budget": token_budget, "tokens": count, "converged": conv, "tol": tol})
     info.seconds = time.perf_counter() - t0

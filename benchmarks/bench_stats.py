@@ -13,6 +13,8 @@ unless ``--no-quality`` — forget / retain / rephrase ROUGE-1 of the method on
 builtin:world-facts (first N forget, next 10 retain, ``idk`` targets).
 The reference (EasyEdit) spent 500 s on statistics for 5 layers of a
 2,000-line corpus before crashing on the tied embeddings.
+``benchmarks/bench_stats_vs.py`` times the cold statistics against an earlier
+git revision, side by side.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main():
     if args.corpus == "self":
         t0 = time.perf_counter()
         n = 0
-        for chunk in stats.corpus_chunks(handle, "self"):
+        for chunk in stats.corpus_chunks(handle, "self", tokens=max(args.budgets)):  # sized to the largest
             n += len(chunk)
             if n >= max(args.budgets):
                 break
