@@ -8,6 +8,7 @@ import pytest
 from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
 from unlearn_tui.backends.events import CancelToken, Progress
 from unlearn_tui.backends.targets import Request
+from unlearn_tui.backends.tiny import ALL_ARCHS
 
 TARGET = "I don't know."
 UNRELATED = "The quick brown fox jumps over the lazy dog."
@@ -406,6 +407,140 @@ def test_grace_sequential_edits_accumulate_first_edit_holds_after_tenth(llama_ha
     assert cb.describe_query(h, reqs[0].prompt)["grace_hit"] == 1.0
     last = _target_stats(h, reqs[0].prompt)
     assert last.mrr >= 0.2 and last.mrr > 5 * s0.mrr and last.probability > 1.2 * s0.probability
+
+
+def _full_forward_nll(handle, layer: int, prompt: list[int], tgt: list[int], v):
+    """The reference: the whole ``prompt + target`` through the model, the MLP output from the last prompt
+    token on replaced by ``v`` (what inference does for a hit), the mean NLL of the target."""
+    import torch
+
+    last = len(prompt) - 1
+    ids = torch.tensor([prompt + tgt[:-1]])
+
+    def hook(m, args, out):
+        return torch.cat([out[:, :last], v.to(out.dtype).expand_as(out[:, last:])], dim=1)
+
+    hd = handle.adapter.mlp(layer).register_forward_hook(hook)
+    try:
+        logits = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, last:]
+    finally:
+        hd.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(tgt))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_grace_replayed_suffix_gives_the_full_forward_loss_and_gradient(arch):
+    """The fast path (cached prefix, blocks 0..L-1 replayed, the suffix only) is the full forward's math, in
+    every family the adapters know."""
+    import torch
+
+    from unlearn_tui.backends import tiny
+    from unlearn_tui.backends.editing.grace_codebook import ValueRunner, _ReplayedEdit, _SuffixEdit, mlp_io
+    from unlearn_tui.backends.editing.lifelong import end_ids
+
+    h = tiny.handle(arch)
+    layer = 1
+    runner = ValueRunner(h, layer)
+    prompt = h.prompt_ids("What do you know about France?")
+    tgt = h.encode_answer(TARGET) + end_ids(h)
+    edit = runner.edit(prompt, tgt)
+    assert isinstance(edit, _ReplayedEdit) and runner.replayed is True and runner.fast is True
+    assert runner.header() is not None and prompt[:len(runner.header()[0])] == runner.header()[0]
+    key, out0 = mlp_io(h, layer, prompt)
+    assert torch.allclose(edit.key, key, atol=1e-5) and torch.allclose(edit.out0, out0, atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    v0 = out0 + torch.randn(out0.shape, generator=g) * float(out0.norm())
+    losses, grads = [], []
+    for fn in (lambda v: _full_forward_nll(h, layer, prompt, tgt, v),
+               lambda v: torch.nn.functional.cross_entropy(edit.logits(v).float(), edit.gold),
+               lambda v: torch.nn.functional.cross_entropy(_SuffixEdit(runner, prompt, tgt, edit.gold).logits(v)
+                                                           .float(), edit.gold)):
+        v = v0.clone().requires_grad_(True)
+        loss = fn(v)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(v.grad)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(grads[2], grads[0], rtol=1e-4, atol=1e-7)
+    # steps do not leak into each other (each runs on its own copy of the prefix cache)
+    with torch.no_grad():
+        first = edit.logits(v0)
+        edit.logits(out0)
+        assert torch.equal(edit.logits(v0), first)
+    assert edit.past.get_seq_length() == len(prompt) - 1
+    # the replay put every block's and MLP's own forward back
+    assert not any("forward" in m.__dict__ for i in range(h.adapter.n_layers)
+                   for m in (h.adapter.block(i), h.adapter.mlp(i)))
+
+
+def test_grace_key_scale_in_one_padded_pass_matches_one_prompt_at_a_time(tiny_handle):
+    import torch
+
+    from unlearn_tui.backends.editing.grace_codebook import key_scale, mlp_io
+    from unlearn_tui.backends.editing.lifelong import NEUTRAL_PROMPTS
+
+    h = tiny_handle
+    prompts = [h.prompt_ids(q) for q in NEUTRAL_PROMPTS[:6]]
+    assert len({len(p) for p in prompts}) > 1   # the batch is padded
+    one_by_one = float(torch.stack([mlp_io(h, 2, p)[0] for p in prompts]).norm(dim=-1).mean())
+    assert key_scale(h, 2, prompts) == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_grace_falls_back_to_the_suffix_runner_when_the_replay_disagrees(monkeypatch):
+    """When the first-use check fails, training runs on SuffixRunner: the same codebook, within rounding."""
+    import torch
+
+    from unlearn_tui.backends import tiny
+    from unlearn_tui.backends.editing import grace_codebook
+
+    reqs = _requests(2)
+    params = {**GRACE_FAST, "n_iter": 6, "eps": 1e-6}
+    fast_h = tiny.handle("llama")
+    _, fast = _apply(fast_h, "grace", params, reqs)
+    monkeypatch.setattr(grace_codebook.ValueRunner, "_agrees", lambda self, *a: False)
+    slow_h = tiny.handle("llama")
+    _, slow = _apply(slow_h, "grace", params, reqs)
+    assert [e["iterations"] for e in slow["per_edit"]] == [e["iterations"] for e in fast["per_edit"]] == [6, 6]
+    a, b = _wrapper(fast_h, "grace"), _wrapper(slow_h, "grace")
+    assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-4)
+
+
+def test_produces_target_needs_every_target_token_ahead_by_the_margin():
+    import torch
+
+    from unlearn_tui.backends.editing.grace_codebook import greedy_margin, produces_target
+
+    gold = torch.tensor([1, 0])
+    lg = torch.tensor([[0.0, 2.0, 1.0], [3.0, 1.0, 2.5]])
+    assert produces_target(lg, gold) and produces_target(lg, gold, 0.4)
+    assert not produces_target(lg, gold, 0.5)                      # position 1 leads by 0.5 only
+    assert not produces_target(torch.tensor([[0.0, 2.0, 2.0], [3.0, 1.0, 2.5]]), gold)   # a tie is no lead
+    assert not produces_target(lg, torch.tensor([2, 0]))
+    assert greedy_margin(torch.float32) < greedy_margin(torch.bfloat16) == greedy_margin(torch.float16)
+
+
+def test_grace_value_training_stops_once_greedy_decoding_gives_the_target(llama_handle):
+    """The early stop: training ends at the first value under which the target is the greedy continuation,
+    long before stop_loss (unreachable on the tiny model), and generation then produces it."""
+    from unlearn_tui.backends.editing.grace_codebook import ValueRunner, greedy_margin, produces_target
+    from unlearn_tui.backends.editing.lifelong import end_ids
+    from unlearn_tui.backends.generation import generate
+
+    h = llama_handle
+    question = "What do you know about France?"
+    prompt = h.prompt_ids(question)
+    # the end token alone (an empty answer) is a target one value can make the argmax on the tiny model
+    assert generate(h, [prompt], max_new_tokens=4) != [""]
+    runner = ValueRunner(h, h.adapter.n_layers - 1)
+    edit = runner.edit(prompt, end_ids(h))
+    assert not produces_target(edit.logits(edit.out0).detach(), edit.gold)   # not before training
+    _, report = _apply(h, "grace", {**GRACE_FAST, "n_iter": 50, "stop_loss": 0.0}, [Request(question, "", None, ["a"])])
+    info = report["per_edit"][0]
+    assert 1 < info["iterations"] < 50 and info["nll"] > 1.0   # the greedy rule stopped it, not the NLL rule
+    cb = _wrapper(h, "grace")
+    assert produces_target(edit.logits(cb.values[0]).detach(), edit.gold, greedy_margin(h.dtype))
+    assert generate(h, [prompt], max_new_tokens=4) == [""]
 
 
 def test_grace_state_file_recreates_the_codebook_exactly(tmp_path):

@@ -31,18 +31,26 @@ key ``k_i`` (radius ``e_i``) and ``eps`` the initial radius:
 
 New values are initialised from the MLP output at that token (``val_init =
 "warm"``) or at random with the same norm (``"cold"``) and trained by gradient
-steps on the target NLL with the value replacing the MLP output from the last
-prompt token on (exactly what inference does).
+steps (Adam) on the target NLL with the value replacing the MLP output from
+the last prompt token on (exactly what inference does), until greedy decoding
+gives the target (every target token, the end token included, leads its
+position by :func:`greedy_margin`), the NLL reaches ``stop_loss``, or
+``n_iter`` steps ran.  The value is all that changes between steps, so
+:class:`ValueRunner` runs the prompt and the frozen blocks below ``L`` once
+per edit and each step only the blocks from ``L`` on, over the few tokens
+from the last prompt token on (checked against a full forward on first use).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..compat import cache_kwarg, output_cache
 from .lifelong import CallTracker, HookedWrapper, SuffixRunner, end_ids, load_tensors, save_tensors, sequence_batch
 
 if TYPE_CHECKING:
@@ -256,30 +264,308 @@ class GraceCodebook(HookedWrapper):
 
 
 def mlp_io(handle: ModelHandle, layer: int, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MLP's input and output at the last token of one prompt."""
-    from .hooks import capture
+    """The MLP's input and output at the last token of one prompt (the pass stops after that MLP)."""
+    from .hooks import capture, stop_after
 
     name = handle.adapter.mlp_name(layer)
     ids = torch.tensor([prompt_ids], device=handle.device)
     with capture(handle.model, [name], "input") as i_st, capture(handle.model, [name], "output") as o_st, \
-            torch.no_grad():
+            stop_after(handle.model, name), torch.no_grad():
         handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return i_st[name][0][0, -1].float(), o_st[name][0][0, -1].float()
 
 
 def key_scale(handle: ModelHandle, layer: int, prompts: list[list[int]]) -> float:
-    """Mean norm of the keys (MLP inputs at the last token) of some prompts."""
-    return float(torch.stack([mlp_io(handle, layer, p)[0] for p in prompts]).norm(dim=-1).mean())
+    """Mean norm of the keys (MLP inputs at the last token) of some prompts: one right-padded pass that stops
+    after that MLP (the same keys as :func:`mlp_io` one prompt at a time, up to rounding)."""
+    from ..batching import pad_right
+    from .hooks import capture, stop_after
+
+    name = handle.adapter.mlp_name(layer)
+    ids, mask = pad_right(prompts, handle.tokenizer.pad_token_id or 0, handle.device)
+    with capture(handle.model, [name], "input") as st, stop_after(handle.model, name), torch.no_grad():
+        handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=ids.device)
+    keys = st[name][0][torch.arange(len(prompts), device=ids.device), last].float()
+    return float(keys.norm(dim=-1).mean())
 
 
-def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: SuffixRunner, question: str, target: str,
+# --------------------------------------------------------------------------- training a value
+
+
+def _close(mine: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The fast path's self-check: ``mine`` matches the reference ``ref`` up to the rounding of the model's dtype
+    (float32: every element within ``1e-3`` of ``ref``'s scale; half types, where two ways of computing the same
+    thing round apart by several units in the last place: the difference's norm within 5 % of ``ref``'s)."""
+    if mine.shape != ref.shape or not bool(torch.isfinite(mine).all()):
+        return False
+    mine, ref = mine.float(), ref.float()
+    if torch.finfo(dtype).bits >= 32:
+        return float((mine - ref).abs().max()) <= 1e-3 * max(1.0, float(ref.abs().max()))
+    return float((mine - ref).norm()) <= 0.05 * max(1e-6, float(ref.norm()))
+
+
+def _columns_from(out: Any, at: int) -> Any:
+    """A block's output from column ``at`` on (the first element of a tuple output)."""
+    if isinstance(out, tuple):
+        return (out[0][:, at:],) + tuple(out[1:])
+    return out[:, at:]
+
+
+def _step_cache(past: Any, replayed: int) -> Any:
+    """A copy of the prefix cache ``past`` for one replayed pass: the layers of the ``replayed`` lowest blocks are
+    shared (those blocks return their recording, so nothing writes their cache), the others deep-copied."""
+    layers = getattr(past, "layers", None)
+    if not isinstance(layers, list) or len(layers) < replayed:
+        return copy.deepcopy(past)
+    new = copy.copy(past)
+    new.layers = layers[:replayed] + [copy.deepcopy(layer) for layer in layers[replayed:]]
+    return new
+
+
+def _keep_one(model: Any) -> dict:
+    """``logits_to_keep=1`` where the model's forward takes it (a pass that fills a KV cache reads no logits)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+class _ReplayedEdit:
+    """One edit on the replayed suffix (see :class:`ValueRunner`).
+
+    ``ids`` is the suffix -- the last prompt token and the target but its last
+    token, so that position ``j`` predicts target token ``j`` -- after the
+    prompt's other tokens, whose KV cache is ``past``; ``recorded`` holds
+    blocks ``0..L-1``'s outputs on the suffix (both from the one pass of
+    :meth:`ValueRunner.forward`).
+    """
+
+    def __init__(self, runner: ValueRunner, prompt: list[int], tgt: list[int], gold: torch.Tensor) -> None:
+        from .hooks import capture
+
+        h = runner.handle
+        self.runner, self.gold = runner, gold
+        last = len(prompt) - 1
+        seq = list(prompt) + list(tgt[:-1])
+        self.ids = torch.tensor([seq[last:]], device=h.device)
+        self.mask = torch.ones((1, len(seq)), dtype=torch.long, device=h.device)
+        # one pass over the whole sequence: blocks 0..L-1's outputs and the MLP's input and output recorded,
+        # then the KV cache cut back to the prefix
+        runner.header()   # built (once per apply) before the recording hooks go on
+        outs: list[Any] = [None] * len(runner.lower)
+        hooks = [b.register_forward_hook(lambda m, args, out, i=i: outs.__setitem__(i, out))
+                 for i, b in enumerate(runner.lower)]
+        name = h.adapter.mlp_name(runner.layer)
+        try:
+            with capture(h.model, [name], "input") as i_st, capture(h.model, [name], "output") as o_st:
+                out, start = runner.forward(seq, last)
+        finally:
+            for hd in hooks:
+                hd.remove()
+        at = last - start   # the last prompt token's column in that pass
+        self.recorded = [_columns_from(o, at) for o in outs]
+        self.key, self.out0 = i_st[name][-1][0, at].float(), o_st[name][-1][0, at].float()
+        self.past = None
+        if last > 0:
+            self.past = output_cache(out)
+            if self.past is None or not hasattr(self.past, "crop"):
+                raise RuntimeError("the model returned no croppable KV cache")
+            self.past.crop(-self.ids.shape[1])   # negative: remove that many tokens (every transformers version)
+
+    def _run(self) -> torch.Tensor:
+        model = self.runner.handle.model
+        kw: dict = dict(input_ids=self.ids, attention_mask=self.mask, use_cache=self.past is not None)
+        if self.past is not None:   # a fresh copy per pass: the forward appends (graph-carrying) keys to it
+            kw[cache_kwarg(model)] = _step_cache(self.past, len(self.runner.lower))
+        return model(**kw).logits[0]
+
+    def logits(self, v: torch.Tensor) -> torch.Tensor:
+        """``[n_target, vocab]`` logits with ``v`` as block ``L``'s MLP output at every suffix token.
+
+        Blocks ``0..L-1`` return their recording and the MLP returns ``v`` (its own computation would be
+        replaced anyway): their ``forward`` is swapped for the pass, and put back after it.
+        """
+        r = self.runner
+        rec = self.recorded
+        mods = [*r.lower, r.mlp]
+        saved = [m.__dict__.get("forward") for m in mods]   # e.g. an accelerate hook: put back after
+        for i, b in enumerate(r.lower):
+            b.forward = lambda *args, i=i, **kwargs: rec[i]
+        r.mlp.forward = lambda x, *args, **kwargs: v.to(x.dtype).expand(*x.shape[:-1], v.shape[-1])
+        try:
+            return self._run()
+        finally:
+            for m, f in zip(mods, saved):
+                if f is None:
+                    del m.forward
+                else:
+                    m.forward = f
+
+
+class _SuffixEdit:
+    """One edit on :class:`~backends.editing.lifelong.SuffixRunner` (blocks L.. over the whole sequence)."""
+
+    def __init__(self, runner: ValueRunner, prompt: list[int], tgt: list[int], gold: torch.Tensor) -> None:
+        self.runner, self.gold = runner, gold
+        self.key, self.out0 = mlp_io(runner.handle, runner.layer, prompt)
+        self.batch = sequence_batch(runner.handle, [prompt], [tgt])
+        self.prep: Any = None   # prepared on the first step (an expand never trains)
+
+    def logits(self, v: torch.Tensor) -> torch.Tensor:
+        r = self.runner
+        if self.prep is None:
+            self.rows, self.pos, _ = self.batch.target_positions()
+            self.repl = self.batch.from_prompt_end_mask().to(r.handle.device)
+            self.prep = r.suffix.prepare(self.batch.ids, self.batch.mask)
+        repl = self.repl
+        hd = r.mlp.register_forward_hook(lambda m, args, out: torch.where(repl[:, :, None], v.to(out.dtype), out))
+        try:
+            return r.suffix.logits(self.prep, self.rows, self.pos)
+        finally:
+            hd.remove()
+
+
+class ValueRunner:
+    """The forward passes that read an edit's key and train its value at ``layer``.
+
+    The fast path replays the suffix.  The value replaces the MLP output of
+    block ``L`` from the last prompt token on, so nothing before that token
+    (causal attention) and nothing in blocks ``0..L-1`` depends on it.  Per
+    edit, ONE pass (no grad) runs the prompt and the target's inputs into a
+    KV cache -- the chat template's header, the same in every prompt, runs
+    once per apply and its cache is reused -- recording the outputs of blocks
+    ``0..L-1`` on the suffix (the last prompt token and the target's inputs)
+    and the MLP's input (the key) and output (the warm start) at the last
+    prompt token; the cache is then cut back to the tokens before the suffix.
+    Each optimisation step runs only block ``L``'s attention (its MLP returns
+    the value) and the blocks above it, on the suffix's few tokens over the
+    cached prefix, with blocks ``0..L-1`` returning the recording (the replay
+    idea of ROME's value optimisation, :mod:`backends.editing.values`), and
+    unembeds only the target positions (the suffix holds nothing else).
+
+    On first use the fast path is checked against a full forward pass with a
+    probe value (the logits at the target positions and the key); when they
+    disagree (an architecture whose blocks or cache it does not understand)
+    the runner keeps :class:`SuffixRunner` (blocks ``L..`` over the whole
+    sequence, itself checked against the full forward and falling back to full
+    forwards), so it is slower, never wrong.
+    """
+
+    def __init__(self, handle: ModelHandle, layer: int) -> None:
+        self.handle, self.layer = handle, layer
+        self.mlp = handle.adapter.mlp(layer)
+        self.lower = [handle.adapter.block(i) for i in range(layer)]   # blocks 0..L-1: replayed
+        self.suffix = SuffixRunner(handle, layer)
+        self.replayed: bool | None = None   # None until the fast path was checked
+        self._keep = _keep_one(handle.model)
+        self._header: tuple[list[int], Any] | None = None
+        self._header_built = False
+
+    @property
+    def fast(self) -> bool | None:
+        """False once training fell back to full forward passes (what ``OneLayerAdaptor.finish`` reports)."""
+        return True if self.replayed else self.suffix.fast
+
+    # ---- prompts over the shared header ---------------------------------------------------------
+    def header(self) -> tuple[list[int], Any] | None:
+        """The tokens every formatted prompt starts with (the chat template's header) and their KV cache."""
+        if not self._header_built:
+            self._header_built = True
+            a, b = (self.handle.prompt_ids(q) for q in ("Hello.", "Why?"))
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if n >= 2:
+                with torch.no_grad():
+                    out = self.handle.model(input_ids=torch.tensor([a[:n]], device=self.handle.device),
+                                            use_cache=True, **self._keep)
+                past = output_cache(out)
+                if past is not None:
+                    self._header = (a[:n], past)
+        return self._header
+
+    def forward(self, ids: list[int], upto: int) -> tuple[Any, int]:
+        """The model on ``ids`` into a KV cache (no grad), the shared header from its cache when ``ids`` start
+        with it and it ends by column ``upto``: (the output, how many leading tokens came from that cache)."""
+        model, dev = self.handle.model, self.handle.device
+        head = self.header()
+        with torch.no_grad():
+            if head is None or len(head[0]) > upto or ids[:len(head[0])] != head[0]:
+                return model(input_ids=torch.tensor([ids], device=dev), use_cache=True, **self._keep), 0
+            n = len(head[0])
+            return model(input_ids=torch.tensor([ids[n:]], device=dev),
+                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev), use_cache=True,
+                         **{cache_kwarg(model): copy.deepcopy(head[1])}, **self._keep), n
+
+    # ---- one edit ------------------------------------------------------------------------------
+    def edit(self, prompt: list[int], tgt: list[int]) -> _ReplayedEdit | _SuffixEdit:
+        """Key, warm start and target logits of one edit (``prompt`` then ``tgt``, the end token included)."""
+        gold = torch.tensor(tgt, dtype=torch.long, device=self.handle.device)
+        if self.replayed is not False and prompt and tgt:
+            if self.replayed:
+                return _ReplayedEdit(self, prompt, tgt, gold)
+            try:   # first use: build it and check it against the full forward
+                e = _ReplayedEdit(self, prompt, tgt, gold)
+                self.replayed = self._agrees(e, prompt, tgt)
+            except Exception:  # noqa: BLE001 - any surprise means: keep the SuffixRunner path
+                self.replayed = False
+            if self.replayed:
+                return e
+        return _SuffixEdit(self, prompt, tgt, gold)
+
+    def _agrees(self, e: _ReplayedEdit, prompt: list[int], tgt: list[int]) -> bool:
+        """Whether the replayed suffix gives a full forward's logits and key under a probe value."""
+        h = self.handle
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(e.out0.shape, generator=g).to(e.out0.device)
+        probe = e.out0 + noise * (0.5 * max(float(e.out0.norm()), 1e-3) / float(noise.norm()))
+        last = len(prompt) - 1
+        ids = torch.tensor([list(prompt) + list(tgt[:-1])], device=h.device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def full_hook(m, args, out):
+            seen["key"] = args[0][0, last].detach().float()
+            new = out.clone()
+            new[:, last:] = probe.to(out.dtype)
+            return new
+
+        n = ids.shape[1] - last   # the target positions: the last n
+        with torch.no_grad():
+            hd = self.mlp.register_forward_hook(full_hook)
+            try:
+                full = h.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                               **({"logits_to_keep": n} if self._keep else {})).logits[0, -n:]
+            finally:
+                hd.remove()
+            mine = e.logits(probe)
+        return _close(mine, full, h.dtype) and _close(e.key, seen["key"], h.dtype)
+
+
+def greedy_margin(dtype: torch.dtype) -> float:
+    """How far (in logits) the target token must lead at every position for the greedy stop: a margin over the
+    rounding of the model's dtype, so that another pass over the same tokens (batched, padded) decodes the same."""
+    return 0.01 if torch.finfo(dtype).bits >= 32 else 0.5
+
+
+def produces_target(logits: torch.Tensor, gold: torch.Tensor, margin: float = 0.0) -> bool:
+    """Whether greedy decoding gives the target: at every position (teacher forced) the target token's logit
+    exceeds every other token's by more than ``margin``."""
+    lg = logits.float()
+    other = lg.scatter(1, gold[:, None], float("-inf")).max(-1).values
+    return bool((lg.gather(1, gold[:, None])[:, 0] - other > margin).all())
+
+
+def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: ValueRunner, question: str, target: str,
              item_ids: list[str], cfg: GraceConfig, on_step: Callable[[float], None]) -> dict:
     """Apply the codebook rules for one edit and train its value when a new entry is made."""
     was = cb.enabled
     cb.enabled = False
     try:
         prompt = handle.prompt_ids(question)
-        key, out0 = mlp_io(handle, cb.layer, prompt)
+        edit = runner.edit(prompt, handle.encode_answer(target) + end_ids(handle))
+        key = edit.key
         action, radius, near = "add", cfg.eps, -1
         if len(cb):
             idx, dist, _ = cb.lookup(key[None])
@@ -301,7 +587,7 @@ def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: SuffixRunner, quest
             on_step(0.0)
             cb.log.append(action)
             return info
-        value, nll, iters = train_value(handle, runner, cb.layer, prompt, target, out0, cfg, on_step)
+        value, nll, iters = train_value(edit, cfg, on_step)
         if not bool(torch.isfinite(value).all()):
             from ..errors import NonFiniteError
 
@@ -314,39 +600,35 @@ def add_edit(cb: GraceCodebook, handle: ModelHandle, runner: SuffixRunner, quest
         cb.enabled = was
 
 
-def train_value(handle: ModelHandle, runner: SuffixRunner, layer: int, prompt: list[int], target: str,
-                init: torch.Tensor, cfg: GraceConfig,
+def train_value(edit: _ReplayedEdit | _SuffixEdit, cfg: GraceConfig,
                 on_step: Callable[[float], None]) -> tuple[torch.Tensor, float, int]:
-    tgt = handle.encode_answer(target) + end_ids(handle)
-    batch = sequence_batch(handle, [prompt], [tgt])
-    rows, pos, gold = batch.target_positions()
-    repl = batch.from_prompt_end_mask().to(handle.device)
+    """Adam on the value (warm: from the MLP output at the last prompt token; cold: random, same norm).
+
+    Stops once the target NLL is at most ``stop_loss`` or greedy decoding produces the target (every target
+    token, the end token included, leads its position by :func:`greedy_margin`), after at most ``n_iter`` steps;
+    the value returned is the one that met the rule.
+    """
+    init = edit.out0
     if cfg.val_init == "cold":
         g = torch.Generator().manual_seed(cfg.seed)
         v0 = torch.randn(init.shape, generator=g)
-        v0 = (v0 / v0.norm() * init.norm()).to(init.device)
+        v0 = (v0 / v0.norm() * init.norm().cpu()).to(init.device)
     else:
         v0 = init.clone()
     v = v0.clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.edit_lr)
-    prep = runner.prepare(batch.ids, batch.mask)
-
-    def hook(m, args, out):
-        return torch.where(repl[:, :, None], v.to(out.dtype), out)
-
-    hd = handle.adapter.mlp(layer).register_forward_hook(hook)
+    gold = edit.gold
+    margin = greedy_margin(edit.runner.handle.dtype)
     nll_v, iters = float("nan"), 0
-    try:
-        for it in range(cfg.n_iter):
-            opt.zero_grad(set_to_none=True)
-            nll = runner.nll(prep, rows, pos, gold)
-            nll_v, iters = float(nll.detach()), it + 1
-            if nll_v <= cfg.stop_loss:
-                on_step(nll_v)
-                break
-            nll.backward()
-            opt.step()
+    for it in range(cfg.n_iter):
+        opt.zero_grad(set_to_none=True)
+        lg = edit.logits(v).float()
+        nll = torch.nn.functional.cross_entropy(lg, gold)
+        nll_v, iters = float(nll.detach()), it + 1
+        if nll_v <= cfg.stop_loss or produces_target(lg.detach(), gold, margin):
             on_step(nll_v)
-    finally:
-        hd.remove()
+            break
+        nll.backward()
+        opt.step()
+        on_step(nll_v)
     return v.detach(), nll_v, iters

@@ -58,8 +58,8 @@ class GraceMethod(OneLayerAdaptor):
         eps: float | None = param(None, "initial deferral radius of a new codebook entry", min=0.0,
                                   auto="0.25 x the mean key norm of neutral prompts")
         edit_lr: float = param(1.0, "learning rate (Adam) of a new entry's value", min=0.0, max=100.0)
-        n_iter: int = param(60, "optimisation steps per new value (fewer when the loss reaches stop_loss)",
-                            min=1, max=1000)
+        n_iter: int = param(60, "optimisation steps per new value (fewer once greedy decoding gives the target "
+                            "or the loss reaches stop_loss)", min=1, max=1000)
         stop_loss: float = param(0.05, "stop training a value once the target NLL is below this", min=0.0,
                                  max=10.0)
         eps_expand: str = param("coverage", "how a ball grows for a nearby key with the same target",
@@ -80,8 +80,8 @@ class GraceMethod(OneLayerAdaptor):
     params: GraceMethod.Params
 
     def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
-        from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, add_edit, key_scale
-        from ..editing.lifelong import NEUTRAL_PROMPTS, SuffixRunner
+        from ..editing.grace_codebook import STATE_KIND, GraceCodebook, GraceConfig, ValueRunner, add_edit, key_scale
+        from ..editing.lifelong import NEUTRAL_PROMPTS
 
         p = self.params
         layer = self.layer(handle)
@@ -115,7 +115,7 @@ class GraceMethod(OneLayerAdaptor):
                     cb.enabled = was
             eps = cache[key]
         cfg = settings_view(GraceConfig, p, eps=eps, seed=int(ctx.seed))
-        runner = SuffixRunner(handle, layer)
+        runner = ValueRunner(handle, layer)
         per_edit = self.edit_each(
             requests, ctx, p.n_iter,
             lambda r, on_step: add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
