@@ -32,9 +32,13 @@ after evaluation) so rows are comparable.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -96,12 +100,14 @@ class SessionResult:
     new_targets: list[dict] = field(default_factory=list)
     new_paraphrases: list[dict] = field(default_factory=list)
     undone: int = 0          # kept step edits undone before the first run
+    paraphrases_left_out: list = field(default_factory=list)   # forget ids with no checked paraphrase
 
     def to_json(self, items: bool = False) -> dict:
         out: dict[str, Any] = {"baseline": self.baseline.summary(), "runs": [r.to_json() for r in self.runs]}
         out["baseline"]["composite"] = self.baseline.composite
         out["targets"] = self.targets
         out["paraphrases"] = self.paraphrases
+        out["paraphrases_left_out"] = self.paraphrases_left_out
         if items:
             out["baseline_items"] = self.baseline.items_json()
             for r, js in zip(self.runs, out["runs"]):
@@ -119,6 +125,7 @@ class Prepared:
     targets: Mapping[str, Target]
     requests: tuple
     new_targets: tuple = ()        # records of targets the model wrote for this state
+    paraphrases_left_out: tuple = ()   # forget ids left out of the rephrase split (no paraphrase passed)
     paraphrases: tuple = ()        # paraphrase records (all forget items that have one)
     new_paraphrases: tuple = ()    # records of paraphrases written for this state
     paraphrased: bool = False      # whether paraphrases were ensured (``prepare(paraphrases=True)``)
@@ -161,6 +168,7 @@ class Workbench:
         self.method_state: dict[str, dict] = {}
         self.undo_stack: list = []
         self.redo_stack: list = []
+        self._quick: dict[Any, dict[str, float]] = {}   # model state + selection -> quick scores (undo/redo)
         self.regenerate = regenerate          # replace model-written targets/paraphrases the session holds
         self._prepared: Prepared | None = None
         self._prepared_key: Any = None
@@ -208,6 +216,7 @@ class Workbench:
             self._model_for = None
             self.undo_stack.clear()
             self.redo_stack.clear()
+            self._quick.clear()
         self.session = session
         self.settings = EvalSettings.from_config(getattr(session, "eval", None))
         self.items = list(items)
@@ -326,16 +335,19 @@ class Workbench:
 
         if not getattr(self.session.data, "rephrase", True):
             return replace(p, rephrase=(), paraphrases=(), new_paraphrases=(), paraphrased=True)
-        if self.regenerate or any(not it.paraphrased_question for it in p.forget):
-            self.load_model()
-        records, written = selfimprove.ensure_paraphrases(
-            self.handle, p.forget, getattr(self.session.data, "paraphrases", None) or [],
+        report = selfimprove.ensure_paraphrases_report(
+            self.load_model, p.forget, getattr(self.session.data, "paraphrases", None) or [],
             int(getattr(self.session.targets, "seed", 0) or 0), self.on_event, self.cancel, self.regenerate)
-        para = {r["id"]: r["paraphrase"] for r in records}
+        para = {r["id"]: r["paraphrase"] for r in report.records}
+        left = set(report.left_out)
+        # an item whose paraphrases all failed the checks leaves the rephrase split (even one it carried)
         forget = tuple(replace(it, paraphrased_question=para[it.id])
-                       if it.id in para and para[it.id] != it.paraphrased_question else it for it in p.forget)
-        return replace(p, forget=forget, rephrase=tuple(data.rephrase_split(forget)), paraphrases=tuple(records),
-                       new_paraphrases=tuple(written), paraphrased=True)
+                       if it.id in para and para[it.id] != it.paraphrased_question
+                       else replace(it, paraphrased_question=None) if it.id in left and it.paraphrased_question
+                       else it for it in p.forget)
+        return replace(p, forget=forget, rephrase=tuple(data.rephrase_split(forget)),
+                       paraphrases=tuple(report.records), new_paraphrases=tuple(report.written), paraphrased=True,
+                       paraphrases_left_out=tuple(report.left_out))
 
     def _model_targets(self, mode: str, items: list, pool: list[str]) -> dict[str, Target]:
         """Targets the model writes itself (self-improve, avoidant, generated incorrect)."""
@@ -434,8 +446,7 @@ class Workbench:
                            self.session.targets.mode, self.session.targets.merge_factor, ev, seconds,
                            eval_seconds, report)
         if keep:
-            self.undo_stack.append(tx)
-            self.redo_stack.clear()
+            self._push(tx)
         self.on_event(RunFinished(index, run_cfg.method, result))
         return result
 
@@ -460,6 +471,7 @@ class Workbench:
         p = self.prepare()
         result.targets = p.target_records()
         result.paraphrases = list(p.paraphrases)
+        result.paraphrases_left_out = list(p.paraphrases_left_out)
         result.new_targets = list(p.new_targets)
         result.new_paraphrases = list(p.new_paraphrases)
         return result
@@ -468,9 +480,22 @@ class Workbench:
     def step(self, run_cfg: Any, request: Request, index: int = 0):
         """Apply one request and keep it on the undo stack; returns (report, seconds)."""
         tx, _, report, seconds = self.apply(run_cfg, [request], index=index, keep=True)
+        self._push(tx)
+        return report, seconds
+
+    def _push(self, tx: Any) -> None:
+        """Keep ``tx`` on the undo stack (a new edit: the redo stack is dropped)."""
+        tx.workbench_serial = next(_SERIALS)
         self.undo_stack.append(tx)
         self.redo_stack.clear()
-        return report, seconds
+
+    def _state_key(self) -> tuple:
+        """Names the model's current state: the loaded model and the kept edits on it, in order."""
+        h = self.handle
+        if h is not None and getattr(h, "workbench_serial", None) is None:
+            h.workbench_serial = next(_SERIALS)
+        return (getattr(h, "workbench_serial", None),
+                tuple(getattr(tx, "workbench_serial", id(tx)) for tx in self.undo_stack))
 
     def step_next(self, run_cfg: Any = None, index: int = 0, question: str | None = None) -> StepResult:
         """Apply the next forget request with the first run's method, keep it, and score the model.
@@ -540,18 +565,48 @@ class Workbench:
 
     # ================================================================ quick measurements
     def quick_scores(self) -> dict[str, float]:
-        """ROUGE-1 of the current model on the forget and retain items (no rephrase, no targets)."""
+        """ROUGE-1 of the current model on the forget and retain items (no rephrase, no targets).
+
+        Remembered per model state (the loaded model and its kept edits) and
+        selection, so undo and redo back to a state already scored cost nothing.
+        """
         p = self._current()
         forget, retain = (list(p.forget), list(p.retain)) if p is not None else (self.forget, self.retain)
-        res = evaluate(self.load_model(), {"forget": forget, "retain": retain}, self.settings, self.on_event,
-                       self.cancel)
-        return {k: s.rouge1 for k, s in res.splits.items()}
+        handle = self.load_model()
+        key = (self._state_key(), _items_key(forget), _items_key(retain), self.settings.max_new_tokens)
+        if key in self._quick:
+            self.on_event(Log("scores of this model state: remembered (not evaluated again)"))
+            return dict(self._quick[key])
+        res = evaluate(handle, {"forget": forget, "retain": retain}, self.settings, self.on_event, self.cancel)
+        scores = {k: s.rouge1 for k, s in res.splits.items()}
+        if len(self._quick) >= QUICK_MEMORY:
+            self._quick.pop(next(iter(self._quick)))
+        self._quick[key] = dict(scores)
+        return scores
 
     def score_known(self, items: Sequence) -> dict[str, float]:
-        """Baseline ROUGE-1 per item: does the model know the fact now?"""
-        res = evaluate(self.load_model(), {"known": list(items)}, self.settings, self.on_event, self.cancel)
+        """Baseline ROUGE-1 per item: does the model know the fact now?
+
+        For the model as loaded (no kept edit, no wrapper) the scores are cached
+        on disk by the model's fingerprint, the items' prompt and answer tokens
+        and the evaluation settings (:func:`known_cache_file`): the app's start-up
+        pass evaluates a model and data file once, not at every launch.
+        """
+        handle = self.load_model()
+        items = list(items)
+        path = None
+        if not self.undo_stack and not handle.wrappers and items:
+            path = known_cache_file(handle, items, self.settings)
+            cached = _read_known(path, items)
+            if cached is not None:
+                self.on_event(Log(f"known scores of {len(items)} items: cached ({path.name})"))
+                return cached
+        res = evaluate(handle, {"known": items}, self.settings, self.on_event, self.cancel)
         split = res.splits.get("known")
-        return {s.id: s.rouge1 for s in split.items} if split else {}
+        scores = {s.id: s.rouge1 for s in split.items} if split else {}
+        if path is not None and scores:
+            _write_known(path, scores)
+        return scores
 
     def write_targets(self, item_ids: Sequence[str], mode: str = "self-improve") -> list[dict]:
         """Targets the model writes now for the selected forget items ``item_ids`` (records; the session's
@@ -620,6 +675,56 @@ def result_row(r: RunResult) -> dict[str, Any]:
     row["composite"] = r.composite
     row["seconds"] = r.seconds
     return row
+
+
+_SERIALS = itertools.count(1)   # one per kept transaction and handle: with the stack, names a model state
+QUICK_MEMORY = 64          # model states whose quick scores are remembered (undo/redo)
+KNOWN_CACHE_VERSION = 1   # bump when the known pass (prompts, generation, ROUGE) changes its numbers
+
+
+def _items_key(items: Sequence) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.id, it.question, it.answer]).encode())
+    return h.hexdigest()[:16]
+
+
+def known_cache_dir() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir() / "known"
+
+
+def known_cache_file(handle: ModelHandle, items: Sequence, settings: EvalSettings) -> Path:
+    """Where the known scores of ``items`` on the unedited ``handle`` are cached (a versioned key)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": KNOWN_CACHE_VERSION, "model": handle.fingerprint, "name": handle.name,
+                         "dtype": str(handle.dtype), "max_new_tokens": settings.max_new_tokens}).encode())
+    for it in items:   # the exact tokens the model sees, and the text ROUGE compares
+        h.update(json.dumps([it.id, handle.prompt_ids(it.question), it.answer]).encode())
+    return known_cache_dir() / f"known-{h.hexdigest()[:24]}.json"
+
+
+def _read_known(path: Path, items: Sequence) -> dict[str, float] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        scores = {str(k): float(v) for k, v in data["scores"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if data.get("version") != KNOWN_CACHE_VERSION or set(scores) != {it.id for it in items}:
+        return None
+    return scores
+
+
+def _write_known(path: Path, scores: dict[str, float]) -> None:
+    """Written atomically; a cache we cannot write is not an error."""
+    from .fileio import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({"version": KNOWN_CACHE_VERSION, "scores": scores}))
+    except OSError:
+        pass
 
 
 __all__ = ["Workbench", "Prepared", "StepResult", "run", "RunResult", "SessionResult", "EditContext", "result_row",

@@ -47,11 +47,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
-from .leak import check_leak, differs, leak_flag, mentions_subject, subject_of
+from .leak import STOPWORDS, check_leak, leak_flag, mentions_subject, subject_of
 from .refusal import is_refusal
 from .targets import Target, build_requests, pick_from_pool
 
@@ -328,25 +329,252 @@ def generate_targets(handle: ModelHandle, mode: str, items: Sequence[Any], pool:
 # --------------------------------------------------------------------------- paraphrases
 
 GENERATED_PARAPHRASE_SOURCES = ("generated", "regenerated", "template")
-MIN_QUESTION_RECALL = 0.5   # share of the question's content words a paraphrase keeps (topic drift guard)
+BUILTIN_PARAPHRASE_FILE = "paraphrases_factual.json"   # in backends/builtin/ (our own wording, see below)
+PARAPHRASE_TRIES = 4       # first (greedy) try + sampled regenerations, each with another opener and seed
+NEAR_COPY_JACCARD = 0.5    # content-token Jaccard at or above which a paraphrase is a near-copy (see below)
+
+# Checks of a paraphrase (:func:`paraphrase_verdict`).  A rephrase item must ask for the SAME fact in
+# OTHER words; the embedded model, asked to rewrite, often changes the meaning ("Which author wrote
+# 'Don Quixote'?" -> "Can you tell me which novel by Don Quixote is the most famous?"), slips in a
+# (wrong or partial) answer ("... 'The Great Gatsby' by F."), or copies the question behind a prefix
+# ("Quick question: ...").  Tokens (:func:`paraphrase_tokens`): accents folded, lower case,
+# contractions and possessive 's dropped, "21,000" -> "21000", number words -> digits ("nineteen" ->
+# "19"), Porter-stemmed like rouge-score; content tokens drop :data:`PARAPHRASE_STOPWORDS`.
+#
+# * ``question``  — ends with "?", at least 3 words, holds a question word or opens with an auxiliary
+#   ("Can you name ...?"), and is not a refusal.
+# * ``mentions_subject`` — names the item's subject (``backends.leak.mentions_subject``; the subject
+#   is the item's own or :func:`backends.subjects.detect_subject` of the question).
+# * ``answer_tokens`` — no content token of the gold answer that the question does not already hold
+#   (single letters count: initials such as the "F." of "F. Scott Fitzgerald"; so do numbers, written
+#   either way); plus ``backends.leak.check_leak``.  Tokens the question holds are free to repeat
+#   ("Where was the ancient Library of Alexandria located?" -> "Alexandria").
+# * ``prefix`` — the question's whole token sequence does not occur in the paraphrase (the original
+#   behind a prefix or before a suffix: "Quick question: ...", "Can you tell me who wrote ...?").
+# * ``near_copy`` — the Jaccard index of the content-token SETS of question and paraphrase is below
+#   :data:`NEAR_COPY_JACCARD` (0.5).  Chosen from data (``tests/test_paraphrase_checks.py``
+#   recomputes these numbers) on the 217 questions of the TOFU factual set (real authors + world
+#   facts): our own paraphrases (``backends/builtin/paraphrases_factual.json``) have Jaccard mean
+#   0.34, max 0.47; the trivial prefix variants of the same questions (the old fallback templates
+#   "Here is a question for you: {q}", "I'd like to know: {q}", "Quick question: {q}" and "Can you
+#   tell me {q}", 868 in all) have min 0.50, mean 0.74; a one-word substitution (one content word
+#   replaced) scores (n-1)/(n+1) for n content words: >= 0.5 on the 212 questions with n >= 3, 1/3
+#   on the 5 with n = 2.  0.5 is the value between the two: every one of ours passes, every prefix
+#   variant and every substitution of a question with 3+ content words fails.  Content tokens, not
+#   all tokens: on all tokens the two overlap (ours up to 0.64, prefix variants from 0.45), since a
+#   prefix adds mostly stop words.  The cost: short rewrites that keep most words fail ("What is
+#   the capital of Japan?" -> "Which city serves as the capital of Japan?", 0.5); so would 53 of the 80
+#   hand-written paraphrases of ``builtin:world-facts``, most of them near-copies of that kind (those
+#   are ``dataset`` paraphrases and are used as they are; only generated ones are checked).  The
+#   ``prefix`` check rejects prefix variants whatever their Jaccard.
+# * ``kind`` — asks for the same kind of answer: the coarse kind of the first question word that
+#   tells one (:func:`answer_kind`: person / place / time / quantity / work / event; "Who" and "Which
+#   author" -> person, "Which novel" -> work), required to match when the question's is known.
+# * ``new_names`` — no capitalised word or number that the question does not hold (another entity
+#   means another question: "Who wrote 'Emma' and 'Pride and Prejudice'?").
+PARAPHRASE_STOPWORDS = STOPWORDS | frozenset(
+    "de da di del della du la le les van von der den".split())   # name particles ("Miguel de Cervantes")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                      "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000",
+                      "billion": "1000000000"})
+_AUXILIARIES = {"is", "was", "are", "were", "did", "does", "do", "can", "could", "has", "had", "have", "will",
+                "would", "should", "may", "might"}
+_QUESTION_WORDS = {"who", "whom", "whose", "which", "what", "where", "when", "why", "how"}
+_KINDS = {
+    "person": "author writer poet playwright novelist dramatist person people individual man woman president "
+              "leader emperor ruler king queen actress actor painter artist composer scientist physicist thinker "
+              "philosopher creator minister explorer navigator humorist aviator astronaut inventor historian "
+              "laureate politician statesman head figure",
+    "place": "country nation state city town village island continent place location site spot region land "
+             "territory capital address museum ocean sea waters river waterway lake mountain volcano desert "
+             "waterfall planet port prison landmark monument structure building wall barrier metropolis area park "
+             "gallery",
+    "time": "year date time century decade month day era period",
+    "quantity": "number amount length distance height size total quantity percentage weight depth width",
+    "work": "novel book play poem story series film movie song collection painting saga work",
+    "event": "event war battle revolution accident disaster incident crisis episode invasion uprising",
+}
+_KIND_OF = {w: kind for kind, words in _KINDS.items() for w in words.split()}
+_WH_KIND = {"who": "person", "whom": "person", "whose": "person", "where": "place", "when": "time"}
+_HOW_QUANTITY = {"many", "much", "long", "far", "tall", "high", "big", "large", "deep", "old", "wide", "heavy"}
+# words between "which"/"what" and the noun that says what is asked for ("which two countries",
+# "what is the name of the largest ocean", "which of the listed towns", "which famous actress")
+_KIND_SKIP = {"the", "a", "an", "of", "these", "those", "following", "listed", "other", "one", "two", "three",
+              "four", "five", "famous", "ancient", "historical", "historic", "main", "chief", "principal", "major",
+              "well-known", "known", "first", "earliest", "original", "modern", "great", "old", "best", "most",
+              "very", "approximate", "single", "name", "body", "pair", "female", "male", "particular", "home",
+              "native", "part"}
+_KIND_STOP = _AUXILIARIES | _QUESTION_WORDS | {"in", "on", "at", "by", "for", "from", "to", "with", "during", "into",
+                                               "through", "about", "as", "than", "that", "and", "or", "not"}
+
+
+def _fold(text: str) -> str:
+    import unicodedata
+
+    t = unicodedata.normalize("NFKD", text or "")
+    t = "".join(c for c in t if not unicodedata.combining(c))
+    return t.replace("\u2019", "'").replace("\u2018", "'")
+
+
+def paraphrase_tokens(text: str | None) -> list[str]:
+    """Tokens of the paraphrase checks (see above): folded, lower case, numbers normalised, stemmed."""
+    import re
+
+    from .leak import _stemmer
+
+    t = _fold(text or "").lower()
+    t = re.sub(r"n't\b", " not", t)
+    t = re.sub(r"'(?:s|re|ll|d|ve|m)\b", " ", t)
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
+    stem = _stemmer().stem
+    out = []
+    for w in re.findall(r"[a-z0-9]+", t):
+        w = _NUMBER_WORDS.get(w, w)
+        out.append(stem(w) if len(w) > 3 and w.isalpha() else w)
+    return out
+
+
+def paraphrase_content_tokens(text: str | None) -> set[str]:
+    return {t for t in paraphrase_tokens(text) if t not in PARAPHRASE_STOPWORDS}
+
+
+def paraphrase_jaccard(a: str, b: str) -> float:
+    """Jaccard index of the content-token sets of ``a`` and ``b`` (1.0 for two empty sets)."""
+    x, y = paraphrase_content_tokens(a), paraphrase_content_tokens(b)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def answer_tokens_in(text: str, item: Any) -> list[str]:
+    """The gold answer's content tokens in ``text`` that the question does not already hold."""
+    answer = getattr(item, "answer", "") or ""
+    forbidden = paraphrase_content_tokens(answer) - set(paraphrase_tokens(getattr(item, "question", "")))
+    have = set(paraphrase_tokens(text))
+    return sorted(forbidden & have)
+
+
+def contains_question(text: str, question: str) -> bool:
+    """Whether ``text`` holds the whole token sequence of ``question`` and more (a prefix or suffix)."""
+    q, t = paraphrase_tokens(question), paraphrase_tokens(text)
+    if not q or len(t) <= len(q):
+        return False
+    return any(t[i:i + len(q)] == q for i in range(len(t) - len(q) + 1))
+
+
+def _kind_word(word: str) -> str | None:
+    w = word.lower()
+    for cand in (w, w[:-1] if w.endswith("s") else None, w[:-2] if w.endswith("es") else None,
+                 w[:-3] + "y" if w.endswith("ies") else None):
+        if cand and cand in _KIND_OF:
+            return _KIND_OF[cand]
+    return None
+
+
+def answer_kind(question: str) -> str | None:
+    """The coarse kind of answer a question asks for (person, place, time, quantity, work, event), or
+    ``None``, told by its first question word: "who" -> person, "where" -> place, "when" -> time,
+    "how many/long/..." -> quantity, "which/what" + the noun after skipped modifiers and names
+    ("Which Nigerian author" -> person, "what is the name of the largest ocean" -> place, "which
+    novel" -> work).  A question word right after a comma that tells nothing may open a relative
+    clause and is passed over ("'The White Tiger', which won the Booker Prize, is authored by whom?"
+    -> person; "What does water turn into when it freezes?" -> ``None``)."""
+    import re
+
+    text = re.sub(r"'s\b", "", _fold(question))
+    matches = list(re.finditer(r"[^\W_](?:[\w\-.]*[^\W_])?", text))
+    words = [m.group(0) for m in matches]
+    low = [w.lower() for w in words]
+    for i, w in enumerate(low):
+        if w not in _QUESTION_WORDS:
+            continue
+        kind = _kind_after(w, i, words, low)
+        if kind is None and text[:matches[i].start()].rstrip().endswith(","):
+            continue       # maybe a relative clause (", which won ..."); "By area, which nation" tells one
+        return kind
+    return None
+
+
+def _kind_after(w: str, i: int, words: list[str], low: list[str]) -> str | None:
+    """The kind the question word ``low[i]`` asks for (see :func:`answer_kind`)."""
+    if w in _WH_KIND:
+        return _WH_KIND[w]
+    if w == "how":
+        return "quantity" if i + 1 < len(low) and low[i + 1] in _HOW_QUANTITY else None
+    if w in ("which", "what"):
+        j = i + 1
+        if j < len(low) and low[j] in _AUXILIARIES:
+            j += 1
+        other = 0          # words before the noun that are neither modifiers nor names ("fantasy writer")
+        for k in range(j, min(j + 8, len(low))):
+            v = low[k]
+            kind = _kind_word(v)
+            if kind:
+                return kind
+            if v in _KIND_STOP or (other and v in ("the", "a", "an", "of")):
+                break      # "which won the ...", "the main cause of ...": the noun is not a kind word
+            if v in _KIND_SKIP or v.endswith("est") or words[k][:1].isupper() or len(v) == 1 or v.isdigit():
+                continue
+            other += 1
+            if other > 2:
+                break
+    return None
+
+
+def new_names(text: str, question: str) -> list[str]:
+    """Capitalised words (not opening a sentence) and numbers of ``text`` whose tokens ``question`` lacks."""
+    import re
+
+    from .subjects import _sentences, _words
+
+    have = set(paraphrase_tokens(question))
+    starts = {a for a, _ in _sentences(text)}
+    out = []
+    for w, s, _ in _words(text):
+        if s in starts or (s - 1 in starts and text[s - 1] in "'\"‘“"):
+            continue
+        if not (w[:1].isupper() or re.fullmatch(r"[\d.,]*\d", w)):
+            continue
+        toks = [t for t in paraphrase_tokens(w) if t not in PARAPHRASE_STOPWORDS]
+        if any(t not in have for t in toks):
+            out.append(w)
+    return out
+
+
+def is_question(text: str) -> bool:
+    """Ends with "?", has 3 words or more, and holds a question word or opens with an auxiliary."""
+    import re
+
+    t = (text or "").strip().strip('"\u201c\u201d').strip()
+    words = re.findall(r"[a-z]+", _fold(t).lower())
+    return t.endswith("?") and len(words) >= 3 and \
+        (any(w in _QUESTION_WORDS for w in words) or words[0] in _AUXILIARIES)
+
 
 # A small model asked to rewrite a question mostly copies it.  The reply is
 # therefore started with an opener that forces a different construction; the
 # first try uses the first opener for the question's type, regenerations draw
-# from all of them (seeded).
+# from all of them (seeded).  Openers that merely wrap the question ("Can you
+# tell me who ...") come last: a copy after them fails the ``prefix`` check.
 _OPENERS = (
-    (("how", "many"), ("What is the number of", "Can you tell me how many")),
-    (("how", "much"), ("What is the amount of", "Can you tell me how much")),
-    (("what",), ("Which", "Can you tell me what", "Do you know what")),
-    (("who",), ("Which person", "Can you tell me who", "Do you know who")),
-    (("where",), ("In which place", "Can you tell me where")),
-    (("when",), ("At what time", "Can you tell me when")),
-    ((), ("Can you tell me", "Do you know", "I'd like to know")),
+    (("how", "many"), ("What is the number of", "What number of", "Can you say how many")),
+    (("how", "much"), ("What is the amount of", "What quantity of", "Can you say how much")),
+    (("in", "what", "year"), ("When", "What year", "In which year")),
+    (("in", "which", "year"), ("When", "What year", "In what year")),
+    (("what", "year"), ("When", "In which year", "In what year")),
+    (("what",), ("Which", "What is the name of", "Can you name")),
+    (("which",), ("What", "Can you name the", "Do you know which")),
+    (("who",), ("Which person", "What is the name of the person who", "Do you know who")),
+    (("where",), ("In which place", "At what location", "Do you know where")),
+    (("when",), ("In which year", "At what time", "Do you know when")),
+    ((), ("Which", "What", "Can you name")),
 )
 
 
 def paraphrase_openers(question: str) -> tuple[str, ...]:
-    words = question.lower().split()
+    """The reply openers for ``question`` (by its first words), the first one first."""
+    words = [w.strip("?,.:;'\"") for w in question.lower().split()]
     for head, openers in _OPENERS:
         if tuple(words[:len(head)]) == head:
             return openers
@@ -354,28 +582,99 @@ def paraphrase_openers(question: str) -> tuple[str, ...]:
 
 
 def paraphrase_verdict(text: str, item: Any) -> dict[str, Any]:
-    """Checks of a generated paraphrase: differs from the question, keeps the subject and at least
-    half of the question's content words, is not a refusal, and does not contain the answer."""
-    from .leak import content_tokens
+    """The checks one paraphrase must pass (see the comment above :data:`PARAPHRASE_STOPWORDS`).
 
+    Returns ``{"ok", "reasons", "question", "mentions_subject", "answer_tokens", "leak", "prefix",
+    "jaccard", "near_copy", "kind", "paraphrase_kind", "new_names", "refusal"}``; ``reasons`` names
+    the failed checks (``not-a-question``, ``refusal``, ``subject``, ``answer``, ``prefix``,
+    ``near-copy``, ``identical``, ``kind``, ``new-names``), empty when ``ok``."""
+    text = (text or "").strip()
+    question = getattr(item, "question", "") or ""
     ment = mentions_subject(text, item) if text else False
-    q = content_tokens(item.question)
-    have = set(content_tokens(text))
-    kept = sum(1 for t in q if t in have) / len(q) if q else 1.0
-    ok = bool(text) and len(text.split()) >= 3 and differs(text, item.question) and ment is not False \
-        and kept >= MIN_QUESTION_RECALL and not is_refusal(text) and not check_leak(text, item)
-    return {"ok": bool(ok), "mentions_subject": ment}
+    leaked = answer_tokens_in(text, item) if text else []
+    leak = bool(leaked) or (check_leak(text, item) if text else False)
+    refusal = is_refusal(text) if text else False
+    jac = paraphrase_jaccard(text, question) if text else 1.0
+    identical = bool(text) and paraphrase_tokens(text) == paraphrase_tokens(question)
+    prefix = contains_question(text, question)
+    kind, pkind = answer_kind(question), answer_kind(text)
+    names = new_names(text, question) if text else []
+    reasons = []
+    if not is_question(text):
+        reasons.append("not-a-question")
+    if refusal:
+        reasons.append("refusal")
+    if ment is False:
+        reasons.append("subject")
+    if leak:
+        reasons.append("answer")
+    if identical:
+        reasons.append("identical")
+    elif prefix:
+        reasons.append("prefix")
+    elif jac >= NEAR_COPY_JACCARD:
+        reasons.append("near-copy")
+    if kind is not None and pkind != kind:
+        reasons.append("kind")
+    if names:
+        reasons.append("new-names")
+    return {"ok": not reasons, "reasons": reasons, "question": is_question(text), "mentions_subject": ment,
+            "answer_tokens": leaked, "leak": leak, "prefix": prefix, "jaccard": round(jac, 4),
+            "near_copy": identical or jac >= NEAR_COPY_JACCARD, "kind": kind, "paraphrase_kind": pkind,
+            "new_names": names, "refusal": refusal}
+
+
+# --------------------------------------------------------------------------- built-in paraphrases
+
+
+def _question_key(question: str) -> str:
+    return " ".join((question or "").split())
+
+
+def builtin_paraphrases() -> dict[str, str]:
+    """Our own paraphrases (question text -> paraphrase) of the 217 questions of the TOFU factual set
+    (real authors + world facts), shipped in ``backends/builtin/`` (:data:`BUILTIN_PARAPHRASE_FILE`)."""
+    return dict(_builtin_paraphrases())
+
+
+@lru_cache(maxsize=1)
+def _builtin_paraphrases() -> dict[str, str]:
+    import json
+    from importlib import resources
+
+    raw = resources.files(__package__).joinpath("builtin", BUILTIN_PARAPHRASE_FILE).read_text(encoding="utf-8")
+    return {_question_key(r["question"]): r["paraphrase"] for r in json.loads(raw)["paraphrases"]}
+
+
+def builtin_paraphrase(item: Any) -> str | None:
+    """The built-in paraphrase of ``item``'s question when there is one AND it passes the checks for
+    this item (its answer and subject may differ from the set's), else ``None``."""
+    text = _builtin_paraphrases().get(_question_key(getattr(item, "question", "")))
+    if text and paraphrase_verdict(text, item)["ok"]:
+        return text
+    return None
+
+
+# --------------------------------------------------------------------------- generated paraphrases
 
 
 def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 0, on_event: EventCallback = ignore,
-                         cancel: CancelToken | None = None, max_tries: int = MAX_TRIES,
-                         batch_size: int = BATCH_SIZE,
-                         max_new_tokens: int = 32) -> dict[str, tuple[str, str, bool | None]]:
-    """item id -> (paraphrase, source, mentions_subject); checked to differ and keep the subject."""
+                         cancel: CancelToken | None = None, max_tries: int = PARAPHRASE_TRIES,
+                         batch_size: int = BATCH_SIZE, max_new_tokens: int = 32,
+                         failures: dict[str, dict] | None = None) -> dict[str, tuple[str, str, bool | None]]:
+    """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
+    :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
+
+    The first try is greedy with the question type's first opener; each regeneration samples
+    (another seed) after another opener.  ``failures``, when given, receives item id -> the
+    verdict of the last try and every try's text (``{"verdict", "texts"}``) for the absent items.
+    """
     from .generation import generate
 
     spec = _SPECS["paraphrase"]
     out: dict[str, tuple[str, str, bool | None]] = {}
+    texts: dict[str, list[str]] = {}
+    last: dict[str, dict] = {}
     pending = list(items)
     for attempt in range(max_tries):
         if not pending:
@@ -385,8 +684,9 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
         openers = []
         for it in pending:
             options = paraphrase_openers(it.question)
-            openers.append(options[0] if attempt == 0 else options[_hash(seed, it.id, "opener", attempt)
-                                                                     % len(options)])
+            # try k uses opener k (then a seeded pick), so every opener is tried once within the budget
+            openers.append(options[attempt] if attempt < len(options)
+                           else options[_hash(seed, it.id, "opener", attempt) % len(options)])
         prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener)
                    for it, opener in zip(pending, openers)]
         gens = generate(handle, prompts, max_new_tokens, batch_size, on_batch=tracker.step,
@@ -395,63 +695,141 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
         for it, opener, raw in zip(pending, openers, gens):
             text = clean(opener + " " + raw.strip(), max_sentences=1)
             v = paraphrase_verdict(text, it)
+            texts.setdefault(it.id, []).append(text)
             if v["ok"]:
                 out[it.id] = (text, "generated" if attempt == 0 else "regenerated", v["mentions_subject"])
             else:
+                last[it.id] = v
                 still.append(it)
         pending = still
-    for it in pending:
-        q = it.question.strip()
-        text = PARAPHRASE_TEMPLATES[_hash(seed, it.id, "para-template") % len(PARAPHRASE_TEMPLATES)].format(
-            question=q)
-        out[it.id] = (text, "template", mentions_subject(text, it))
+    if failures is not None:
+        for it in pending:
+            failures[it.id] = {"verdict": last.get(it.id), "texts": texts.get(it.id, [])}
     return out
 
 
-def ensure_paraphrases(handle: ModelHandle, forget_items: Sequence[Any], stored: Sequence[Any] = (), seed: int = 0,
-                       on_event: EventCallback = ignore, cancel: CancelToken | None = None,
-                       regenerate: bool = False) -> tuple[list[dict], list[dict]]:
-    """A paraphrased question for every forget item: ``(records, written)``.
+@dataclass
+class ParaphraseReport:
+    """What :func:`ensure_paraphrases_report` did.
 
-    ``stored`` are the paraphrases the caller keeps (objects with ``id``,
-    ``question``, ``source``: a session's ``[[data.paraphrases]]``).
+    ``records``/``written`` as :func:`ensure_paraphrases`; ``left_out``: ids of the forget items that
+    have no paraphrase because every generated one failed the checks (they are not in ``records`` and
+    so not in the rephrase split); ``reasons``: id -> the failed checks of the last try;
+    ``sources``: source -> how many records have it."""
 
-    * An item with a stored paraphrase keeps it, unless ``regenerate`` is set
-      and its source is a generated one (``generated``/``regenerated``/
-      ``template``; hand-written ``custom`` paraphrases are never replaced).
-    * An item whose data already has a paraphrase keeps it (source ``dataset``:
-      the data file holds it).
-    * Every other item gets one generated by the model (batched, seeded by
-      ``seed``), checked to differ from the question and to keep the subject,
-      regenerated with sampling when a check fails and, failing that, a
-      template rewrite (source ``template``).
+    records: list[dict] = field(default_factory=list)
+    written: list[dict] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    tries: dict[str, list[str]] = field(default_factory=dict)   # id -> the text of every try (left-out items)
+    sources: dict[str, int] = field(default_factory=dict)
 
-    Nothing is changed in place: ``records`` has one record per forget item
-    that has a paraphrase, ``{"id", "question", "paraphrase", "source",
-    "mentions_subject"}``; ``written`` holds the records of the paraphrases
-    written now, for the caller to store (so a replay reuses them).
-    """
+    def to_json(self) -> dict:
+        return {"n": len(self.records) + len(self.left_out), "sources": dict(self.sources),
+                "left_out": list(self.left_out), "reasons": {k: list(v) for k, v in self.reasons.items()}}
+
+
+def paraphrases_to_generate(forget_items: Sequence[Any], stored: Sequence[Any] = (),
+                            regenerate: bool = False) -> list[Any]:
+    """The forget items :func:`ensure_paraphrases` would ask the model for (so a caller loads the model
+    only when this is not empty)."""
+    have = {p.id: p for p in stored}
+    return [it for it in forget_items if _choose(it, have, regenerate) is None]
+
+
+def _choose(item: Any, have: dict, regenerate: bool) -> tuple[str, str] | None:
+    """(paraphrase, source) without the model, or ``None`` when the model must write it."""
+    rec = have.get(item.id)
+    if rec is not None and not (regenerate and rec.source in GENERATED_PARAPHRASE_SOURCES):
+        return rec.question, rec.source
+    if rec is None and item.paraphrased_question:
+        return item.paraphrased_question, "dataset"
+    text = builtin_paraphrase(item)
+    if text:
+        return text, "builtin"
+    return None
+
+
+def ensure_paraphrases_report(handle: ModelHandle | Any, forget_items: Sequence[Any], stored: Sequence[Any] = (),
+                              seed: int = 0, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+                              regenerate: bool = False, max_tries: int = PARAPHRASE_TRIES) -> ParaphraseReport:
+    """:func:`ensure_paraphrases` with its :class:`ParaphraseReport` (what was left out, and why).
+
+    ``handle`` may be a zero-argument callable returning the model handle (``Workbench.load_model``):
+    it is called only when some paraphrase must be generated."""
     have = {p.id: p for p in stored}
     todo = []
     chosen: dict[str, tuple[str, str]] = {}        # id -> (paraphrase, source)
     for it in forget_items:
-        rec = have.get(it.id)
-        if rec is not None and not (regenerate and rec.source in GENERATED_PARAPHRASE_SOURCES):
-            chosen[it.id] = (rec.question, rec.source)
-        elif rec is None and it.paraphrased_question:
-            chosen[it.id] = (it.paraphrased_question, "dataset")
-        else:
+        pick = _choose(it, have, regenerate)
+        if pick is None:
             todo.append(it)
+        else:
+            chosen[it.id] = pick
+    report = ParaphraseReport()
     if todo:
-        made = generate_paraphrases(handle, todo, int(seed or 0), on_event, cancel)
+        if callable(handle) and not hasattr(handle, "tokenizer"):
+            handle = handle()
+        failures: dict[str, dict] = {}
+        made = generate_paraphrases(handle, todo, int(seed or 0), on_event, cancel, max_tries=max_tries,
+                                    failures=failures)
         for it in todo:
-            text, source, _ = made[it.id]
-            chosen[it.id] = (text, source)
-        on_event(Log(f"paraphrases: generated {len(todo)} "
-                     f"({sum(1 for it in todo if chosen[it.id][1] == 'template')} from a template)"))
-    records = [_paraphrase_record(it, *chosen[it.id]) for it in forget_items if it.id in chosen]
-    new = {it.id for it in todo}
-    return records, [r for r in records if r["id"] in new]
+            if it.id in made:
+                text, source, _ = made[it.id]
+                chosen[it.id] = (text, source)
+            else:
+                report.left_out.append(it.id)
+                v = (failures.get(it.id) or {}).get("verdict") or {}
+                report.reasons[it.id] = list(v.get("reasons") or [])
+                report.tries[it.id] = list((failures.get(it.id) or {}).get("texts") or [])
+    report.records = [_paraphrase_record(it, *chosen[it.id]) for it in forget_items if it.id in chosen]
+    # written: what the model wrote, and a built-in one that replaces a stored one (``regenerate``)
+    new = {it.id for it in todo} | {i for i, (_, src) in chosen.items() if src == "builtin" and i in have}
+    report.written = [r for r in report.records if r["id"] in new]
+    for r in report.records:
+        report.sources[r["source"]] = report.sources.get(r["source"], 0) + 1
+    n_builtin = report.sources.get("builtin", 0)
+    if todo or n_builtin:
+        on_event(Log(f"paraphrases: {n_builtin} from the built-in set, {len(todo) - len(report.left_out)} "
+                     f"written by the model, {len(report.left_out)} left out of the rephrase split "
+                     f"(failed the checks in all {max_tries} tries)"
+                     + (f": {', '.join(report.left_out[:10])}{' ...' if len(report.left_out) > 10 else ''}"
+                        if report.left_out else ""), level="warning" if report.left_out else "info"))
+    return report
+
+
+def ensure_paraphrases(handle: ModelHandle | Any, forget_items: Sequence[Any], stored: Sequence[Any] = (),
+                       seed: int = 0, on_event: EventCallback = ignore, cancel: CancelToken | None = None,
+                       regenerate: bool = False) -> tuple[list[dict], list[dict]]:
+    """A paraphrased question for every forget item that can get one: ``(records, written)``.
+
+    ``stored`` are the paraphrases the caller keeps (objects with ``id``,
+    ``question``, ``source``: a session's ``[[data.paraphrases]]``).  In order:
+
+    * An item with a stored paraphrase keeps it, unless ``regenerate`` is set
+      and its source is a generated one (``generated``/``regenerated``/
+      ``template``; hand-written ``custom`` paraphrases are never replaced).
+    * An item whose data already has a paraphrase keeps it (source ``dataset``).
+    * An item whose question is in the built-in set (:func:`builtin_paraphrases`,
+      our own paraphrases of the TOFU factual questions) gets that one when it
+      passes the checks for the item (source ``builtin``; not in ``written``, the
+      package holds it as the data file holds a ``dataset`` one, unless it
+      replaces a stored generated one under ``regenerate``).
+    * Every other item gets one written by the model (batched, seeded by
+      ``seed``) and checked by :func:`paraphrase_verdict`; a failure is
+      regenerated (another opener, sampling with another seed) up to
+      :data:`PARAPHRASE_TRIES` tries in all.  An item failing every try gets no
+      paraphrase: it is left out of the rephrase split
+      (:func:`ensure_paraphrases_report` says which and why; a log line says
+      how many).
+
+    Nothing is changed in place: ``records`` has one record per forget item
+    that has a paraphrase, ``{"id", "question", "paraphrase", "source",
+    "mentions_subject"}``; ``written`` holds the records of the paraphrases
+    the model wrote now, for the caller to store (so a replay reuses them).
+    """
+    report = ensure_paraphrases_report(handle, forget_items, stored, seed, on_event, cancel, regenerate)
+    return report.records, report.written
 
 
 def _paraphrase_record(item: Any, paraphrase: str, source: str) -> dict:

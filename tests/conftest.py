@@ -20,6 +20,10 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     if "UNLEARN_TUI_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) /
                                                         "unlearn-tui-test-cache"))
+    # known scores are cached per test (the model cache above is shared): a test sees its own first launch
+    from unlearn_tui.backends import runner
+
+    monkeypatch.setattr(runner, "known_cache_dir", lambda: base / "known")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 

@@ -108,6 +108,11 @@ def test_results_are_written_when_the_session_write_back_fails(tmp_path, capsys,
     # the model writes paraphrases; while the run goes on the user edits the session file
     # (here: into something that no longer loads), so caching them back fails
     _facts_without_paraphrases(tmp_path)
+    from unlearn_tui.backends import selfimprove
+
+    # the tiny random model's own paraphrases fail the checks; a stand-in writes ones that are stored
+    monkeypatch.setattr(selfimprove, "generate_paraphrases", lambda h, todo, *a, **k: {
+        t.id: (f"Which answer fits this one: {t.question}", "generated", None) for t in todo})
     s = write(tmp_path, BASE.replace("builtin:world-facts", "facts.jsonl"))
     import unlearn_tui.tui.replay_view
     from unlearn_tui import tui

@@ -335,6 +335,11 @@ def test_paraphrases_generated_once_and_cached(llama_handle, monkeypatch):
     items[1].paraphrased_question = None            # items[2] keeps its dataset paraphrase
     session.data.paraphrases.append(sessions.Paraphrase(items[1].id, "Hand written: what of Hamlet?", "custom"))
     stored_before = list(session.data.paraphrases)
+    from unlearn_tui.backends import generation
+
+    # the tiny random model writes noise, which the checks reject: a stand-in writes a paraphrase that passes
+    monkeypatch.setattr(generation, "generate",
+                        lambda h, prompts, *a, **k: [" facts about France are you aware of?"] * len(prompts))
     recs, written = selfimprove.ensure_paraphrases(llama_handle, items, session.data.paraphrases, 0)
     assert session.data.paraphrases == stored_before and items[0].paraphrased_question is None   # nothing in place
     by_id = {r["id"]: r for r in recs}

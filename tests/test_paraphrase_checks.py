@@ -1,0 +1,296 @@
+"""Paraphrase checks (issue 15): the checks reject each failure kind, our built-in paraphrases of the 217
+TOFU factual questions pass them, the near-copy threshold separates the data, and ensure_paraphrases
+uses the built-in set first and leaves out what fails every try."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from unlearn_tui.backends import selfimprove
+from unlearn_tui.backends.data import QAItem, rephrase_split
+from unlearn_tui.backends.selfimprove import (
+    NEAR_COPY_JACCARD,
+    PARAPHRASE_TEMPLATES,
+    answer_kind,
+    answer_tokens_in,
+    builtin_paraphrases,
+    contains_question,
+    ensure_paraphrases,
+    ensure_paraphrases_report,
+    paraphrase_content_tokens,
+    paraphrase_jaccard,
+    paraphrase_openers,
+    paraphrase_verdict,
+    paraphrases_to_generate,
+)
+from unlearn_tui.sessions import Paraphrase
+
+
+def item(question, answer, id="x", **kw):
+    return QAItem(id=id, question=question, answer=answer, **kw)
+
+
+GATSBY = item("Who wrote 'The Great Gatsby'?", "F. Scott Fitzgerald")
+QUIXOTE = item("Which author wrote the classic novel 'Don Quixote'?", "Miguel de Cervantes")
+PRIDE = item("Who wrote 'Pride and Prejudice'?", "Jane Austen")
+TITANIC = item("In what year did the Titanic sink?", "1912")
+EURO = item("The currency Euro is used by how many European countries?", "19")
+WALL = item("The Great Wall of China is approximately how long?", "21,000 km")
+ALEXANDRIA = item("Where was the ancient Library of Alexandria located?", "Alexandria")
+AUSTRALIA = item("What is the capital of Australia?", "Canberra")
+
+
+# --------------------------------------------------------------------------- each failure kind
+
+
+@pytest.mark.parametrize("it,text,reason", [
+    # a meaning change: another subject ...
+    (PRIDE, "Who wrote 'Sense and Sensibility'?", "subject"),
+    (PRIDE, "Who wrote 'Pride and Prejudice' and 'Emma'?", "new-names"),
+    # ... or the same subject asked about something else (the embedded model's own example)
+    (QUIXOTE, "Can you tell me which novel by Don Quixote is the most famous?", "kind"),
+    (PRIDE, "When was 'Pride and Prejudice' published?", "kind"),
+    # the answer, or part of it, injected
+    (GATSBY, "Which novel is 'The Great Gatsby' by F.?", "answer"),          # an initial is enough
+    (GATSBY, "Which novelist, Fitzgerald, wrote 'The Great Gatsby'?", "answer"),
+    (TITANIC, "Did the Titanic go down in 1912?", "answer"),
+    (EURO, "Do nineteen European countries use the Euro?", "answer"),         # numbers written either way
+    (WALL, "Is the Great Wall of China about 21000 kilometres long?", "answer"),
+    # the original behind a prefix (or before a suffix)
+    (PRIDE, "Quick question: Who wrote 'Pride and Prejudice'?", "prefix"),
+    (PRIDE, "Can you tell me who wrote 'Pride and Prejudice'?", "prefix"),
+    (PRIDE, "Who wrote 'Pride and Prejudice'? I'd like to know?", "prefix"),
+    # a near-copy, and the question itself
+    (PRIDE, "Who penned 'Pride and Prejudice'?", "near-copy"),
+    (AUSTRALIA, "Which city is the capital of Australia?", "near-copy"),
+    (PRIDE, "who wrote 'pride and prejudice'", "identical"),
+    # not a question / a refusal
+    (PRIDE, "Tell me the novelist behind 'Pride and Prejudice'.", "not-a-question"),
+    (PRIDE, "I can't tell you which novelist is behind 'Pride and Prejudice'?", "refusal"),
+    (PRIDE, "", "not-a-question"),
+])
+def test_checks_reject_each_failure_kind(it, text, reason):
+    v = paraphrase_verdict(text, it)
+    assert not v["ok"] and reason in v["reasons"], v
+
+
+@pytest.mark.parametrize("template", PARAPHRASE_TEMPLATES)
+def test_the_old_template_fallbacks_are_rejected(template):
+    v = paraphrase_verdict(template.format(question=PRIDE.question), PRIDE)
+    assert not v["ok"] and "prefix" in v["reasons"] and v["jaccard"] >= NEAR_COPY_JACCARD
+
+
+@pytest.mark.parametrize("it,text", [
+    (PRIDE, "Which novelist is responsible for the book 'Pride and Prejudice'?"),
+    (GATSBY, "Which writer gave the world the novel 'The Great Gatsby'?"),
+    (QUIXOTE, "Who is the writer behind the classic 'Don Quixote'?"),
+    (TITANIC, "When did the Titanic go down?"),
+    (EURO, "What number of European nations have adopted the Euro?"),
+    (ALEXANDRIA, "In which city did the famous old Library of Alexandria stand?"),   # the question's own word
+    (AUSTRALIA, "Which city serves as the seat of government of Australia?"),
+])
+def test_checks_accept_good_paraphrases(it, text):
+    v = paraphrase_verdict(text, it)
+    assert v["ok"], v
+
+
+def test_answer_tokens_initials_numbers_and_question_words():
+    assert answer_tokens_in("'The Great Gatsby' by F.", GATSBY) == ["f"]
+    assert answer_tokens_in("nineteen of them", EURO) == ["19"]
+    assert answer_tokens_in("some 21,000 miles", WALL) == ["21000"]
+    assert answer_tokens_in("the Library of Alexandria", ALEXANDRIA) == []        # the question holds it
+    assert answer_tokens_in("Miguel's novel", QUIXOTE) == ["miguel"]
+    assert answer_tokens_in("the book de luxe", QUIXOTE) == []                   # name particles are not tokens
+    assert answer_tokens_in("Don't you know who wrote it?", item("Q?", "T.S. Eliot")) == []   # no stray "t"
+
+
+@pytest.mark.parametrize("question,kind", [
+    ("Who wrote 'Dune'?", "person"),
+    ("Which Nigerian author wrote 'Things Fall Apart'?", "person"),
+    ("Which British fantasy writer produced the 'Discworld' novels?", "person"),
+    ("'The White Tiger', which won the Booker Prize, is authored by whom?", "person"),   # relative "which" passed
+    ("What is the name of the largest ocean on Earth?", "place"),
+    ("Which of these cities is not a national capital?", "place"),
+    ("Mount Everest is located on the border between which two countries?", "place"),
+    ("In what year did the Titanic sink?", "time"),
+    ("When did the Titanic go down?", "time"),
+    ("The Great Wall of China is approximately how long?", "quantity"),
+    ("What number of European countries use the Euro?", "quantity"),
+    ("Can you tell me which novel by Don Quixote is the most famous?", "work"),
+    ("What historical event is known for the witch trials in Massachusetts?", "event"),
+    ("What was the main cause of World War I?", None),
+    ("What does water turn into when it freezes?", None),
+])
+def test_answer_kind(question, kind):
+    assert answer_kind(question) == kind
+
+
+def test_contains_question_is_about_the_whole_sequence():
+    assert contains_question("Quick question: who wrote 'Pride and Prejudice'?", PRIDE.question)
+    assert not contains_question(PRIDE.question, PRIDE.question)            # identical is not "a prefix"
+    assert not contains_question("Who wrote the novel 'Pride and Prejudice'?", PRIDE.question)
+
+
+def test_openers_differ_per_try():
+    for q in ("Who wrote 'Dune'?", "What is the capital of Peru?", "How many legs does a spider have?",
+              "In what year did the Titanic sink?", "Which river is the longest?", "The book 'X' is by whom?"):
+        openers = paraphrase_openers(q)
+        assert len(set(openers)) == len(openers) >= 3
+
+
+# --------------------------------------------------------------------------- the built-in set
+
+
+def _factual_items(shared_data):
+    out = []
+    for prefix, name in (("ra", "real_authors_perturbed.json"), ("wf", "world_facts_perturbed.json")):
+        with (shared_data / "tofu" / name).open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        out += [item(r["question"], r["answer"], id=f"{prefix}{i}") for i, r in enumerate(rows)]
+    assert len(out) == 217
+    return out
+
+
+def test_builtin_file_holds_questions_and_paraphrases_only():
+    from importlib import resources
+
+    raw = json.loads(resources.files("unlearn_tui.backends").joinpath(
+        "builtin", selfimprove.BUILTIN_PARAPHRASE_FILE).read_text(encoding="utf-8"))
+    records = raw["paraphrases"]
+    assert len(records) == 217 and all(set(r) == {"question", "paraphrase"} for r in records)
+    assert len({r["question"] for r in records}) == 217 and len({r["paraphrase"] for r in records}) == 217
+    assert builtin_paraphrases() == {r["question"]: r["paraphrase"] for r in records}
+    # without the answers, every check but the answer check still applies
+    for r in records:
+        v = paraphrase_verdict(r["paraphrase"], item(r["question"], ""))
+        assert v["ok"], (r, v)
+
+
+def test_builtin_paraphrases_cover_the_217_and_all_pass(shared_data):
+    bank = builtin_paraphrases()
+    items = _factual_items(shared_data)
+    assert {it.question for it in items} == set(bank)       # keyed by the exact question text
+    failures = []
+    for it in items:
+        v = paraphrase_verdict(bank[it.question], it)
+        if not v["ok"]:
+            failures.append((it.question, bank[it.question], v["reasons"]))
+    assert not failures, "\n".join(map(repr, failures))
+
+
+def _one_word_substitutions(question):
+    out = []
+    for w in sorted(set(re.findall(r"[A-Za-z']+", question))):
+        if len(paraphrase_content_tokens(w)) == 1:
+            out.append(re.sub(rf"\b{re.escape(w)}\b", "zzqx", question, count=1))
+    return out
+
+
+def test_near_copy_threshold_separates_ours_from_trivial_variants(shared_data):
+    """The numbers behind NEAR_COPY_JACCARD (selfimprove's comment on the checks)."""
+    bank = builtin_paraphrases()
+    items = _factual_items(shared_data)
+    ours = [paraphrase_jaccard(bank[it.question], it.question) for it in items]
+    templates = list(PARAPHRASE_TEMPLATES) + ["Can you tell me {question}"]
+    prefixed = [paraphrase_jaccard(t.format(question=it.question), it.question) for it in items for t in templates]
+    subs = [paraphrase_jaccard(v, it.question) for it in items if len(paraphrase_content_tokens(it.question)) >= 3
+            for v in _one_word_substitutions(it.question)]
+    assert max(ours) < NEAR_COPY_JACCARD <= min(prefixed) and NEAR_COPY_JACCARD <= min(subs)
+    assert round(max(ours), 2) == 0.47 and round(sum(ours) / len(ours), 2) == 0.34
+    assert len(prefixed) == 868 and round(min(prefixed), 2) == 0.5 and round(sum(prefixed) / 868, 2) == 0.74
+    # so the near-copy check alone (without the prefix check) rejects every prefix variant
+    assert all("near-copy" in paraphrase_verdict(t.format(question=it.question), it)["reasons"]
+               or "prefix" in paraphrase_verdict(t.format(question=it.question), it)["reasons"]
+               for it in items[:20] for t in templates)
+
+
+def test_builtin_set_agrees_with_pistol_questions(shared_data):
+    with (shared_data / "pistol" / "factual_data.json").open(encoding="utf-8") as f:
+        questions = [r["question"] for r in json.load(f)]
+    assert set(questions) == set(builtin_paraphrases())
+
+
+# --------------------------------------------------------------------------- ensure_paraphrases
+
+
+def _no_model():
+    pytest.fail("the model was loaded although the built-in set covers every item")
+
+
+def test_builtin_set_is_used_before_generation_without_a_model():
+    bank = builtin_paraphrases()
+    qs = list(bank)[:3]
+    items = [item(q, "unused answer", id=f"b{i}") for i, q in enumerate(qs)]
+    assert paraphrases_to_generate(items) == []
+    report = ensure_paraphrases_report(_no_model, items)
+    assert [r["source"] for r in report.records] == ["builtin"] * 3
+    assert [r["paraphrase"] for r in report.records] == [bank[q] for q in qs]
+    assert report.written == [] and report.left_out == [] and report.sources == {"builtin": 3}
+    # a paraphrase in the data, or a stored one, still wins
+    with_data = [item(qs[0], "a", id="b0", paraphrased_question="Data's own paraphrase?")]
+    assert ensure_paraphrases(_no_model, with_data)[0][0]["source"] == "dataset"
+    stored = [Paraphrase("b1", "A model-written one?", "generated"), Paraphrase("b2", "Mine?", "custom")]
+    recs, written = ensure_paraphrases(_no_model, items, stored)
+    assert [r["source"] for r in recs] == ["builtin", "generated", "custom"] and written == []
+    # regenerating replaces the stored generated one by the built-in one (written, so the caller stores it)
+    recs, written = ensure_paraphrases(_no_model, items, stored, regenerate=True)
+    assert [r["source"] for r in recs] == ["builtin", "builtin", "custom"] and written == [recs[1]]
+
+
+def test_builtin_paraphrase_that_fails_for_this_item_is_not_used(monkeypatch):
+    q = "Who wrote 'The Great Gatsby'?"
+    bank = builtin_paraphrases()
+    assert "novelist" in bank[q]
+    odd = item(q, "a novelist", id="g")          # same question, an answer the built-in wording holds
+    assert paraphrases_to_generate([odd]) == [odd]
+    monkeypatch.setattr(selfimprove, "generate_paraphrases", lambda h, todo, *a, **k: {})
+    report = ensure_paraphrases_report(object(), [odd])
+    assert report.records == [] and report.left_out == ["g"]
+
+
+def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
+    """Generation that keeps failing: bounded tries with other openers and seeds, then the item is left out
+    (and reported); an item whose regeneration passes is kept as "regenerated"."""
+    from unlearn_tui.backends import generation
+
+    fail = item("What do you know about Atlantis?", "a myth", id="f", subject="Atlantis")
+    later = item("What do you know about Mars?", "rust-coloured", id="m", subject="Mars")
+    calls = []
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, on_batch=None, sample=False, seed=0, **kw):
+        calls.append((len(prompts), sample, seed))
+        try_no = len(calls)
+        outs = []
+        for p in prompts:
+            text = llama_handle.tokenizer.decode(p)
+            if "Mars" in text.rsplit("Question:", 1)[-1] and try_no == 2:
+                outs.append("the world that astronomers call Mars?")    # after "What is the name of"
+            else:
+                outs.append("what do you know about Atlantis?")        # a copy behind the opener
+        if on_batch:
+            on_batch(len(prompts))
+        return outs
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    events = []
+    report = ensure_paraphrases_report(llama_handle, [fail, later], seed=3, on_event=events.append)
+    by_id = {r["id"]: r for r in report.records}
+    assert report.left_out == ["f"] and "f" not in by_id
+    assert by_id["m"]["source"] == "regenerated" and report.written == [by_id["m"]]
+    assert report.reasons["f"] and len(report.tries["f"]) == selfimprove.PARAPHRASE_TRIES
+    assert len(calls) == selfimprove.PARAPHRASE_TRIES and not calls[0][1] and all(c[1] for c in calls[1:])
+    assert len({c[2] for c in calls}) == len(calls)                     # another seed each try
+    assert len({t.split()[0] for t in report.tries["f"]}) >= 3           # and other openers
+    assert any("1 left out of the rephrase split" in getattr(e, "message", "") for e in events)
+    # the caller's rephrase split has no item for what was left out
+    para = {r["id"]: r["paraphrase"] for r in report.records}
+    forget = [QAItem(it.id, it.question, it.answer, para.get(it.id)) for it in (fail, later)]
+    assert [it.id for it in rephrase_split(forget)] == ["m"]
+    assert report.to_json()["left_out"] == ["f"] and report.to_json()["n"] == 2
+    # the two-value API is unchanged
+    calls.clear()
+    recs, written = ensure_paraphrases(llama_handle, [fail, later], seed=3)
+    assert [r["id"] for r in recs] == ["m"] and written == recs
