@@ -140,8 +140,8 @@ def main() -> None:
                   f"converged {last['converged']}, corpus sampled {last['sampled']} tokens in {last['rows']} "
                   f"sequences")
         print(f"ratio before/after (cold): {med[before] / med[after]:.2f}x wall, {cpu[before] / cpu[after]:.2f}x cpu")
-        a = torch.load(tmp / f"{before[:5]}.pt")
-        b = torch.load(tmp / f"{after[:5]}.pt")
+        a = torch.load(tmp / f"{before[:5]}.pt", weights_only=True)
+        b = torch.load(tmp / f"{after[:5]}.pt", weights_only=True)
         diffs = ", ".join(f"L{l} {float((a[l] - b[l]).norm() / a[l].norm()):.3f}" for l in sorted(a))
         print(f"relative Frobenius difference of C, before vs after (different sampled text): {diffs}")
     finally:
