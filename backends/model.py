@@ -480,6 +480,11 @@ class ModelHandle:
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def set_fingerprint(self, fingerprint: str | None) -> None:
+        """Record the fingerprint of weights derived from the loaded ones (a fine-tune, which the weight
+        sample above may not see), so caches keyed by it follow; None: computed again from the weights."""
+        self._fingerprint = fingerprint
+
     # ---- prompts
     def user_text(self, question: str) -> str:
         """The user turn after wrappers (IKE) have rewritten the question."""

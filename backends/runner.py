@@ -8,7 +8,9 @@ accumulated keys) and the undo/redo stack of step mode.
 Its state moves through explicit phases, each one a method; no getter loads
 or generates anything:
 
-1. **model** — :meth:`Workbench.load_model`;
+1. **model** — :meth:`Workbench.load_model` (with ``[finetune]``, the loaded
+   model is then fine-tuned on the session's items, or the cached fine-tune is
+   loaded, before anything is measured: :mod:`backends.finetune_first`);
 2. **data and selection** — :meth:`Workbench.load_data` (the session's data
    file and ``[data] forget/retain``), or :meth:`Workbench.adopt` (a session,
    items the caller loaded and a selection by id), :meth:`Workbench.set_selection`;
@@ -101,6 +103,7 @@ class SessionResult:
     new_paraphrases: list[dict] = field(default_factory=list)
     undone: int = 0          # kept step edits undone before the first run
     paraphrases_left_out: list = field(default_factory=list)   # forget ids with no checked paraphrase
+    finetune: dict | None = None   # the [finetune] step (FinetuneInfo.to_json()); None without one
 
     def to_json(self, items: bool = False) -> dict:
         out: dict[str, Any] = {"baseline": self.baseline.summary(), "runs": [r.to_json() for r in self.runs]}
@@ -108,6 +111,8 @@ class SessionResult:
         out["targets"] = self.targets
         out["paraphrases"] = self.paraphrases
         out["paraphrases_left_out"] = self.paraphrases_left_out
+        if self.finetune is not None:
+            out["finetune"] = self.finetune
         if items:
             out["baseline_items"] = self.baseline.items_json()
             for r, js in zip(self.runs, out["runs"]):
@@ -173,17 +178,180 @@ class Workbench:
         self._prepared: Prepared | None = None
         self._prepared_key: Any = None
         self.settings = EvalSettings.from_config(getattr(session, "eval", None))
+        # the [finetune] step on the handle: (handle, what it trained on, FinetuneInfo, the weights before it
+        # when the handle was the caller's, else None: our own model is loaded again instead)
+        self._finetune: tuple | None = None
+        self._finetune_file: tuple | None = None   # ((spec, path), (mtime, size), items) of a [finetune] data file
+        self._fresh_items: Sequence | None = None   # the data file's items startup() just read
 
     # ================================================================ phase 1: the model
     def load_model(self):
-        """Load the session's model (once); returns the handle."""
-        if self.handle is None:
-            from .model import load
+        """Load the session's model (once), fine-tuned when the session has ``[finetune]``; returns the handle.
 
-            self.handle = load(self.session.model, self.on_event, self.cancel,
-                               base_dir=self.session.base_dir())
-            self._model_for = self.session.model.name
+        The fine-tune (:meth:`ensure_finetuned`) runs before anything is
+        measured, and again whenever what it trains on changes.
+        """
+        if self.handle is None:
+            self._load_base()
+        self.ensure_finetuned()
         return self.handle
+
+    def _model(self):
+        """The model every flow measures or edits: :meth:`load_model`, then :meth:`ensure_finetuned`
+        (again: a subclass's ``load_model`` may return a loaded model without calling this one's)."""
+        self.load_model()
+        self.ensure_finetuned()
+        return self.handle
+
+    def _load_base(self) -> None:
+        from .model import load
+
+        self.handle = load(self.session.model, self.on_event, self.cancel, base_dir=self.session.base_dir())
+        self._model_for = self.session.model.name
+
+    # ---- [finetune]
+    @property
+    def finetune_info(self) -> Any:
+        """The :class:`~backends.finetune_first.FinetuneInfo` of the fine-tune on the model now, or None."""
+        ft = self._finetune
+        return ft[2] if ft is not None and ft[0] is self.handle else None
+
+    def ensure_finetuned(self, items: Sequence | None = None) -> Any:
+        """Make the model the session's ``[finetune]`` asks for; returns its FinetuneInfo (None: no fine-tune).
+
+        Without ``[finetune]`` the base model; with it, the base model
+        fine-tuned on the training items (:meth:`finetune_items`), trained or
+        loaded from the cache.  When those items or settings changed since the
+        model was fine-tuned, kept step edits are undone, the base weights are
+        brought back (our own model is loaded again; a caller's handle gets its
+        weights from the copy kept for that) and the new fine-tune is applied.
+        Nothing happens while the training items are not known yet (the app
+        before its data is in).  ``items``: the data file's items just read
+        (default: those :meth:`startup` is working with), on which the
+        session's ``[data] forget/retain`` selects the training items.
+        """
+        from . import finetune_first
+
+        cfg = getattr(self.session, "finetune", None)
+        items = items if items is not None else self._fresh_items
+        cur = self._finetune if self._finetune is not None and self._finetune[0] is self.handle else None
+        self._finetune = cur
+        if self.handle is None:
+            return None
+        if cfg is None:
+            if cur is not None:
+                self._drop_finetune("the session has no [finetune] any more")
+            return None
+        train = self.finetune_items(cfg, items)
+        if train is None:
+            return cur[2] if cur is not None else None
+        train = finetune_first.training_items(train)
+        ident = (repr(cfg), tuple((it.id, it.question, it.answer) for it in train))
+        if cur is not None:
+            if cur[1] == ident:
+                return cur[2]
+            self._drop_finetune("the fine-tune's items or settings changed")
+        h = self.handle
+        given = getattr(h, "finetune", None)
+        if given is not None:   # a caller's handle that came fine-tuned: usable only if it is this fine-tune
+            if not finetune_first.matches(h, train, cfg):
+                raise UserError("the model given is fine-tuned on other items or settings than [finetune] asks "
+                                "for; pass the base model", "finetune")
+            self._finetune = (h, ident, given, None)
+            return given
+        base = None
+        if self._model_for is None:   # the caller's handle: keep its weights, to give it back as it came
+            base = {n: h.parameter(n).detach().to("cpu", copy=True) for n in finetune_first.changed_names(h, cfg)}
+        info = finetune_first.apply(h, train, cfg, self.settings, self.on_event, self.cancel)
+        self._finetune = (h, ident, info, base)
+        self._model_changed()
+        return info
+
+    def finetune_items(self, cfg: Any, items: Sequence | None = None) -> list | None:
+        """What ``[finetune] data`` trains on; None while it is not known yet.
+
+        ``"forget+retain"`` / ``"retain"``: the current selection (or, given
+        ``items`` just read, the session's ``[data] forget/retain`` on them);
+        ``"all"``: every item of the data file; else the items of that file.
+        """
+        from . import data
+        from .spec import FINETUNE_DATA
+
+        if cfg.data not in FINETUNE_DATA:
+            return self._finetune_data_file(cfg.data)
+        if cfg.data == "all":
+            pool = items if items is not None else self.items
+            return list(pool) if pool else None
+        if items is not None:
+            try:
+                forget, retain = data.select(items, self.session.data.forget, self.session.data.retain, where="data")
+            except UserError as exc:   # the app before its selection is made: fine-tuned once it is
+                self.on_event(Log(f"finetune: waiting for a selection ({' '.join(str(exc).split())})"))
+                return None
+        elif self.forget or self.retain:
+            forget, retain = self.forget, self.retain
+        else:
+            return None
+        return list(retain) if cfg.data == "retain" else [*forget, *retain]
+
+    def _finetune_data_file(self, spec: str) -> list:
+        """The items of a ``[finetune] data`` file (read again only when the file changed)."""
+        from . import data
+
+        path = None if spec.startswith(("builtin:", "hub:")) else self.session.resolve(spec)
+        stamp = None
+        if path is not None:
+            try:
+                st = path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+        cached = self._finetune_file
+        if cached is not None and cached[0] == (spec, str(path)) and cached[1] == stamp and stamp is not None:
+            return list(cached[2])
+        try:
+            loaded = data.load_items(spec, base_dir=self.session.base_dir())
+        except UserError as exc:
+            raise UserError(f"[finetune] data: {exc.message}", "finetune.data") from None
+        self._finetune_file = ((spec, str(path)), stamp, loaded)
+        return list(loaded)
+
+    def _drop_finetune(self, why: str) -> None:
+        """Bring the base model back (kept step edits undone first, as they sit on the fine-tuned one)."""
+        from . import finetune_first
+
+        undone = 0
+        while self.undo():
+            undone += 1
+        self.redo_stack.clear()
+        h, _, _, base = self._finetune
+        self._finetune = None
+        if base is not None:
+            finetune_first.restore(h, base)
+        elif self._model_for is not None:
+            self.handle = None
+            self._load_base()
+        else:
+            raise UserError("the model given is fine-tuned and its base weights are not here; pass the base "
+                            "model", "finetune")
+        self.on_event(Log(f"finetune: {why}; base model restored" + (f", {undone} kept edit(s) undone"
+                                                                      if undone else "")))
+        self._model_changed()
+
+    def release_finetune(self) -> None:
+        """Give a caller's handle back as it came (its base weights); our own model stays as it is."""
+        ft = self._finetune
+        if ft is not None and ft[0] is self.handle and ft[3] is not None:
+            self._drop_finetune("handing the given model back")
+
+    def _model_changed(self) -> None:
+        """The weights under everything remembered changed: nothing of the old state is reused."""
+        self.undo_stack.clear()
+        self.redo_stack.clear()
+        self._quick.clear()
+        self.method_state.clear()
+        if self.handle is not None:
+            self.handle.workbench_serial = None
 
     # ================================================================ phase 2: data and selection
     def load_items(self) -> list:
@@ -278,7 +446,7 @@ class Workbench:
         return (tuple(it.id for it in self.forget), tuple(it.id for it in self.retain),
                 tuple((it.subject, it.paraphrased_question) for it in self.forget), repr(s.targets),
                 repr(getattr(s.data, "paraphrases", None)), getattr(s.data, "rephrase", True), self.regenerate,
-                str(s.base_dir()) if hasattr(s, "base_dir") else None)
+                str(s.base_dir()) if hasattr(s, "base_dir") else None, repr(getattr(s, "finetune", None)))
 
     def _current(self) -> Prepared | None:
         """The prepared state if it is still valid for the session and selection, else None."""
@@ -336,7 +504,7 @@ class Workbench:
         if not getattr(self.session.data, "rephrase", True):
             return replace(p, rephrase=(), paraphrases=(), new_paraphrases=(), paraphrased=True)
         report = selfimprove.ensure_paraphrases_report(
-            self.load_model, p.forget, getattr(self.session.data, "paraphrases", None) or [],
+            self._model, p.forget, getattr(self.session.data, "paraphrases", None) or [],
             int(getattr(self.session.targets, "seed", 0) or 0), self.on_event, self.cancel, self.regenerate)
         para = {r["id"]: r["paraphrase"] for r in report.records}
         left = set(report.left_out)
@@ -353,7 +521,7 @@ class Workbench:
         """Targets the model writes itself (self-improve, avoidant, generated incorrect)."""
         from . import selfimprove
 
-        self.load_model()
+        self._model()
         return selfimprove.generate_targets(self.handle, mode, items, pool, self.session.targets,
                                             self.on_event, self.cancel)
 
@@ -362,7 +530,7 @@ class Workbench:
         """Evaluate the current model on the prepared splits (with their targets)."""
         p = p or self._need_prepared()
         targets = {k: t.text for k, t in p.targets.items()}
-        return evaluate(self.load_model(), p.splits(), self.settings, self.on_event, self.cancel, targets)
+        return evaluate(self._model(), p.splits(), self.settings, self.on_event, self.cancel, targets)
 
     def _need_prepared(self) -> Prepared:
         p = self._current()
@@ -378,7 +546,7 @@ class Workbench:
         """
         from .generation import generate
 
-        self.load_model()
+        self._model()
         n = max_new_tokens or self.settings.max_new_tokens
 
         def ask() -> str:
@@ -417,7 +585,7 @@ class Workbench:
         """
         method = self.make_method(run_cfg, index)
         requests = list(self.prepare(paraphrases=False).requests) if requests is None else requests
-        self.load_model()
+        self._model()
         t0 = time.perf_counter()
         with self.handle.transaction(method.touched_parameters(self.handle), keep_after=keep) as tx:
             report = method.apply(self.handle, requests, self.context(run_cfg.method, index))
@@ -464,8 +632,10 @@ class Workbench:
         for i, r in enumerate(runs):
             self.make_method(r, i)
         p = self.prepare()
-        self.load_model()
+        self._model()
         result = SessionResult(self.evaluate(p), undone=undone)
+        info = self.finetune_info
+        result.finetune = info.to_json() if info is not None else None
         for i, r in enumerate(runs):
             result.runs.append(self.run_one(i, r, len(runs), baseline=result.baseline))
         p = self.prepare()
@@ -557,8 +727,15 @@ class Workbench:
             items, error = None, " ".join(str(exc).split())
         if on_items is not None:
             on_items(items, error)
-        if load_model:
-            self.load_model()
+        if load_model or (items and known_limit > 0):
+            # [finetune]: on the session's selection of the items just read (not the one the app held before
+            # they were), before any score
+            self._fresh_items = items
+            try:
+                self.load_model()
+                self.ensure_finetuned()
+            finally:
+                self._fresh_items = None
         if items and known_limit > 0:
             return self.score_known(items[:known_limit])
         return None
@@ -572,7 +749,7 @@ class Workbench:
         """
         p = self._current()
         forget, retain = (list(p.forget), list(p.retain)) if p is not None else (self.forget, self.retain)
-        handle = self.load_model()
+        handle = self._model()
         key = (self._state_key(), _items_key(forget), _items_key(retain), self.settings.max_new_tokens)
         if key in self._quick:
             self.on_event(Log("scores of this model state: remembered (not evaluated again)"))
@@ -592,7 +769,7 @@ class Workbench:
         and the evaluation settings (:func:`known_cache_file`): the app's start-up
         pass evaluates a model and data file once, not at every launch.
         """
-        handle = self.load_model()
+        handle = self._model()
         items = list(items)
         path = None
         if not self.undo_stack and not handle.wrappers and items:
@@ -652,8 +829,11 @@ def run(session: Any, on_event: EventCallback = ignore, cancel: CancelToken | No
     """
     wb = Workbench(session, on_event, cancel, handle, regenerate=regenerate)
     try:
-        wb.load_data()
-        result = wb.run_all()
+        try:
+            wb.load_data()
+            result = wb.run_all()
+        finally:
+            wb.release_finetune()   # a handle given to us goes back unchanged
     except (UserError, NonFiniteError) as exc:
         on_event(Failure(str(exc), getattr(exc, "where", None), rolled_back=True))
         raise

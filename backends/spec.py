@@ -52,7 +52,7 @@ SEED_MAX = 2**32 - 1
 
 
 def key(default: Any = MISSING, help: str | None = None, *, factory: Any = MISSING, toml: str | None = "",
-        choices: tuple[str, ...] | None = None, range: tuple[int, int | None] | None = None,
+        choices: tuple[str, ...] | None = None, range: tuple[float, float | None] | None = None,
         pattern: str | None = None, empty: Any = None, omit_empty: bool = False, required: bool = False,
         order: float | None = None, table: type | None = None, tables: type | None = None,
         free: bool = False, fold_case: bool = False, compare: bool = True) -> Any:
@@ -60,12 +60,14 @@ def key(default: Any = MISSING, help: str | None = None, *, factory: Any = MISSI
 
     ``toml``: the key name ("" = the field name; None = not stored in the file).
     ``help``: the comment a freshly written file shows next to the key.
-    ``choices`` / ``range`` (lo, hi or None) / ``pattern``: what the loader accepts.
+    ``choices`` / ``range`` (lo, hi or None; integers for integer keys, numbers for float keys) /
+    ``pattern``: what the loader accepts.
     ``empty``: the TOML value that stands for ``None`` (TOML has no null).
     ``omit_empty``: left out of the file when None, "" or an empty list/table.
     ``required``: a file must give the key (the dataclass may still have a default).
     ``order``: position among the keys when it is not the field's own position.
-    ``table`` / ``tables``: a sub-table (``[model]``) / an array of tables (``[[runs]]``) of that class.
+    ``table`` / ``tables``: a sub-table (``[model]``) / an array of tables (``[[runs]]``) of that class;
+    a sub-table with ``omit_empty`` is optional (``None`` when the file has no such table).
     ``free``: a free-form table (method parameters) written as given.
     ``fold_case``: the loader strips and lower-cases the value.
     """
@@ -136,6 +138,69 @@ class EvalConfig:
     top_k: int = key(100, "top-hit@k, 1..100000", range=(1, 100000))
 
 
+FINETUNE_DATA = ("forget+retain", "retain", "all")
+"""The named training sets of ``[finetune] data`` (anything else is a data file, ``builtin:`` or ``hub:``)."""
+FINETUNE_TUNING = ("full", "lora")
+FINETUNE_SCOPES = ("all", "blocks", "mlp")
+FINETUNE_LR_FULL = 2e-4
+FINETUNE_LR_LORA = 1e-3
+
+
+@dataclass
+class FinetuneConfig:
+    """``[finetune]``: teach the base model the facts before the baseline (the fine-tuned-knowledge setting).
+
+    PISTOL-style: the model is fine-tuned on question -> answer pairs (loss on
+    the answer tokens only) until the mean ROUGE-1 recall of its greedy answers
+    on those pairs reaches ``until_rouge1`` (checked after every epoch) or
+    ``epochs`` epochs ran; then the baseline and every run start from the
+    fine-tuned weights.  The engine is :mod:`backends.finetune_first`.
+
+    ``data``: ``"forget+retain"`` (the session's forget and retain items),
+    ``"retain"`` (the retain items only: the *retain-only* model of the
+    forget-quality metrics), ``"all"`` (every item of the ``[data]`` file: the
+    paper's PISTOL setting) or a data file / ``builtin:`` / ``hub:`` source
+    (relative to the session file).
+
+    Defaults, and why.  Full fine-tuning of every weight (``scope = "all"``,
+    embeddings included: the paper fine-tunes the whole model) with AdamW at
+    ``lr`` 2e-4 (``"auto"``; 1e-3 for LoRA, the usual 10x for low-rank
+    adapters), batch 8, a linear warm-up over the first epoch (at most 50
+    steps) and then a CONSTANT rate: the stop is decided by ROUGE-1, not by a
+    step count, so a decay to zero at ``epochs`` would only slow the epochs
+    that matter.  TOFU fine-tunes a 7B model at 1e-5; the 135M-parameter
+    embedded model needs a larger step to change its greedy answers at all
+    (our unlearning baselines found 1e-5 leaves them unchanged and use 1e-4,
+    which moves them within a few epochs; teaching a short answer is the
+    easier, descending direction, and twice that rate reaches the bar in fewer
+    epochs with gradient clipping at 1.0 guarding stability).  Not measured on
+    the embedded model yet (``benchmarks/`` is where that figure belongs).
+    ``until_rouge1`` 0.95 is the bar of issue 15 (the paper trains to 1.0,
+    which a single answer the model words a little differently keeps out of
+    reach); 20 epochs cap the cost when it is never reached (a warning, not an
+    error).
+    """
+
+    data: str = key("forget+retain", 'forget+retain | retain | all | a data file, builtin:NAME or hub:OWNER/NAME')
+    epochs: int = key(20, "most passes over the training items (1..10000)", range=(1, 10000))
+    until_rouge1: float = key(0.95, "stop once the mean ROUGE-1 of the greedy answers reaches this (0 = off)",
+                              range=(0.0, 1.0))
+    lr: float | None = key(None, f'AdamW learning rate; "auto" = {FINETUNE_LR_FULL:g} full, '
+                                 f'{FINETUNE_LR_LORA:g} LoRA', empty="auto", range=(0.0, 1.0))
+    tuning: str = key("full", " | ".join(FINETUNE_TUNING), choices=FINETUNE_TUNING)
+    scope: str = key("all", "all (every weight) | blocks (transformer blocks) | mlp (their MLPs)",
+                     choices=FINETUNE_SCOPES)
+    lora_rank: int = key(8, "LoRA rank (tuning = lora; scale 2)", range=(1, 1024))
+    batch_size: int = key(8, "question-answer pairs per step (1..1024)", range=(1, 1024))
+    seed: int = key(0, "shuffling and LoRA initialisation", range=(0, SEED_MAX))
+
+    def resolved_lr(self) -> float:
+        """``lr``, with ``"auto"`` resolved by ``tuning``."""
+        if self.lr is not None:
+            return float(self.lr)
+        return FINETUNE_LR_LORA if self.tuning == "lora" else FINETUNE_LR_FULL
+
+
 @dataclass
 class RunConfig:
     method: str = key("none", required=True, fold_case=True)
@@ -150,6 +215,7 @@ class Session:
     data: DataConfig = key(factory=DataConfig, table=DataConfig)
     targets: TargetsConfig = key(factory=TargetsConfig, table=TargetsConfig)
     eval: EvalConfig = key(factory=EvalConfig, table=EvalConfig)
+    finetune: FinetuneConfig | None = key(None, table=FinetuneConfig, omit_empty=True)   # optional [finetune]
     runs: list[RunConfig] = key(factory=lambda: [RunConfig()], tables=RunConfig)
     # where it was loaded from / saved to (absolute); not part of equality, not a key of the file
     path: Path | None = key(None, toml=None, compare=False)
@@ -330,7 +396,8 @@ def new_session(**overrides: Any) -> Session:
     names = {f.name for f in dataclasses.fields(Session)}
     for name, value in overrides.items():
         if name in _SECTIONS and isinstance(value, dict):
-            value = dataclasses.replace(getattr(s, name), **value)
+            current = getattr(s, name)   # None for an optional table the defaults leave out ([finetune])
+            value = _SECTIONS[name](**value) if current is None else dataclasses.replace(current, **value)
         elif name == "runs":
             value = [RunConfig(**r) if isinstance(r, dict) else r for r in value]
         elif name == "path" and value is not None:

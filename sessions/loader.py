@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import math
 import re
 import stat
 import sys
@@ -21,10 +22,12 @@ from unlearn_tui.backends.errors import UserError
 from unlearn_tui.backends.fileio import clean_stale_temps
 from unlearn_tui.backends.params import unknown_key_message
 from unlearn_tui.backends.spec import (
+    FINETUNE_DATA,
     MISSING,
     SUPPORTED_VERSIONS,
     DataConfig,
     EvalConfig,
+    FinetuneConfig,
     ModelConfig,
     Paraphrase,
     RunConfig,
@@ -49,7 +52,8 @@ _HUB = re.compile(r"[^/\s:]+/[^/\s:]+(:[^\s:]+){0,2}")
 
 # the tables a file may hold, by the kind of table the messages and checks name
 _TABLES: dict[str, type] = {"": Session, "model": ModelConfig, "data": DataConfig, "paraphrase": Paraphrase,
-                            "targets": TargetsConfig, "item": TargetItem, "eval": EvalConfig, "run": RunConfig}
+                            "targets": TargetsConfig, "item": TargetItem, "eval": EvalConfig,
+                            "finetune": FinetuneConfig, "run": RunConfig}
 KNOWN = {kind: toml_keys(cls) for kind, cls in _TABLES.items()}
 
 
@@ -170,6 +174,23 @@ class _Checker:
             self.fail(kp, f"expected {what}, got {format_value(v)}")
         return v
 
+    def number(self, tbl: dict, keypath: tuple, key: str, default: Any, *, lo: float, hi: float,
+               lo_open: bool = False, auto: bool = False) -> Any:
+        """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), or ``"auto"`` (None) with ``auto``.
+
+        An integer stays an integer (``until_rouge1 = 1``), so an unchanged file is written back as it was.
+        """
+        v = tbl.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if auto and v == "auto":
+            return None
+        what = f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}" + (' or "auto"' if auto else "")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < lo or (lo_open and v == lo) or v > hi:
+            self.fail(keypath + (key,), f"expected {what}, got {format_value(v)}")
+        return v
+
     def boolean(self, tbl: dict, keypath: tuple, key: str, default: Any) -> Any:
         v = tbl.get(key, _MISSING)
         if v is _MISSING:
@@ -263,13 +284,9 @@ def _model(c: _Checker, root: dict) -> ModelConfig:
     )
 
 
-def _data(c: _Checker, root: dict) -> DataConfig:
-    t = c.section(root, "data")
-    kp = ("data",)
-    D = DataConfig
-    path = c.string(t, kp, "path", _default(D, "path"),
-                    expected='a file path, "builtin:NAME" or "hub:OWNER/NAME[:split]"')
-    pkp = kp + ("path",)
+def _data_source(c: _Checker, pkp: tuple, path: str) -> None:
+    """A data source (``[data] path``, ``[finetune] data``): ``builtin:NAME`` of a shipped set,
+    ``hub:OWNER/NAME[:split]``, or a regular file (relative to the session file)."""
     if path.startswith("builtin:"):
         name = path[len("builtin:"):].strip()
         if not name:
@@ -286,6 +303,15 @@ def _data(c: _Checker, root: dict) -> DataConfig:
                         f"got {format_value(path)}")
     else:
         c.file_path(pkp, path, "data file")
+
+
+def _data(c: _Checker, root: dict) -> DataConfig:
+    t = c.section(root, "data")
+    kp = ("data",)
+    D = DataConfig
+    path = c.string(t, kp, "path", _default(D, "path"),
+                    expected='a file path, "builtin:NAME" or "hub:OWNER/NAME[:split]"')
+    _data_source(c, kp + ("path",), path)
     fmt = c.string(t, kp, "format", _default(D, "format"), choices=_choices(D, "format"))
 
     forget = t.get("forget", _default(D, "forget"))
@@ -385,6 +411,37 @@ def _eval(c: _Checker, root: dict) -> EvalConfig:
     return EvalConfig(**values)
 
 
+def _finetune(c: _Checker, root: dict) -> FinetuneConfig | None:
+    """The optional ``[finetune]`` table (None when the file has none)."""
+    if "finetune" not in root:
+        return None
+    t = c.section(root, "finetune")
+    kp = ("finetune",)
+    F = FinetuneConfig
+    data = c.string(t, kp, "data", _default(F, "data"),
+                    expected=f'{", ".join(FINETUNE_DATA)}, a data file, "builtin:NAME" or "hub:OWNER/NAME"')
+    if data not in FINETUNE_DATA:
+        close = difflib.get_close_matches(data, FINETUNE_DATA, n=1, cutoff=0.75)
+        if close and not c.resolve(data).exists():   # "retian": a typo of a named set, not a file
+            c.fail(kp + ("data",), f'expected {", ".join(FINETUNE_DATA)} or a data file; got '
+                                   f'{format_value(data)} (did you mean "{close[0]}"?)')
+        _data_source(c, kp + ("data",), data)
+
+    def number(key: str, **rules: Any) -> Any:
+        lo, hi = toml_meta(F, key)["range"]
+        default = _default(F, key)
+        return c.number(t, kp, key, None if default == "auto" else default, lo=lo, hi=hi, **rules)
+
+    def integer(key: str) -> int:
+        return c.integer(t, kp, key, _default(F, key), **_range(F, key))
+
+    return F(data=data, epochs=integer("epochs"), until_rouge1=number("until_rouge1"),
+             lr=number("lr", lo_open=True, auto=True),
+             tuning=c.string(t, kp, "tuning", _default(F, "tuning"), choices=_choices(F, "tuning")),
+             scope=c.string(t, kp, "scope", _default(F, "scope"), choices=_choices(F, "scope")),
+             lora_rank=integer("lora_rank"), batch_size=integer("batch_size"), seed=integer("seed"))
+
+
 def _runs(c: _Checker, root: dict) -> list[RunConfig]:
     from unlearn_tui.backends import methods
 
@@ -462,8 +519,8 @@ def _parse(text: str, path: Path | None, label: str, *, with_lines: bool, keep_d
     _no_nul(c, root)
 
     session = Session(version=version, model=_model(c, root), data=_data(c, root),
-                      targets=_targets(c, root), eval=_eval(c, root), runs=_runs(c, root),
-                      path=path)
+                      targets=_targets(c, root), eval=_eval(c, root), finetune=_finetune(c, root),
+                      runs=_runs(c, root), path=path)
     session._label = label
     session._lines = c._lines
     if keep_doc:

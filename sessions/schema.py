@@ -107,6 +107,8 @@ def _from_raw(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     for f in toml_fields(cls):
         meta, name = f.metadata, toml_name(f)
         if meta["table"] is not None:
+            if meta["omit_empty"] and not isinstance(raw.get(name), dict):
+                continue   # an optional table the file does not hold ([finetune])
             out[name] = _from_raw(meta["table"], dict(raw.get(name, {})))
             continue
         if meta["omit_empty"]:

@@ -131,6 +131,8 @@ def _fresh(plain: dict) -> Any:
     doc.add(tomlkit.comment("unlearn-tui session; relative paths are relative to this file"))
     doc.add("version", plain["version"])
     for section in (toml_name(f) for f in toml_fields(Session) if f.metadata["table"] is not None):
+        if section not in plain:   # an optional table the session does not have ([finetune])
+            continue
         t = tomlkit.table()
         rows = [(k, v, _item(v)) for k, v in plain[section].items()]
         width = max((len(f"{k} = {it.as_string()}") for k, v, it in rows
