@@ -22,7 +22,16 @@ This module runs each token once:
 Only the final norm's output at the needed positions is unembedded
 (:meth:`Adapter.unembed_logits`).  :func:`greedy` decodes with the same first
 two steps and then one token per step, stopping a row at end-of-sequence and
-the batch when every row has stopped.
+the batch when every row has stopped.  Finished rows leave the batch (their
+cache rows dropped) once they are a quarter of it, so the long answers of a
+batch no longer drag its short ones through every step; a quarter, because
+dropping rows copies the whole cache once.  Greedy decoding takes
+``DECODE_WIDEN`` (4) times ``batch_size`` prompts per batch: one decoding step
+costs nearly the same for 16 rows as for 64 (on the embedded model on one CPU
+thread, 143 ms per step for 16 rows, 354 ms for 64: 8.9 -> 5.5 ms a token),
+and the memory it needs is the KV cache plus one token's activations per
+row, while ``batch_size`` bounds teacher forcing, whose rows carry whole
+answers (and the plain path's whole prompts).
 
 Why not HF ``generate`` with a pre-filled cache: it assumes one left-padded
 block per row, so a prefix shared across rows cannot be kept once; and why
@@ -49,6 +58,8 @@ if TYPE_CHECKING:
     from .model import ModelHandle
 
 MIN_PREFIX = 4           # a shorter shared prefix is not worth its own forward
+RETIRE_SHARE = 4         # greedy: finished rows leave the batch once they are 1/RETIRE_SHARE of it
+DECODE_WIDEN = 4         # greedy decodes batch_size * DECODE_WIDEN prompts at a time (see the module doc)
 _PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
                "min_length", "min_new_tokens", "begin_suppress_tokens", "forced_bos_token_id",
                "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
@@ -268,25 +279,37 @@ def greedy(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: in
 
     with _Runner(handle) as run, torch.inference_mode():
         n_prefix, prefix_cache = run.prefix(distinct) if distinct else (0, None)
-        for group in _prompt_groups(distinct, batch_size):
+        for group in _prompt_groups(distinct, batch_size * DECODE_WIDEN):
             gp = [distinct[g] for g in group]
             last, cache, mask = run.prompts(gp, n_prefix, prefix_cache)
             rows = len(gp)
             nxt = pick(last)
             done = torch.zeros(rows, dtype=torch.bool, device=run.dev)
-            steps: list[Any] = []
+            idx = torch.arange(rows, device=run.dev)     # the batch row each live row came from
+            record: list[tuple[Any, Any]] = []          # (live rows, their token) per step
             pos = mask.sum(-1)
             for step in range(max_new_tokens):
                 nxt = torch.where(done, torch.full_like(nxt, run.pad), nxt)
-                steps.append(nxt)
+                record.append((idx, nxt))
                 done = done | torch.isin(nxt, eos_t)
-                if bool(done.all()) or step == max_new_tokens - 1:
+                if step == max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=run.dev)], dim=1)
+                n_done = int(done.sum())
+                if n_done == len(idx):
+                    break
+                if n_done * RETIRE_SHARE >= len(idx):
+                    # retire the finished rows: the next steps run only the live ones (fewer rows, the same
+                    # keys, positions and mask for each of them)
+                    keep = (~done).nonzero().squeeze(1)
+                    idx, nxt, mask, pos, done = idx[keep], nxt[keep], mask[keep], pos[keep], done[keep]
+                    cache = _select(cache, keep)
+                mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=run.dev)], dim=1)
                 hidden, cache = run.forward(nxt[:, None], mask, pos[:, None], cache)
                 pos = pos + 1
                 nxt = pick(hidden[:, -1])
-            out = torch.stack(steps, dim=1)
+            out = torch.full((rows, len(record)), run.pad, dtype=torch.long, device=run.dev)
+            for s, (ix, t) in enumerate(record):
+                out[ix, s] = t
             for r, p in enumerate(gp):
                 texts[p] = tok.decode(out[r].tolist(), skip_special_tokens=True).strip()
             if on_batch:

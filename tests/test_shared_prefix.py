@@ -87,6 +87,33 @@ def test_duplicate_prompts_decode_once_and_keep_order(handles):
     assert got[0] == got[2] == got[3] and sum(calls) == len(prompts)
 
 
+def test_finished_rows_leave_the_batch_and_the_text_is_unchanged(handles, monkeypatch):
+    h = handles("qwen2")     # its random weights do not repeat one token forever (llama's and gpt2's do)
+    prompts = [h.prompt_ids(q) for q in QUESTIONS]
+    # each prompt's first 8 greedy tokens with no end of sequence (min_new_tokens holds it off)
+    raw = []
+    for p in prompts:
+        out = h.model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                               pad_token_id=h.tokenizer.pad_token_id)
+        raw.append(out[0, len(p):].tolist())
+    # end-of-sequence tokens chosen so that rows stop at different steps: row 0 at its 3rd token, row 1 at its 4th
+    eos = sorted({raw[0][2], raw[1][3]})
+    monkeypatch.setattr(h.model.generation_config, "eos_token_id", eos)
+    stops = [next((j for j, t in enumerate(r) if t in eos), None) for r in raw]
+    assert any(s is not None and s < 7 for s in stops) and any(s is None or s > 3 for s in stops)
+    rows: list[int] = []
+    hook = h.adapter.embed().register_forward_hook(lambda _m, args, _o: rows.append(int(args[0].shape[0])))
+    try:
+        got = shared_prefix.greedy(h, prompts, 8, 16)
+    finally:
+        hook.remove()
+    assert got == generation.plain_generate(h, prompts, 8, 16)
+    decode = rows[2:]     # after the prefix row and the prompts' forward: one forward per decoded token
+    assert decode[0] == len(prompts) and min(decode) < len(prompts), decode
+    assert decode == sorted(decode, reverse=True)
+
+
 def test_wrappers_and_logits_processing_keep_the_plain_path(handles, monkeypatch):
     h = handles("gpt2")
     assert shared_prefix.usable(h)
