@@ -307,11 +307,14 @@ def greedy(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: in
                 hidden, cache = run.forward(nxt[:, None], mask, pos[:, None], cache)
                 pos = pos + 1
                 nxt = pick(hidden[:, -1])
-            out = torch.full((rows, len(record)), run.pad, dtype=torch.long, device=run.dev)
+            # a row sits in the record for a run of steps from the first: its tokens are out[r, :steps[r]]
+            out = torch.zeros((rows, len(record)), dtype=torch.long, device=run.dev)
+            steps = torch.zeros(rows, dtype=torch.long, device=run.dev)
             for s, (ix, t) in enumerate(record):
                 out[ix, s] = t
-            for r, p in enumerate(gp):
-                texts[p] = tok.decode(out[r].tolist(), skip_special_tokens=True).strip()
+                steps[ix] += 1
+            for r, (p, n) in enumerate(zip(gp, steps.tolist())):
+                texts[p] = tok.decode(out[r, :n].tolist(), skip_special_tokens=True).strip()
             if on_batch:
                 on_batch(sum(uses[p] for p in gp))
     return [texts[tuple(p)] for p in prompts]
