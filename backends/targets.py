@@ -12,11 +12,20 @@ each stripped, joined with a single space, in forget-set order::
 
     "What is the capital of France? Who wrote Hamlet?"
 
-The group's target is the first item's target (for ``idk`` every item's
-refusal is drawn from the same pool, so one refusal stands for the group).
-The group's subject is the last question's subject: it is the one closest to
-the end of the prompt, and locate-and-edit methods read the key at the last
-token of that subject's LAST occurrence in the merged prompt.
+A request keeps every member: its question, its own subject and its own
+target (``questions``, ``subjects``, ``targets``).  The locate-and-edit
+methods use them (one value optimised for the whole group, every question's
+own subject keyed: see :mod:`backends.editing.locate`); the other methods
+edit the merged prompt.
+
+The **group target** (``target``, what the merged prompt maps to) is chosen
+explicitly, by :func:`group_target`: the members' target when they all have
+the same one; otherwise the first member target that names none of the
+group's subjects (a pool refusal never does); otherwise (every member's
+target is tailored to its own subject, as self-improved ones are) a refusal
+from the built-in pool, picked by the group's item ids — so a group target
+never names one member's subject for the others.  ``subject`` is the last
+question's subject (the merged prompt's key, read at the last occurrence).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from .errors import UserError
 from .spec import DEFAULT_DUMMY, GENERATED_SOURCES, TARGET_MODES, TARGET_SOURCES
 
 __all__ = ["TARGET_MODES", "TARGET_SOURCES", "GENERATED_SOURCES", "DEFAULT_DUMMY", "Target", "Request",
-           "pick_from_pool", "load_pool", "simple_targets", "build_requests"]
+           "pick_from_pool", "load_pool", "simple_targets", "build_requests", "group_target"]
 
 
 @dataclass
@@ -54,6 +63,9 @@ class Request:
     item_ids: list[str] = field(default_factory=list)
     questions: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)   # gold answers (for fine-tuning baselines)
+    subjects: list[str | None] = field(default_factory=list)   # each member question's own subject
+    targets: list[str] = field(default_factory=list)           # each member's own target
+    target_rule: str = "single"      # how ``target`` was chosen (see group_target)
 
 
 def pick_from_pool(pool: Sequence[str], seed: int, key: str) -> str:
@@ -106,9 +118,30 @@ def simple_targets(mode: str, items: Sequence[Any], pool: Sequence[str], seed: i
     return out
 
 
+def _names(text: str, subject: str | None) -> bool:
+    return bool(subject) and subject.strip().lower() in text.lower()
+
+
+def group_target(ids: Sequence[str], texts: Sequence[str], subjects: Sequence[str | None],
+                 pool: Sequence[str] | None = None, seed: int = 0) -> tuple[str, str]:
+    """(the merged prompt's target, the rule that chose it); see the module doc."""
+    if len(set(texts)) == 1:
+        return texts[0], "single" if len(texts) == 1 else "shared"
+    for text in texts:
+        if not any(_names(text, s) for s in subjects):
+            return text, "names no member"
+    if pool is None:
+        from . import data
+
+        pool = data.builtin_refusals()
+    generic = [t for t in pool if not any(_names(t, s) for s in subjects)] or list(pool)
+    return pick_from_pool(generic, seed, "+".join(ids)), "pool"
+
+
 def build_requests(items: Sequence[Any], targets: dict[str, Target], merge_factor: int = 1,
-                   subjects: dict[str, str] | None = None) -> list[Request]:
-    """Group forget items into edit requests (see the module doc for the format)."""
+                   subjects: dict[str, str] | None = None, pool: Sequence[str] | None = None,
+                   seed: int = 0) -> list[Request]:
+    """Group forget items into edit requests (see the module doc for the format and the group target)."""
     if merge_factor < 1:
         raise UserError(f"merge_factor must be >= 1, got {merge_factor}", "targets.merge_factor")
     subjects = subjects or {}
@@ -118,10 +151,12 @@ def build_requests(items: Sequence[Any], targets: dict[str, Target], merge_facto
         missing = [it.id for it in group if it.id not in targets]
         if missing:
             raise UserError(f"no target for item(s) {', '.join(missing)}", "targets")
-        last = group[-1]
-        subject = subjects.get(last.id) or getattr(last, "subject", None)
+        subs = [subjects.get(it.id) or getattr(it, "subject", None) for it in group]
+        texts = [targets[it.id].text for it in group]
+        ids = [it.id for it in group]
+        target, rule = group_target(ids, texts, subs, pool, seed)
         reqs.append(Request(prompt=" ".join(it.question.strip() for it in group),
-                            target=targets[group[0].id].text, subject=subject,
-                            item_ids=[it.id for it in group], questions=[it.question for it in group],
-                            answers=[it.answer for it in group]))
+                            target=target, subject=subs[-1],
+                            item_ids=ids, questions=[it.question for it in group],
+                            answers=[it.answer for it in group], subjects=subs, targets=texts, target_rule=rule))
     return reqs

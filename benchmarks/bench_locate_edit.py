@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_locate_edit.py quality [--methods rome memit alphaedit] [--forget 10] [--retain 10]
     python benchmarks/bench_locate_edit.py sweep [--methods rome memit] [--forget 40] [--merge 1 2 5 10]
+    python benchmarks/bench_locate_edit.py vs [--rev d29ab26] [--rounds 3] [--facts 10] [--methods rome memit]
 
 ``quality``: builtin:world-facts, the first N items forgotten with ``idk``
 targets, the next M retained; prints baseline and edited ROUGE-1 on forget /
@@ -18,6 +19,26 @@ time: on a shared machine the wall time mostly measures the other tenants.
 oversubscribed threads are far slower).  Covariance statistics are computed
 once and cached (their cost is reported separately by bench_stats.py), and so
 are AlphaEdit's null-space bases (their time is printed).
+
+``vs``: seconds per edit of the code at a git revision (``--rev``, default
+d29ab26, before the speed work) against the working tree, with forget /
+retain / rephrase ROUGE-1 of each.  Both sides replay the same session
+through their own command line (``replay --out``): the embedded model, the
+first ``--facts`` built-in facts forgotten with ``idk`` targets, the next
+``--retain`` retained, one ``[[runs]]`` per method at its defaults.  The
+revision runs from a temporary ``git worktree`` (``python -m tui.cli`` with
+the worktree on ``PYTHONPATH``: at d29ab26 the packages were the top-level
+``backends``/``tui``; a later revision gets an ``unlearn_tui`` folder of
+links), the working tree the same way through links to its own folders, each
+in a subprocess with its own cache folder (the statistics' corpus changed
+between the two).  A warm-up replay of one fact per side fills each cache
+(covariance statistics, AlphaEdit's null-space bases, the context templates)
+before anything is timed; the working tree's context templates are then
+copied over the revision's, so both edit with the same prompts.  Seconds per
+edit is the results JSON's ``seconds`` (the method's apply, evaluation
+excluded, the cached statistics read included; printed too) over the
+edits.  Rounds alternate the order of the sides; medians and their ratio are
+printed, with the value-optimisation steps per edit.
 """
 
 from __future__ import annotations
@@ -26,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -196,9 +218,150 @@ def cmd_sweep(args):
         Path(args.json).write_text(json.dumps({"baseline": base, "runs": out}, indent=1, default=str))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ("forget", "retain", "rephrase")
+VS_SESSION = """version = 1
+[model]
+name = "smollm2-135m-instruct"
+[data]
+path = "builtin:world-facts"
+forget = {facts}
+retain = {retain}
+[targets]
+mode = "idk"
+[eval]
+max_new_tokens = 32
+batch_size = 16
+"""
+
+
+def _links(folder: Path, tree: Path) -> Path:
+    """``folder/unlearn_tui/{backends,sessions,tui,themes}`` -> ``tree``'s folders; returns ``folder``."""
+    pkg = folder / "unlearn_tui"
+    pkg.mkdir(parents=True)
+    for name in ("backends", "sessions", "tui", "themes"):
+        if (tree / name).is_dir():
+            (pkg / name).symlink_to(tree / name, target_is_directory=True)
+    return folder
+
+
+def _replay(side: dict, session: Path, out: Path, threads: int) -> dict:
+    if out.exists():
+        out.unlink()
+    env = dict(os.environ, PYTHONPATH=side["path"], UNLEARN_TUI_CACHE_DIR=str(side["cache"]), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("PYTHONSAFEPATH", None)
+    cmd = [sys.executable, "-m", side["module"], "replay", str(session), "--out", str(out), "--quiet", "--no-save"]
+    proc = subprocess.run(cmd, cwd=session.parent, env=env, capture_output=True, text=True)  # no stray imports
+    if proc.returncode != 0:
+        raise SystemExit(f"{side['label']}: replay failed ({proc.returncode})\n{proc.stdout[-2000:]}\n"
+                         f"{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _summary(data: dict) -> dict:
+    runs = {}
+    for run in data["runs"]:
+        rep = run.get("report") or {}
+        edits = max(1, int(rep.get("edits") or 1))
+        steps = [e["steps"] for e in rep.get("per_edit", []) if "steps" in e]
+        runs[run["method"]] = {"s_per_edit": run["seconds"] / edits, "seconds": run["seconds"], "edits": edits,
+                               "stats_s": float((rep.get("stats") or {}).get("seconds") or 0.0),
+                               "steps": sum(steps) / len(steps) if steps else float("nan"),
+                               "r1": {s: run[s]["rouge1"] for s in SPLITS if s in run}}
+    return {"runs": runs, "baseline": {s: data["baseline"][s]["rouge1"] for s in SPLITS if s in data["baseline"]}}
+
+
+def _r1(r: dict) -> str:
+    return "/".join(f"{r.get(s, float('nan')):.3f}" for s in SPLITS)
+
+
+def cmd_vs(args):
+    import shutil
+    import statistics
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-locate-vs-"))
+    tree = tmp / "rev"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.rev], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        old_layout = "unlearn_tui" not in (tree / "pyproject.toml").read_text()
+        before, after = f"before ({args.rev})", "after (working tree)"
+        sides = {
+            before: {"label": before, "cache": tmp / "cache-before",
+                     "path": str(tree) if old_layout else str(_links(tmp / "pkg-before", tree)),
+                     "module": "tui.cli" if old_layout else "unlearn_tui.tui.cli"},
+            after: {"label": after, "cache": tmp / "cache-after", "path": str(_links(tmp / "pkg-after", ROOT)),
+                    "module": "unlearn_tui.tui.cli"},
+        }
+        user_models = Path(os.environ.get("UNLEARN_TUI_CACHE_DIR") or Path.home() / ".cache" / "unlearn-tui") / "models"
+        for side in sides.values():
+            side["cache"].mkdir()
+            if user_models.is_dir():   # the converted GGUF weights, keyed per revision: reused, never timed
+                (side["cache"] / "models").symlink_to(user_models, target_is_directory=True)
+        folder = tmp / "session"
+        folder.mkdir()
+        runs = "".join(f'[[runs]]\nmethod = "{m}"\n' for m in args.methods)
+        warm, timed = folder / "warm.toml", folder / "timed.toml"
+        warm.write_text(VS_SESSION.format(facts=1, retain=1) + runs)
+        timed.write_text(VS_SESSION.format(facts=args.facts, retain=args.retain) + runs)
+        print(f"{', '.join(args.methods)}: {args.facts} built-in facts (idk targets), {args.retain} retained, "
+              f"embedded model, {args.threads} thread(s), {args.rounds} round(s)", flush=True)
+        for label in (after, before):   # the working tree first: its context templates are the shared ones
+            _replay(sides[label], warm, folder / "warm.json", args.threads)
+            print(f"  warm-up {label}: statistics, null-space bases, templates cached", flush=True)
+        mine = sorted((sides[after]["cache"] / "templates").glob("*.json"))
+        theirs = sorted((sides[before]["cache"] / "templates").glob("*.json"))
+        if len(mine) == 1 and theirs:
+            same = all(t.read_text() == mine[0].read_text() for t in theirs)
+            for t in theirs:
+                shutil.copyfile(mine[0], t)
+            print(f"  context templates: the working tree's, copied to the revision's cache "
+                  f"({'they were identical already' if same else 'they differed'})", flush=True)
+        else:
+            print(f"  context templates: not shared ({len(mine)} / {len(theirs)} files)", flush=True)
+        results: dict[str, list[dict]] = {k: [] for k in sides}
+        for r in range(args.rounds):
+            order = [before, after] if r % 2 == 0 else [after, before]
+            for label in order:
+                res = _summary(_replay(sides[label], timed, folder / "timed.json", args.threads))
+                results[label].append(res)
+                line = "  ".join(f"{m} {res['runs'][m]['s_per_edit']:6.2f}" for m in args.methods)
+                print(f"  round {r + 1}  {label:22s} s/edit: {line}", flush=True)
+        print()
+        print(f"{'method':10s} {'before s/edit':>13s} {'after s/edit':>13s} {'ratio':>7s}  {'steps/edit':>13s}  "
+              f"{'stats read s':>12s}  R1 forget/retain/rephrase: before | after")
+        verdict = []
+        for m in args.methods:
+            med = {k: statistics.median(x["runs"][m]["s_per_edit"] for x in v) for k, v in results.items()}
+            last = {k: v[-1]["runs"][m] for k, v in results.items()}
+            stats_s = {k: statistics.median(x["runs"][m]["stats_s"] for x in v) for k, v in results.items()}
+            ratio = med[before] / med[after]
+            rb, ra = last[before]["r1"], last[after]["r1"]
+            r1_ok = (ra["forget"] <= rb["forget"] + 1e-9 and ra["retain"] >= rb["retain"] - 1e-9
+                     and ra.get("rephrase", 0) <= rb.get("rephrase", 0) + 1e-9)
+            varied = any(x["runs"][m]["r1"] != last[k]["r1"] for k, v in results.items() for x in v)
+            print(f"{m:10s} {med[before]:13.2f} {med[after]:13.2f} {ratio:6.2f}x  "
+                  f"{last[before]['steps']:5.1f} -> {last[after]['steps']:4.1f}  "
+                  f"{stats_s[before]:5.2f} / {stats_s[after]:4.2f}  {_r1(rb)} | {_r1(ra)}"
+                  + ("  (R1 varied by round)" if varied else ""))
+            verdict.append(f"{m} {'MET' if ratio >= 2.0 and r1_ok else 'NOT MET'} ({ratio:.2f}x, R1 "
+                           f"{'equal or better' if r1_ok else 'worse'})")
+        for k in sides:
+            print(f"baseline R1 {k}: {_r1(results[k][-1]['baseline'])}")
+        print("goal >= 2x per edit with R1 equal or better: " + "; ".join(verdict))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("quality", "sweep"))
+    ap.add_argument("command", choices=("quality", "sweep", "vs"))
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--forget", type=int, default=None)
     ap.add_argument("--retain", type=int, default=10)
@@ -206,9 +369,16 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--param", action="append", default=[], help='METHOD=JSON, e.g. rome=\'{"v_steps": 20}\'')
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rev", default="d29ab26", help="vs: git revision of the 'before' side")
+    ap.add_argument("--rounds", type=int, default=3, help="vs: rounds (each runs both sides, alternating order)")
+    ap.add_argument("--facts", type=int, default=10, help="vs: built-in facts edited (forget set)")
+    ap.add_argument("--keep", action="store_true", help="vs: keep the temporary folder (caches, results JSON)")
     args = ap.parse_args()
     args.params = dict(p.split("=", 1) for p in args.param)
-    if args.command == "quality":
+    if args.command == "vs":
+        args.methods = args.methods or ["rome", "memit", "alphaedit"]
+        cmd_vs(args)
+    elif args.command == "quality":
         args.methods = args.methods or ["rome", "memit", "alphaedit"]
         args.forget = args.forget or 10
         cmd_quality(args)

@@ -132,8 +132,8 @@ def test_memit_batch_of_five(handle):
 def test_alphaedit_preserves_protected_keys(llama_handle, monkeypatch):
     """``||dW K0|| << ||dW|| ||K0||`` for the keys the statistics were computed on."""
     from unlearn_tui.backends import stats
-    from unlearn_tui.backends.editing.hooks import capture
     from unlearn_tui.backends.batching import pad_right
+    from unlearn_tui.backends.editing.hooks import capture
 
     h = conditioned("llama")
     ad = h.adapter
@@ -392,7 +392,11 @@ def test_alphaedit_low_rank_solve_equals_the_dense_projected_solve(with_prev):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_value_optimisation_block_replay_matches_the_full_forward(arch):
-    """Replaying blocks 0..L from recordings gives the same optimised delta as running every block."""
+    """Replaying blocks 0..L from recordings gives the same optimised delta as running every block.
+
+    Batched (one forward per step) and one row at a time alike; the rows one at a time through every block
+    is the reference (the pre-batching computation).
+    """
     from unlearn_tui.backends.editing.locate_params import LocateParams
     from unlearn_tui.backends.editing.values import optimise_value
 
@@ -401,9 +405,273 @@ def test_value_optimisation_block_replay_matches_the_full_forward(arch):
     settings = LocateParams(v_steps=8, v_lr=0.5, stop_loss=0.0)
     templates = ["{}", "Quick question. {}"]     # two rows with different prefixes, plus the essence row
     layer = 1
-    fast = optimise_value(h, layer, item.question, item.subject, TARGET, templates, settings)
-    full = optimise_value(h, layer, item.question, item.subject, TARGET, templates, settings, replay_blocks=False)
-    assert fast.replayed and not full.replayed
-    assert fast.steps == full.steps == 8
-    assert float((fast.delta - full.delta).norm()) <= 1e-3 * float(full.delta.norm()) + 1e-6
-    assert abs(fast.nll - full.nll) <= 1e-4 * max(1.0, abs(full.nll))
+    ref = optimise_value(h, layer, item.question, item.subject, TARGET, templates, settings, replay_blocks=False,
+                         batch_rows=False)
+    assert not ref.replayed and not ref.batched and ref.steps == 8
+    for replay in (True, False):
+        for batch in (True, False):
+            got = optimise_value(h, layer, item.question, item.subject, TARGET, templates, settings,
+                                 replay_blocks=replay, batch_rows=batch)
+            assert (got.replayed, got.batched) == (replay, batch)
+            assert got.steps == 8
+            assert float((got.delta - ref.delta).norm()) <= 1e-3 * float(ref.delta.norm()) + 1e-6, (replay, batch)
+            assert abs(got.nll - ref.nll) <= 1e-4 * max(1.0, abs(ref.nll))
+            assert abs(got.h_norm - ref.h_norm) <= 1e-5 * ref.h_norm
+
+
+def _value_objective(h, layer, templates, batched):
+    """(objective, batches, reference log-probs) of one request, the rows in one batch or one batch each."""
+    from unlearn_tui.backends.editing import values as V
+    from unlearn_tui.backends.editing.locate_params import LocateParams
+
+    item = _items(1)[0]
+    rows, plan = V._request_rows(h, [(item.question, item.subject, TARGET)], templates, LocateParams())
+    pad, ad = h.tokenizer.pad_token_id, h.adapter
+    groups = [rows] if batched else [[r] for r in rows]
+    batches = [V._Batch(h.model, g, pad, h.device, h.dtype) for g in groups]
+    delta = torch.zeros(ad.hidden_size)
+    replay = V._BlockReplay(h.model, [ad.block_name(i) for i in range(layer + 1)])
+    obj = V._Objective(h.model, h.model.get_submodule(ad.mlp_name(layer)), replay, delta, plan, h.device)
+    with torch.no_grad():
+        ref = torch.log_softmax(obj.logits(batches, "plain")[-plan.n_ess:].float(), -1)
+    return obj, batches, ref
+
+
+SYSTEM_TURN = "<|system|> You are a helpful assistant who answers every question briefly and well. "
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral", "gemma2", "gpt_neox", "phi", "gptj"])
+def test_value_batched_step_matches_the_rows_one_at_a_time(arch, system):
+    """One padded forward for all rows gives the per-row loss, its terms and its gradient; one model call a step.
+
+    With a system turn every row's prefix starts with, that shared part runs once for all rows.
+    """
+    from unlearn_tui.backends import tiny
+    from unlearn_tui.backends.editing.values import MIN_SHARED
+
+    h = conditioned(arch)
+    if system:
+        h.tokenizer.chat_template = SYSTEM_TURN + tiny.CHAT_TEMPLATE
+    # prefixes of different lengths (prefix padding) and the essence row, one token long after its prefix
+    templates = ["{}", "Quick question. {}", "Here is a much longer context, for the padding. {}"]
+    layer = 1
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(h.adapter.hidden_size, generator=g)
+    got = {}
+    for batched in (True, False):
+        obj, batches, ref = _value_objective(h, layer, templates, batched)
+        calls: list = []
+        hd = h.model.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        try:
+            delta = obj.delta
+            delta.copy_(probe)
+            delta.requires_grad_(True)
+            nll, kl, per_row, greedy = obj.terms(obj.logits(batches, "hook"), ref)
+            loss = nll + 0.5 * kl + 1e-3 * delta.pow(2).sum()
+            loss.backward()
+        finally:
+            hd.remove()
+        assert len(calls) == (1 if batched else len(templates) + 1)
+        if batched:
+            assert (batches[0].shared >= MIN_SHARED) == system
+        got[batched] = (float(loss.detach()), float(nll.detach()), float(kl.detach()), per_row.detach(), bool(greedy),
+                        delta.grad.clone())
+    (l1, n1, k1, r1, g1, d1), (l2, n2, k2, r2, g2, d2) = got[True], got[False]
+    assert math.isclose(l1, l2, rel_tol=1e-5) and math.isclose(n1, n2, rel_tol=1e-5)
+    assert math.isclose(k1, k2, rel_tol=1e-4, abs_tol=1e-6) and k1 > 0       # the probe moves the essence row
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+    assert g1 == g2
+    assert float(d2.norm()) > 0
+    torch.testing.assert_close(d1, d2, rtol=1e-4, atol=1e-5 * float(d2.abs().max()))
+
+
+def test_value_optimisation_stops_once_the_target_is_greedy_everywhere():
+    """The early stop fires once the target is the argmax under every template (and the NLL is low), not later.
+
+    The target is one token read at the prompt's last token (``fact_token = "last"``), which a tiny model can
+    be pushed to in a few steps; the returned delta is checked on the model itself, with a hook, per template.
+    """
+    from unlearn_tui.backends.editing import values
+    from unlearn_tui.backends.editing.keys import edit_prompt
+    from unlearn_tui.backends.editing.locate_params import LocateParams
+
+    h = conditioned("llama")
+    item = _items(1)[0]
+    templates = ["{}", "Quick question. {}"]
+    layer, word = 1, "I"
+    (tid,) = h.encode_answer(word)
+    settings = LocateParams(v_steps=25, v_lr=0.5, stop_loss=0.0, fact_token="last", stop_token=False)
+    r = values.optimise_value(h, layer, item.question, None, word, templates, settings)
+    assert r.stopped == "greedy" and r.steps < settings.v_steps, (r.steps, r.nll_history)
+    assert len(r.nll_history) == r.steps and r.nll_history[0] > 1.0       # the target was not there at first
+    assert r.nll < values.GREEDY_STOP_NLL <= r.nll_history[-2]              # the first step that met the rule
+    mlp = h.model.get_submodule(h.adapter.mlp_name(layer))
+    for t in templates:
+        p = edit_prompt(h, item.question, None, t, fact_token="last")
+
+        def add(m, args, out, i=p.index):
+            out = out.clone()
+            out[0, i] += r.delta.to(out.dtype)
+            return out
+
+        with torch.no_grad():
+            before = int(h.model(input_ids=torch.tensor([p.ids])).logits[0, -1].argmax())
+            hd = mlp.register_forward_hook(add)
+            try:
+                after = int(h.model(input_ids=torch.tensor([p.ids])).logits[0, -1].argmax())
+            finally:
+                hd.remove()
+        assert before != tid and after == tid, t
+
+
+def test_value_stop_rule():
+    from unlearn_tui.backends.editing.values import GREEDY_STOP_NLL, stop_reason
+
+    assert stop_reason(0.01, False, stop_loss=0.05) == "nll"
+    assert stop_reason(GREEDY_STOP_NLL / 2, True, stop_loss=0.0) == "greedy"
+    assert stop_reason(GREEDY_STOP_NLL * 2, True, stop_loss=0.0) == ""        # greedy, but no margin yet
+    assert stop_reason(GREEDY_STOP_NLL / 2, False, stop_loss=0.0) == ""       # low NLL, not greedy everywhere
+    assert stop_reason(3.0, False, stop_loss=0.0) == ""
+
+
+def test_value_optimisation_in_bfloat16_follows_the_model_dtype():
+    """A bfloat16 model: the one-batch step still passes its check (rounding-noise bar), the delta is float32."""
+    from unlearn_tui.backends.editing import values
+    from unlearn_tui.backends.editing.locate_params import LocateParams
+
+    h = conditioned("llama")
+    h.model.to(torch.bfloat16)
+    item = _items(1)[0]
+    settings = LocateParams(v_steps=3, stop_loss=0.0)
+    r = values.optimise_value(h, 1, item.question, item.subject, TARGET, ["{}", "Quick question. {}"], settings)
+    assert r.batched and r.replayed and values._verdicts(h.model).get(("batch", torch.bfloat16)) is True
+    assert r.delta.dtype == torch.float32 and torch.isfinite(r.delta).all() and float(r.delta.norm()) > 0
+
+
+def test_value_optimisation_falls_back_to_one_row_at_a_time():
+    """A model whose padded batch was found wrong (or that has a wrapper) runs its rows one at a time, same delta."""
+    from unlearn_tui.backends.editing import values
+    from unlearn_tui.backends.editing.locate_params import LocateParams
+
+    h = conditioned("llama")
+    item = _items(1)[0]
+    settings = LocateParams(v_steps=4, stop_loss=0.0)
+    args = (h, 1, item.question, item.subject, TARGET, ["{}", "Quick question. {}"], settings)
+    a = values.optimise_value(*args)
+    memo = values._verdicts(h.model)
+    assert memo == {("batch", h.dtype): True, ("replay", 1, h.dtype): True}
+    memo[("batch", h.dtype)] = False
+    b = values.optimise_value(*args)
+    assert a.batched and not b.batched and a.replayed and b.replayed
+    assert float((a.delta - b.delta).norm()) <= 1e-4 * float(b.delta.norm())
+    # an inference-time wrapper sees every call: rows one at a time, the replay checked again (nothing memoised)
+    h2 = conditioned("llama")
+    h2.wrappers.append(object())
+    c = values.optimise_value(h2, *args[1:])
+    assert not c.batched and c.replayed and values._verdicts(h2.model) == {}
+    assert float((c.delta - b.delta).norm()) <= 1e-4 * float(b.delta.norm())
+
+
+MERGE_CASES = [("rome", {"mom2_adjustment": False}), ("rome", {"mom2_adjustment": False, "merge_update": "mean-key"}),
+               ("memit", {"mom2_update_weight": 100.0}),
+               ("alphaedit", {"layers": [1, 2], "nullspace_threshold": 1e-6, "relative_threshold": True,
+                              "l2": 1e-2})]
+
+
+def _few_sentence_stats(h, monkeypatch):
+    """Key statistics from two sentences (a null space exists), as in the AlphaEdit test above."""
+    from unlearn_tui.backends import stats
+    from unlearn_tui.backends.batching import pad_right
+    from unlearn_tui.backends.editing.hooks import capture
+
+    ad = h.adapter
+    ids = [h.tokenizer(t, add_special_tokens=False)["input_ids"] for t in UNRELATED[:2]]
+    x, mask = pad_right(ids, h.tokenizer.pad_token_id)
+    names = [ad.mlp_out_name(l) for l in range(ad.n_layers)]
+    with torch.no_grad(), capture(h.model, names) as got:
+        h.model(input_ids=x, attention_mask=mask)
+    C = {}
+    for l, n in enumerate(names):
+        K0 = got[n][0][mask.bool()].float().T
+        C[l] = K0 @ K0.T / K0.shape[1]
+    monkeypatch.setattr(stats, "second_moments",
+                        lambda handle, layers_, *a, **k: ({l: C[l] for l in layers_},
+                                                          stats.StatsInfo("test", list(layers_))))
+
+
+@pytest.mark.parametrize("method,extra", MERGE_CASES, ids=["rome", "rome-mean-key", "memit", "alphaedit"])
+def test_a_merged_edit_raises_the_target_for_each_question_alone(method, extra, monkeypatch):
+    """Query merging keys every question at its own subject: each one, asked alone, moves toward the target.
+
+    The reference is each question edited on its own (no merging); one shared value per group must still
+    give every question a real share of that rise.
+    """
+    h = conditioned("llama")
+    _few_sentence_stats(h, monkeypatch)
+    items = _items(3)
+    reqs = _requests(items, merge=3)
+    assert len(reqs) == 1 and reqs[0].subjects == [it.subject for it in items]
+    before = [target_logprob(h, it.question) for it in items]
+    gain = {}
+    for keys in ("each", "prompt"):
+        _, tx, report = _apply(method, h, reqs, {**extra, "merge_keys": keys})
+        gain[keys] = [target_logprob(h, it.question) - b for it, b in zip(items, before)]
+        assert report["per_edit"][0]["questions"] == (3 if keys == "each" else 1)
+        tx.rollback()
+    assert min(gain["each"]) > 0, gain
+    if method == "alphaedit":
+        # the null space of these statistics leaves little room on a tiny random model; the merged prompt's
+        # single key moves the first two questions away from the target, their own keys toward it
+        assert all(e > q + 0.1 for e, q in zip(gain["each"][:2], gain["prompt"][:2])), gain
+        return
+    alone = []
+    for it, b in zip(items, before):
+        _, tx, _ = _apply(method, h, _requests([it]), extra)
+        alone.append(target_logprob(h, it.question) - b)
+        tx.rollback()
+    assert all(m > 0.3 * a > 0 for m, a in zip(gain["each"], alone)), (gain, alone)
+
+
+def test_merged_members_keep_their_own_targets(monkeypatch):
+    h = conditioned("llama")
+    _few_sentence_stats(h, monkeypatch)
+    items = _items(2)
+    own = {items[0].id: "I cannot say.", items[1].id: "No idea, sorry."}
+    from unlearn_tui.backends.targets import Target
+
+    reqs = build_requests(items, {i: Target(i, t, "custom") for i, t in own.items()}, 2)
+    assert reqs[0].targets == list(own.values())
+    before = {it.id: target_logprob(h, it.question, own[it.id]) for it in items}
+    _, tx, _ = _apply("memit", h, reqs, {"mom2_update_weight": 100.0})
+    for it in items:
+        assert target_logprob(h, it.question, own[it.id]) - before[it.id] > 0.3
+    tx.rollback()
+
+
+def test_group_target_names_no_single_member():
+    from unlearn_tui.backends.targets import Target, group_target
+
+    items = _items(2)
+    subs = [it.subject for it in items]
+    tailored = {it.id: Target(it.id, f"I'd rather not discuss {it.subject}.", "self-improve") for it in items}
+    (req,) = build_requests(items, tailored, 2)
+    assert req.target_rule == "pool" and not any(s.lower() in req.target.lower() for s in subs)
+    assert req.targets == [tailored[it.id].text for it in items]       # the members keep theirs
+    mixed = [f"Nothing on {subs[0]}.", "I don't know."]
+    assert group_target([it.id for it in items], mixed, subs) == ("I don't know.", "names no member")
+    assert group_target(["a", "b"], ["Same.", "Same."], subs) == ("Same.", "shared")
+
+
+def test_multi_key_update_maps_every_key_exactly_and_is_rome_for_one_key():
+    from unlearn_tui.backends.editing.linalg import multi_key_update, rome_update
+
+    g = torch.Generator().manual_seed(0)
+    K, R = torch.randn(12, 3, generator=g), torch.randn(8, 3, generator=g)
+    A = torch.randn(12, 12, generator=g)
+    C = A @ A.T + 12 * torch.eye(12)
+    for cov in (None, C):
+        dW = multi_key_update(K, R, cov)
+        assert torch.allclose(dW @ K, R, atol=1e-4)
+        assert torch.allclose(multi_key_update(K[:, :1], R[:, :1], cov), rome_update(K[:, 0], R[:, 0], cov),
+                              atol=1e-5)

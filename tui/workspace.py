@@ -296,8 +296,14 @@ class Workspace:
             return f"[red]{escape(quiet(exc))}[/red]"
         lines = [f"{len(items)} items → {len(reqs)} edit request(s), merge factor "
                  f"{self.session.targets.merge_factor}"]
+        rules = {"shared": "the members' shared target", "names no member": "a member target naming no subject",
+                 "pool": "a pool refusal (every member target names its subject)"}
         for i, r in enumerate(reqs[:limit]):
             lines.append(f"[b]{i + 1}.[/b] {escape(r.prompt)}  [dim]→[/dim] {escape(r.target)}")
+            if len(r.questions) > 1:
+                keyed = ", ".join(escape(s or "?") for s in r.subjects)
+                lines.append(f"   [dim]group target: {rules.get(r.target_rule, r.target_rule)}; ROME/MEMIT/"
+                             f"AlphaEdit key each question at its subject ({keyed}), each with its own target[/dim]")
         if len(reqs) > limit:
             lines.append(f"… {len(reqs) - limit} more")
         return "\n".join(lines)

@@ -45,6 +45,32 @@ def rome_update(k: torch.Tensor, r: torch.Tensor, cov: torch.Tensor | None = Non
     return (torch.outer(r.double().flatten(), u) / denom).float()
 
 
+def multi_key_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+    """ROME with ``m`` keys: the smallest ``dW`` (in the ``C``-norm) with ``dW K = R`` exactly.
+
+    ROME's rank-one update solves ``min ||dW||_C  s.t.  dW k = r``, whose
+    solution is ``r u^T / (u . k)`` with ``u = C^-1 k``.  With ``m`` keys (the
+    questions of a merged group, each keyed at its own subject) the
+    constraints are ``dW K = R`` (``K``: ``d_in x m``, ``R``: ``d_out x m``)
+    and the solution is ``dW = R (U^T K)^-1 U^T`` with ``U = C^-1 K`` (or ``K``
+    without the covariance: the minimum Frobenius norm solution).  For ``m = 1``
+    this is exactly :func:`rome_update`.  ``U^T K`` is ``m x m``; a tiny ridge
+    (1e-6 of its mean diagonal) keeps it invertible when two keys coincide.
+    """
+    K64, R64 = K.double(), R.double()
+    if cov is not None:
+        a = cov.double()
+        a = a + 1e-6 * a.diagonal().mean().clamp_min(1e-12) * torch.eye(a.shape[0], dtype=a.dtype,
+                                                                          device=a.device)
+        U = torch.linalg.solve(a, K64)
+    else:
+        U = K64
+    g = U.T @ K64
+    g = g + 1e-6 * g.diagonal().abs().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype,
+                                                                            device=g.device)
+    return (R64 @ torch.linalg.solve(g, U.T)).float()
+
+
 def memit_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
     """``R K^T (lam C + K K^T)^-1`` as ``(d_out, d_in)``."""
     K64, R64 = K.double(), R.double()

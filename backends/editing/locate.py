@@ -23,6 +23,18 @@ none does (the runner rolled the edit back, the user pressed undo to the
 base model) it starts from zero.  So undo/redo in step mode and headless runs
 that restart from the unedited model both see the right history.
 
+**Query merging** (a request with several questions, ``merge_keys = "each"``,
+the default): ONE ``delta`` is optimised for the whole group, every question
+asked alone under every template with its own target (``merge_targets``)
+and ``delta`` entering at its own subject's last token
+(:func:`~.values.optimise_value`'s ``members``).  Each question is then
+keyed at its own subject: MEMIT and AlphaEdit get one column per question
+(key ``k_i``, residual ``z_i - h_i`` with ``z_i = h_i + delta`` at the last
+layer), ROME maps all ``m`` keys to ``delta`` (``merge_update``).  So every
+question of a group, asked alone, is edited — the paper's recipe keys the
+merged prompt at its last subject only (``merge_keys = "prompt"``), which
+leaves the other ``m - 1`` questions answered.
+
 Every update is checked for NaN/inf before it is written
 (:class:`~backends.errors.NonFiniteError`; the transaction restores the
 weights), and every loop reports progress and checks the cancel token.
@@ -34,6 +46,7 @@ import abc
 import hashlib
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +55,7 @@ from ..errors import NonFiniteError
 from ..events import Log, Tracker
 from ..subjects import resolve_subject
 from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
-from .linalg import alphaedit_update, memit_update, rome_update
+from .linalg import alphaedit_update, memit_update, multi_key_update, rome_update
 from .templates import context_templates
 from .values import optimise_value
 
@@ -60,6 +73,22 @@ HISTORY_LIMIT = 32
 
 def _subject(req: Request, p: LocateParams) -> str | None:
     return None if p.fact_token == "last" else resolve_subject(req)
+
+
+def _members(req: Request, p: LocateParams) -> list[tuple[str, str | None, str]]:
+    """The ``(question, subject, target)`` a request is edited with (module doc: query merging)."""
+    questions = list(getattr(req, "questions", None) or [])
+    if len(questions) <= 1 or p.merge_keys == "prompt":
+        return [(req.prompt, _subject(req, p), req.target)]
+    subjects = list(getattr(req, "subjects", None) or [None] * len(questions))
+    targets = list(getattr(req, "targets", None) or [req.target] * len(questions))
+    ids = list(getattr(req, "item_ids", None) or ["?"] * len(questions))
+    out = []
+    for q, s, t, i in zip(questions, subjects, targets, ids):
+        one = SimpleNamespace(prompt=q, questions=[q], subject=s, item_ids=[i])
+        out.append((q, None if p.fact_token == "last" else resolve_subject(one),
+                    t if p.merge_targets == "own" else req.target))
+    return out
 
 
 def templates_for(handle: ModelHandle, p: LocateParams, seed: int) -> list[str]:
@@ -108,15 +137,26 @@ def apply_rome(handle: ModelHandle, requests: Sequence[Request], p: ROME.Params,
         where = _where(req)
         steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: edit {i + 1}/{len(requests)}", p.v_steps,
                         detail=f"subject: {subject}")
-        vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, p, steps, where)
-        prompts = request_prompts(handle, req.prompt, subject, templates, where, p.fact_token)
-        k = averaged_keys(handle, [layer], [prompts])[layer]
-        dW = rome_update(k[:, 0], vr.delta, cov)
+        members = _members(req, p)
+        vr = optimise_value(handle, layer, req.prompt, subject, req.target, templates, p, steps, where,
+                            members=members)
+        per_member = [request_prompts(handle, q, s, templates, where, p.fact_token) for q, s, _t in members]
+        K = averaged_keys(handle, [layer], per_member)[layer]          # (d_in, m)
+        if K.shape[1] == 1 or p.merge_update == "mean-key":
+            dW = rome_update(K.mean(1), vr.delta, cov)
+        elif p.merge_update == "exact":
+            dW = multi_key_update(K, vr.delta[:, None].expand(-1, K.shape[1]), cov)
+        else:
+            if cov is None:
+                mats, stats_info = _stats(handle, [layer], p, ctx)
+                cov = mats[layer]
+            dW = memit_update(K, vr.delta[:, None].expand(-1, K.shape[1]), cov, p.mom2_update_weight)
         _write(W, dW, wname)
         per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
                          "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
                          "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3),
-                         "update_norm": round(float(dW.norm()), 4)})
+                         "update_norm": round(float(dW.norm()), 4), "questions": len(members),
+                         "stopped": vr.stopped})
         edits.step(loss=vr.nll, detail=subject)
     return {"edits": len(requests), "layer": layer, "templates": len(templates), "stats": stats_info,
             "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}
@@ -238,20 +278,27 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
         subjects = [_subject(r, p) for r in batch]
         wheres = [_where(r) for r in batch]
         deltas = []
+        cols: list[tuple] = []      # (template prompts, bare prompt, request index) per key column
         for j, (req, subject) in enumerate(zip(batch, subjects)):
             steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + j + 1}/{len(requests)}",
                             p.v_steps, detail=f"subject: {subject}")
-            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, p, steps, wheres[j])
+            members = _members(req, p)
+            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, p, steps, wheres[j],
+                                members=members)
             deltas.append(vr.delta)
             per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
                              "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
-                             "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3)})
+                             "delta_norm": round(float(vr.delta.norm()), 3), "h_norm": round(vr.h_norm, 3),
+                             "questions": len(members), "stopped": vr.stopped})
+            # one column per member question: its own prompts and key, the request's delta
+            for q, s, _t in members:
+                cols.append((request_prompts(handle, q, s, templates, wheres[j], p.fact_token),
+                             edit_prompt(handle, q, s, "{}", wheres[j], p.fact_token), len(deltas) - 1))
             edits.step(0, loss=vr.nll, detail=subject)
-        per_req = [request_prompts(handle, r.prompt, s, templates, w, p.fact_token)
-                   for r, s, w in zip(batch, subjects, wheres)]
-        bare = [edit_prompt(handle, r.prompt, s, "{}", w, p.fact_token) for r, s, w in zip(batch, subjects, wheres)]
+        per_req = [c[0] for c in cols]
+        bare = [c[1] for c in cols]
         _, outs = keys_at(handle, [], bare, outputs=[last])
-        z = outs[last] + torch.stack(deltas)                      # (n, d) wanted residual at the last layer
+        z = outs[last] + torch.stack(deltas)[[c[2] for c in cols]]   # (columns, d) wanted residual, last layer
         layer_tr = Tracker(ctx.on_event, ctx.cancel, f"{name}: update layers", len(layers))
         norms = {}
         for i, l in enumerate(layers):
@@ -264,8 +311,10 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
             solver.written(l, K)
             layer_tr.step(detail=f"layer {l}")
         _, outs = keys_at(handle, [], bare, outputs=[last])
-        miss = float(((z - outs[last]).norm(dim=1) / torch.stack(deltas).norm(dim=1).clamp_min(1e-6)).mean())
-        per_batch.append({"size": len(batch), "update_norms": norms, "residual_left": round(miss, 4)})
+        col_delta = torch.stack(deltas)[[c[2] for c in cols]]
+        miss = float(((z - outs[last]).norm(dim=1) / col_delta.norm(dim=1).clamp_min(1e-6)).mean())
+        per_batch.append({"size": len(batch), "columns": len(cols), "update_norms": norms,
+                          "residual_left": round(miss, 4)})
         edits.step(len(batch))
     report = {"edits": len(requests), "layers": layers, "templates": len(templates), "stats": stats_info,
               "batches": per_batch, "per_edit": per_edit, "seconds": round(time.perf_counter() - t0, 3)}

@@ -66,6 +66,11 @@ class LocateParams:
                               max=100_000_000)
     stats_tol: float = param(0.01, "stop the statistics early when the relative change per batch is below this",
                              min=0.0, max=1.0)
+    merge_keys: str = param("each", "query merging: key every question of a group at its own subject, one value "
+                            "for the group (each), or the merged prompt at its last subject, as the paper (prompt)",
+                            choices=("each", "prompt"))
+    merge_targets: str = param("own", "query merging with merge_keys = each: every question keeps its own target "
+                               "(own) or all take the group's target (group)", choices=("own", "group"))
 
 
 # EasyEdit keys shared by the three methods (value conversions: see backends/easyedit.py)

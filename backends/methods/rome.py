@@ -7,6 +7,14 @@ model produce the target, then the output projection gets the rank-one update
 ``dW = delta u^T / (u . k)`` (``u = k``, or ``C^-1 k`` with
 ``mom2_adjustment``).  Requests are edited one after the other.
 
+Query merging: a merged request's questions are each keyed at their own
+subject and share one ``delta`` (:mod:`backends.editing.locate`); the
+``m`` keys become one update by ``merge_update``: ``exact`` (default) maps
+every key to ``delta`` exactly with the smallest update in ROME's norm
+(rank ``m``, :func:`~backends.editing.linalg.multi_key_update`; rank one for
+``m = 1``), ``mean-key`` is ROME's rank-one update of the group's mean key,
+``memit`` MEMIT's covariance-regularised least squares at this one layer.
+
 Defaults: like the reference Llama configs, no covariance adjustment; the
 layer is the reference layer 5 of 32 scaled to the model's depth.
 """
@@ -45,6 +53,11 @@ class ROME(MethodBase):
         clamp_norm_factor: float = param(2.0, "||delta|| is clamped to this times the residual norm", min=0.01,
                                          max=100.0)
         kl_factor: float = param(0.5, "weight of the KL term on the subject's essence prompt", min=0.0, max=100.0)
+        merge_update: str = param("exact", "query merging: the group's keys all mapped exactly to its value "
+                                  "(exact, rank m), their mean key (mean-key, rank one), or MEMIT's least squares "
+                                  "at this one layer (memit)", choices=("exact", "mean-key", "memit"))
+        mom2_update_weight: float = param(15000.0, "merge_update = memit: weight of the key covariance (MEMIT's "
+                                          "lambda)", min=0.0, max=1e9)
 
     params: ROME.Params
 
