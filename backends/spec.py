@@ -149,6 +149,8 @@ FINETUNE_LR_LORA = 1e-3
 @dataclass
 class FinetuneConfig:
     """``[finetune]``: teach the base model the facts before the baseline (the fine-tuned-knowledge setting).
+    # where the app keeps this session's results (a JSON file, relative to the session file); written by the app
+    results: str | None = key(None, "results file the app writes beside the session", omit_empty=True)
 
     PISTOL-style: the model is fine-tuned on question -> answer pairs (loss on
     the answer tokens only) until the mean ROUGE-1 recall of its greedy answers
@@ -346,7 +348,7 @@ def toml_meta(cls: type, name: str) -> dict[str, Any]:
     return dict(_field(cls, name).metadata)
 
 
-EVAL_LIMITS = {f.name: f.metadata["range"] for f in dataclasses.fields(EvalConfig)}
+EVAL_LIMITS = {f.name: f.metadata["range"] for f in dataclasses.fields(EvalConfig) if f.metadata["range"]}
 
 
 # ----------------------------------------------------------------- key paths

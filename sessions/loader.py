@@ -407,8 +407,9 @@ def _eval(c: _Checker, root: dict) -> EvalConfig:
     t = c.section(root, "eval")
     kp = ("eval",)
     values = {k: c.integer(t, kp, k, _default(EvalConfig, k), **_range(EvalConfig, k))
-              for k in KNOWN["eval"]}
-    return EvalConfig(**values)
+              for k in KNOWN["eval"] if k != "results"}
+    results = c.string(t, kp, "results", None, expected="a results file name (JSON, beside the session)")
+    return EvalConfig(**values, results=results)
 
 
 def _finetune(c: _Checker, root: dict) -> FinetuneConfig | None:

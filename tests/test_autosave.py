@@ -274,12 +274,17 @@ async def test_autosave_is_one_file_and_is_restored(tmp_path, data_file, llama_h
         await wait_idle(pilot, app)
         app.workspace.set_merge_factor(4)
         app.file_actions.autosave()
-    folder = session_paths.data_dir()
-    assert sorted(os.listdir(folder)) == [session_paths.AUTOSAVE_NAME]   # one file; no pair, no temp file
-    obj = json.loads(session_paths.autosave_path().read_text(encoding="utf-8"))
+    folder = session_paths.autosave_dir()
+    mine = session_paths.session_autosave_path(session, app.instance)
+    assert sorted(os.listdir(folder)) == [mine.name]   # one file per session; no pair, no temp file
+    assert sorted(os.listdir(session_paths.data_dir())) == [session_paths.AUTOSAVE_DIR]
+    obj = json.loads(mine.read_text(encoding="utf-8"))
     assert obj["format"] == 1 and obj["path"] == str(session.resolve()) and "merge_factor = 4" in obj["session"]
-    app2 = create_app(settings=settings())
-    assert app2._restored and app2.workspace.session.targets.merge_factor == 4 and app2.workspace.session.path == session.resolve()
+    assert obj["pid"] == os.getpid() and obj["instance"] == app.instance
+    app2 = create_app(settings=settings())           # offered (asked on mount), not restored unasked
+    offer = app2.restore_offer
+    assert offer.session.targets.merge_factor == 4 and offer.session.path == session.resolve()
+    assert not app2._restored and app2.workspace.session.targets.merge_factor == 1
 
 
 @pytest.mark.anyio
@@ -292,7 +297,17 @@ async def test_interrupted_autosave_never_mixes_two_states(tmp_path, data_file, 
     second.parent.mkdir()
 
     def restored_state():
-        s = create_app(settings=settings(), autostart=False).workspace.session
+        """What a restart would offer: the newest valid autosave (the running app's own, here)."""
+        from unlearn_tui.tui import files
+
+        found = []
+        for p in session_paths.autosave_dir().iterdir():
+            try:
+                sess, obj = files._read_autosave(p)
+            except ValueError:
+                continue
+            found.append((obj["saved_at"], sess))
+        s = max(found, key=lambda f: f[0])[1]
         return s.targets.merge_factor, s.path
 
     def autosave_dying_after(n_renames: int) -> None:
@@ -406,7 +421,9 @@ def test_valid_autosave_is_restored_and_old_pair_set_aside(tmp_path, data_file):
     for p in session_paths.legacy_autosave_paths():
         p.write_text("left by an older version")
     app = create_app(settings=settings(), autostart=False)
-    assert app._restored and app.workspace.session.targets.merge_factor == 6 and app.workspace.session.path == session.resolve()
+    offer = app.restore_offer       # the shared autosave of earlier versions is offered too (asked first)
+    assert offer.session.targets.merge_factor == 6 and offer.session.path == session.resolve()
+    assert offer.file == path and app.workspace.session.targets.merge_factor == 1
     assert path.is_file() and len(_aside(path.parent, "old")) == 2
     assert len(app._problems) == 1 and "old two-file format" in app._problems[0]
 

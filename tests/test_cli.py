@@ -74,7 +74,7 @@ def session_dir(tmp_path):
 
 def assert_user_error(proc, *needles: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("unlearn-tui: progress: ")]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     for n in needles:
@@ -207,3 +207,74 @@ def test_replay_leaves_out_items_whose_paraphrases_fail_the_checks(tmp_path):
     assert res["paraphrases"] == [] and sorted(res["paraphrases_left_out"]) == ["f0", "f1", "f2"]
     assert "3 left out of the rephrase split" in p1.stderr
     assert "rephrase" not in res["baseline"]
+
+
+# ----------------------------------------------------------------- issue 16: the session file stays the user's own
+def _replay_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    from unlearn_tui.tui import cli
+
+    rc = cli.main(["replay", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_replay_caches_generated_material_in_a_sidecar_not_the_session(session_dir, capsys):
+    from unlearn_tui.tui.cli import sidecar_path
+
+    s = session_dir / "s.toml"
+    s.write_text(SESSION.replace('mode = "idk"', 'mode = "self-improve"'))
+    before = s.read_text()
+    a, b = session_dir / "a.json", session_dir / "b.json"
+    rc, _, err = _replay_in_process(capsys, str(s), "--out", str(a))
+    assert rc == 0, err
+    assert s.read_text() == before                       # the user's file is untouched
+    side = sidecar_path(s)
+    assert side == session_dir / ".s.generated.toml" and side.is_file()
+    assert "the session file is unchanged" in err and str(side) in err
+    text = side.read_text()
+    assert text.startswith("# Model-written targets") and "[[targets]]" in text
+    # the next replay reads it back: the same targets, so the same numbers
+    rc, _, err = _replay_in_process(capsys, str(s), "--out", str(b))
+    assert rc == 0, err
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ja["targets"] == jb["targets"] and len(ja["targets"]) == 3
+    for r in ja["runs"] + jb["runs"]:
+        r.pop("seconds"), r.pop("eval_seconds")
+    assert ja["runs"] == jb["runs"]
+    assert s.read_text() == before
+    # --save writes them into the session itself (comments kept)
+    rc, _, err = _replay_in_process(capsys, str(s), "--save", "--quiet")
+    assert rc == 0, err
+    saved = s.read_text()
+    assert "# a comment the user wrote" in saved and "[[targets.items]]" in saved
+    # --out can never replace the sidecar
+    rc, _, err = _replay_in_process(capsys, str(s), "--out", str(side))
+    assert rc == 2 and "model-written" in err
+
+
+def test_replay_without_a_terminal_prints_plain_progress_lines(session_dir, capsys):
+    rc, out, err = _replay_in_process(capsys, str(session_dir / "s.toml"))
+    assert rc == 0, err
+    progress = [ln for ln in err.splitlines() if ln.startswith("unlearn-tui: progress: ")]
+    assert any("evaluate forget" in ln for ln in progress)
+    assert any("/" in ln and ("ETA" in ln or "done" in ln) for ln in progress)
+    assert "Warning" not in err and "warn(" not in err and "deprecat" not in err.lower()
+    assert "composite" in out
+
+
+def test_version_and_misspelt_subcommand(capsys):
+    from unlearn_tui.tui import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("unlearn-tui ")
+    assert cli.main(["replya", "s.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean `replay`?" in err[0]
+    assert cli.misspelt_subcommand("session.toml") is None and cli.misspelt_subcommand("foo") is None
+
+
+def test_library_warnings_are_filtered(session_dir):
+    proc = run_cli("replay", str(session_dir / "s.toml"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "past_key_values" not in proc.stderr, proc.stderr

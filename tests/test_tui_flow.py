@@ -228,12 +228,14 @@ async def test_whole_flow_open_select_edit_merge_method_run_save(tmp_path, data_
         await pilot.press("f6")
         await pilot.pause()
         rows = app.screen.query_one("#rs-table", DataTable)
-        assert rows.row_count == 1
-        cells = [str(c) for c in rows.get_row_at(0)]
-        assert cells[1] == "ike" and cells[3] == "2"
-        numbers = [float(c) for c in cells[4:] if c not in ("—",)]
+        assert rows.row_count == 2                      # the baseline (B), then the run
+        assert str(rows.get_row_at(0)[0]) == "B"
+        keys = [str(k.value) for k in rows.columns]
+        cells = dict(zip(keys, (str(c) for c in rows.get_row_at(1))))
+        assert cells["label"] == "ike" and cells["m"] == "2"
+        numbers = [float(v) for k, v in cells.items() if "." in k and not k.startswith("delta.") and v != "—"]
         assert len(numbers) >= 6 and all(0.0 <= x for x in numbers)
-        assert float(cells[4]) == pytest.approx(r.composite, abs=1e-3)   # composite column
+        assert float(cells["composite"]) == pytest.approx(r.composite, abs=1e-3)   # composite column
         detail = app.screen.query_one("#rs-items", DataTable)
         assert detail.row_count == 6     # forget 2 + retain 2 + rephrase 2
         # save as, then everything comes back identical on open
@@ -365,7 +367,7 @@ async def test_engine_errors_are_notifications_and_app_keeps_running(tmp_path, l
 
 @pytest.mark.anyio
 async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle):
-    from unlearn_tui.sessions.paths import autosave_path
+    from unlearn_tui.sessions.paths import session_autosave_path
 
     from unlearn_tui.tui.app import create_app
     from unlearn_tui.tui.screens.confirm import ConfirmQuit
@@ -376,14 +378,17 @@ async def test_quit_with_unsaved_changes_asks(tmp_path, data_file, llama_handle)
         await wait_idle(pilot, app)
         app.workspace.set_merge_factor(3)
         app.file_actions.autosave()
-        assert autosave_path().is_file()             # unsaved work is on disk already
+        assert session_autosave_path(session, app.instance).is_file()   # unsaved work is on disk already
         await pilot.press("ctrl+q")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmQuit)
+        assert "Save before quitting?" in str(app.screen.query_one("#confirm-text").render())
         await pilot.press("escape")                  # cancel: still running
         await pilot.pause()
         assert app.is_running and not isinstance(app.screen, ConfirmQuit)
-    # a crash (no clean quit) leaves the autosave; the next start restores it
-    app2 = create_app(settings=settings())
-    assert app2.workspace.session.targets.merge_factor == 3 and app2.workspace.dirty
-    assert app2.workspace.session.path == session.resolve()
+    # a crash (no clean quit) leaves the autosave; the next start of that session offers it
+    app2 = create_app(session, settings=settings())
+    offer = app2.restore_offer
+    assert offer is not None and offer.session.targets.merge_factor == 3
+    assert offer.session.path == session.resolve()
+    assert app2.workspace.session.targets.merge_factor == 1 and not app2.workspace.dirty   # not restored unasked

@@ -123,5 +123,7 @@ def test_real_app_in_tmux(tmp_path):
         assert "UNLEARN-EXIT=0" in final, final
         assert "Traceback" not in final, final
         assert not (tmp_path / "data" / AUTOSAVE_NAME).exists()   # a clean quit drops the autosave
+        left = tmp_path / "data" / "autosaves"
+        assert not left.exists() or list(left.iterdir()) == []     # (one per session, in autosaves/)
     finally:
         t.kill()

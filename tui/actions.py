@@ -71,6 +71,13 @@ ACTIONS: tuple[ActionSpec, ...] = (
     ActionSpec("merge_up", "plus", "merge(1)", "Merge +1", "targets", scope="targets"),
     ActionSpec("merge_down", "minus", "merge(-1)", "Merge -1", "targets", scope="targets"),
     ActionSpec("reset_target", "delete", "reset_target", "Reset target", "targets", scope="targets"),
+    ActionSpec("move_up", "alt+up", "move(-1)", "Move up", "targets", show=False, scope="targets"),
+    ActionSpec("move_down", "alt+down", "move(1)", "Move down", "targets", show=False, scope="targets"),
+    ActionSpec("results_columns", "c", "columns", "Choose columns", "results", show=False, scope="results"),
+    ActionSpec("results_deltas", "d", "toggle_deltas", "Δ vs baseline", "results", show=False, scope="results"),
+    ActionSpec("results_compare", "a", "compare", "A/B two runs", "results", show=False, scope="results"),
+    ActionSpec("results_charts", "g", "toggle_charts", "Charts", "results", show=False, scope="results"),
+    ActionSpec("results_export", "x", "export", "Export CSV/SVG", "results", show=False, scope="results"),
 )
 
 BY_ID = {a.id: a for a in ACTIONS}

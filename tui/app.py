@@ -41,6 +41,33 @@ from .widgets import ActionRequested
 from .workspace import Workspace, quiet
 
 START = time.perf_counter()
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 target``, ``2 targets`` (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def self_improve_summary(asked: list[str], records: list[dict], stored: int, ws: Any) -> str:
+    """What self-improve did: how many targets were written, and why the others were not."""
+    got = {r["id"] for r in records}
+    fell_back = sum(1 for r in records if r.get("source") == "fallback")
+    parts = [f"self-improve: {plural(stored, 'target')} written for {plural(len(asked), 'item')}"]
+    if fell_back:
+        parts.append(f"{fell_back} of them a fixed refusal (the model's own answers leaked the fact or "
+                     "did not refuse)")
+    skipped = [i for i in asked if i not in got]
+    if skipped:
+        not_loaded = [i for i in skipped if ws.find_item(i) is None]
+        not_forget = [i for i in skipped if i not in not_loaded and i not in ws.forget_ids]
+        other = [i for i in skipped if i not in not_loaded and i not in not_forget]
+        if not_loaded:
+            parts.append(f"{plural(len(not_loaded), 'item')} skipped: not in the loaded data")
+        if not_forget:
+            parts.append(f"{plural(len(not_forget), 'item')} skipped: not in the forget set")
+        if other:
+            parts.append(f"{plural(len(other), 'item')} skipped: the model wrote nothing usable")
+    return "; ".join(parts)
 PANES = ("forget", "targets", "method", "run", "results", "probe")
 
 
@@ -53,8 +80,10 @@ class UnlearnApp(App):
     def __init__(self, session: Any, session_label: str | None = None, restored: bool = False,
                  model: str | None = None, settings: Settings | None = None,
                  problems: Iterable[str] = (), handle: Any = None, autostart: bool = True,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, restore_offer: Any = None, instance: str | None = None) -> None:
         super().__init__()
+        self.instance = instance or files.new_instance()   # keys this instance's untitled autosave
+        self.restore_offer = restore_offer    # an autosave to offer (files.AutosaveOffer): asked on mount
         self.workspace = Workspace(session, settings, dirty=restored, on_change=self._workspace_changed)
         self.settings = self.workspace.settings
         self.trust_remote_code = trust_remote_code   # --trust-remote-code: sessions may ask for model code
@@ -64,9 +93,12 @@ class UnlearnApp(App):
         self.autostart = autostart
         self.model_ready = handle is not None
         self.bridge: Any = None
+        # until the engine exists (the first frame is drawn first) every job waits, named "after startup"
         self.jobs = JobQueue(start=lambda job: self.bridge.start(job),
-                             busy=lambda: self.bridge is not None and self.bridge.busy,
-                             running=lambda: self.bridge.job if self.bridge is not None else None)
+                             busy=lambda: self.bridge is None or self.bridge.busy,
+                             running=lambda: self.bridge.job if self.bridge is not None else "startup")
+        self.model_state = "loading"       # the header's note while the model is not ready: or "not loaded"
+        self.quitting = False              # quit asked while a job runs: leave once it stopped
         self.router = EngineRouter(self)        # jobs in, engine messages out (tui/routing.py)
         self.file_actions = FileActions(self)   # open/save/import dialogs, autosave, quit (tui/file_actions.py)
         self.user_keymap: dict[str, str] = {}
@@ -103,20 +135,41 @@ class UnlearnApp(App):
         self.update_title()
         for p in self._problems:
             self.notify(quiet(p), severity="warning", timeout=8)
+        files.instance_started(self.instance)
         if self._restored:
             self.notify("restored unsaved work from the autosave", timeout=6)
         self.set_interval(self.settings.autosave_seconds, self.file_actions.autosave)
+        if self.restore_offer is not None:      # asked before anything loads; the engine waits for the answer
+            self.file_actions.offer_restore(self.restore_offer, self._restore_answered)
         self.call_after_refresh(self._after_first_frame)
 
-    def _after_first_frame(self) -> None:
-        from .worker import EngineBridge  # the engine's (torch-free) modules load after the first frame
+    def _restore_answered(self) -> None:
+        self.restore_offer = None
+        self._engine_waiting = False
+        if self.bridge is None:
+            self._start_engine()     # (the first-frame hook may not have come yet: it then finds it started)
 
+    _engine_waiting = False
+
+    def _after_first_frame(self) -> None:
         if self.first_frame is None:  # fallback if _display below was not reached
             self._mark_first_frame()
+        if self.restore_offer is not None:
+            self._engine_waiting = True       # jobs pressed meanwhile wait ("queued after startup")
+            return
+        if self.bridge is None:
+            self._start_engine()
+
+    def _start_engine(self) -> None:
+        from .worker import EngineBridge  # the engine's (torch-free) modules load after the first frame
+
         self.bridge = EngineBridge(self, self.workspace.session, self._handle, self.settings.progress_hz,
                                    refuse_model=self.remote_code_refusal)
+        self.set_interval(1.0, self.router.tick)   # elapsed and ETA move between the engine's events
         if self.autostart:
-            self.start_startup()
+            self.start_startup(first=True)             # ahead of what was pressed meanwhile (queued after it)
+        else:
+            self.router.next_job()
 
     def _mark_first_frame(self) -> None:
         self.first_frame = time.perf_counter() - START
@@ -174,7 +227,7 @@ class UnlearnApp(App):
     def update_title(self) -> None:
         ws = self.workspace
         name = ws.session.path.name if ws.session.path is not None else "untitled"
-        state = " (not loaded)" if self.remote_code_refusal() else " (loading)"
+        state = " (not loaded)" if self.remote_code_refusal() else f" ({self.model_state})"
         model = ws.model_name + ("" if self.model_ready else state)
         self.sub_title = f"{name}{' *' if ws.dirty else ''} · {model}"
 
@@ -182,11 +235,18 @@ class UnlearnApp(App):
     async def on_action_requested(self, m: ActionRequested) -> None:
         await self.run_action(m.action)
 
+    def on_screen_requested(self, m: Any) -> None:
+        """A pane's dialog (the Results pane's column chooser and A/B view)."""
+        self.push_screen(m.screen, m.callback)
+
     def on_forget_set_pane_toggled(self, m: Any) -> None:
         self.workspace.toggle_item(m.item_id, m.which)
 
     def on_targets_pane_target_edited(self, m: Any) -> None:
         self.workspace.edit_target(m.item_id, m.text)
+
+    def on_targets_pane_reordered(self, m: Any) -> None:
+        self.workspace.move_forget(m.item_id, m.delta)
 
     def on_targets_pane_target_reset(self, m: Any) -> None:
         self.workspace.reset_target(m.item_id)
@@ -214,7 +274,7 @@ class UnlearnApp(App):
         """Queue a job: ``make()`` (UI thread, when it starts) returns a :class:`Job`."""
         self.router.submit(make, name)
 
-    def start_startup(self, reload_model: bool = True, name: str = "startup") -> None:
+    def start_startup(self, reload_model: bool = True, name: str = "startup", first: bool = False) -> None:
         def make() -> jobs.Job:
             post = self.post_message
             limit = self.settings.baseline_limit if self.settings.baseline_on_load else 0
@@ -224,7 +284,10 @@ class UnlearnApp(App):
 
             return jobs.startup_job(self.workspace, reload_model, limit, on_items, name)
 
-        self.submit(make, name)
+        if reload_model and not self.model_ready:
+            self.model_state = "loading"
+            self.update_title()
+        self.router.submit(make, name, first=first)
 
     @on(msg.EngineMessage)
     def _engine_message(self, m: msg.EngineMessage) -> None:
@@ -290,6 +353,12 @@ class UnlearnApp(App):
             t = self.pane("targets")
             cur = t.current_item() if t is not None and self._focus_in(t) else None
             item_ids = [cur] if cur else self.workspace.forget_ids
+        n_forget = len(self.workspace.forget_ids)
+        why = ""
+        if item_ids and len(item_ids) == 1 and n_forget > 1:
+            keys = actions.current_keys(self).get("self_improve", "ctrl+g")
+            why = (f" (only the item shown in Targets; the other {plural(n_forget - 1, 'forget item')} were not "
+                   f"asked: {keys} with the focus outside the Targets pane does all {n_forget})")
         if not item_ids:
             self.notify("select forget items first", severity="warning")
             return
@@ -297,7 +366,7 @@ class UnlearnApp(App):
 
         def done(records: list) -> None:
             n = self.workspace.store_generated(records)
-            self.notify(f"self-improve: {n} target(s) written", timeout=4)
+            self.notify(self_improve_summary(ids, records, n, self.workspace) + why, timeout=8)
 
         self.submit(lambda: jobs.self_improve_job(self.workspace, ids, done), "self-improve")
 
@@ -331,7 +400,15 @@ class UnlearnApp(App):
     async def action_quit(self) -> None:
         self.file_actions.quit()
 
+    def quit_when_idle(self) -> bool:
+        """After a job ended: leave now if a quit was waiting for it (True)."""
+        if self.quitting:
+            self.exit(0)
+            return True
+        return False
+
     def on_unmount(self) -> None:
+        files.instance_stopped(self.instance)
         # leaving for any reason: stop the engine at its next cancellation point (weights roll back)
         if self.bridge is not None:
             self.bridge.request_cancel()
@@ -359,7 +436,8 @@ class UnlearnApp(App):
 def create_app(session_path: str | Path | None = None, model: str | None = None, device: str | None = None,
                *, settings: Settings | None = None, handle: Any = None, autostart: bool = True,
                restore: bool = True, trust_remote_code: bool = False) -> UnlearnApp:
-    """The app for a session file (or the autosave, or a new session).
+    """The app for a session file (or a new session); with ``restore``, an autosave of it (or, without a
+    file, the newest autosave no running instance owns) is offered: the app asks before restoring.
 
     ``model``/``device`` override the session's ``[model]``; ``handle`` (tests)
     is an already loaded model handle.  Without ``trust_remote_code`` (the CLI's
@@ -372,21 +450,24 @@ def create_app(session_path: str | Path | None = None, model: str | None = None,
     problems: list[str] = []
     if settings is None:
         settings, problems = load_settings()
-    restored = False
-    session = None
-    if session_path is not None:
-        session = sessions.load(session_path)
-    elif restore:
-        session, restored, p = files.restore_autosave()
+    instance = files.new_instance()
+    session = sessions.load(session_path) if session_path is not None else sessions.new_session()
+    offer = None
+    if restore:
+        offer, p = files.find_autosave(session.path if session_path is not None else None, instance)
         problems += p
-    if session is None:
-        session = sessions.new_session()
     if model:
         session.model.name = model
     if device:
         session.model.device = device
-    return UnlearnApp(session, restored=restored, model=model, settings=settings, problems=problems,
-                      handle=handle, autostart=autostart, trust_remote_code=trust_remote_code)
+    if offer is not None:
+        if model:
+            offer.session.model.name = model
+        if device:
+            offer.session.model.device = device
+    return UnlearnApp(session, model=model, settings=settings, problems=problems, handle=handle,
+                      autostart=autostart, trust_remote_code=trust_remote_code, restore_offer=offer,
+                      instance=instance)
 
 
 def run_app(session_path: str | Path | None = None, model: str | None = None, device: str | None = None,

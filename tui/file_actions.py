@@ -22,6 +22,7 @@ class FileActions:
     def __init__(self, app: Any) -> None:
         self.app = app
         self._autosave_timer: Any = None
+        self._autosaved: Path | None = None      # the autosave file this instance wrote last
 
     @property
     def workspace(self) -> Any:
@@ -54,15 +55,33 @@ class FileActions:
         self.save_to(None)
 
     def save_to(self, path: str | None) -> bool:
-        where, error = files.save(self.workspace.session, path)
+        from . import results_store
+
+        session = self.workspace.session
+        old_key = session.eval.results
+        has_results = bool(self.workspace.results or self.workspace.step_rows or self.workspace.baseline_eval)
+        target = Path(path).expanduser().absolute() if path is not None else session.path
+        if has_results and target is not None and not (old_key and target == session.path):
+            results_store.point_session_at(session, target)   # [eval] results: the file beside the session
+        where, error = files.save(session, path)
         if error is not None:
+            session.eval.results = old_key
             self._error(error)
             return False
+        self.save_results()
         self.workspace.mark_clean()
         self.app.update_title()
-        files.drop_autosave()
+        self.drop_autosave()
         self.app.notify(f"saved {where}", timeout=3)
         return True
+
+    def save_results(self) -> None:
+        """Write the results beside the session file (nothing for an untitled session: saved with it later)."""
+        from . import results_store
+
+        _, error = results_store.save_for(self.workspace)
+        if error:
+            self.app.notify(error, severity="warning", timeout=6)
 
     def ask_save_as(self) -> None:
         from .screens.dialogs import PathDialog
@@ -76,8 +95,10 @@ class FileActions:
         self.app.push_screen(PathDialog("Save the session as", value=value, start=start, must_exist=False,
                                         ok="Save"), chosen)
 
-    def guard_unsaved(self, then: Callable[[], object], what: str = "The session has unsaved changes.") -> None:
-        """Run ``then`` now, or once the user saved or discarded the unsaved changes (never if cancelled)."""
+    def guard_unsaved(self, then: Callable[[], object], what: str = "The session has unsaved changes.",
+                      verb: str = "quitting") -> None:
+        """Run ``then`` now, or once the user saved or discarded the unsaved changes (never if cancelled);
+        the dialog asks "Save before <verb>?"."""
         from .screens.confirm import ConfirmQuit
 
         if not self.workspace.dirty:
@@ -94,7 +115,7 @@ class FileActions:
             elif choice == "discard":
                 then()
 
-        self.app.push_screen(ConfirmQuit(what), chosen)
+        self.app.push_screen(ConfirmQuit(what, verb), chosen)
 
     # ---- sessions
     def ask_open_session(self) -> None:
@@ -102,7 +123,7 @@ class FileActions:
 
         def chosen(path: str | None) -> None:
             if path:
-                self.guard_unsaved(lambda: self.open_session(path))
+                self.guard_unsaved(lambda: self.open_session(path), verb="opening another session")
 
         self.app.push_screen(PathDialog("Open a session (TOML)"), chosen)
 
@@ -123,13 +144,13 @@ class FileActions:
         from unlearn_tui import sessions
 
         self.guard_unsaved(lambda: self.replace_session(
-            sessions.new_session(model={"name": self.workspace.model_name})))
+            sessions.new_session(model={"name": self.workspace.model_name})), verb="starting a new session")
 
     def replace_session(self, s: Any) -> None:
         reload_model = self.workspace.replace_session(s)
         if reload_model:
             self.app.model_ready = False
-        files.drop_autosave()
+        self.drop_autosave()
         self.app.update_title()
         self.app.start_startup(reload_model=reload_model, name="reload")
 
@@ -162,23 +183,83 @@ class FileActions:
         self._autosave_timer = self.app.set_timer(1.0, self.autosave)
 
     def autosave(self) -> None:
-        """Write the unsaved session to the autosave file (see tui/files.py)."""
+        """Write the unsaved session to its own autosave file (see tui/files.py)."""
         self._autosave_timer = None
         if not self.workspace.dirty:
             return
-        error = files.write_autosave(self.workspace.session)
+        where, error = files.write_autosave(self.workspace.session, self.app.instance)
         if error:
             self.app.notify(error, severity="warning", timeout=5)
+            return
+        if self._autosaved is not None and self._autosaved != where:
+            files.drop_autosave(self._autosaved)     # the session got a file (save as): its key moved
+        self._autosaved = where
+
+    def drop_autosave(self) -> None:
+        """The unsaved changes were saved or discarded: this instance's autosave goes."""
+        if self._autosaved is not None:
+            files.drop_autosave(self._autosaved)
+            self._autosaved = None
+        files.drop_autosave(files.autosave_file(self.workspace.session, self.app.instance))
+
+    # ---- restoring an autosave: asked, never silent
+    def offer_restore(self, offer: Any, then: Callable[[], object]) -> None:
+        """Ask whether to restore ``offer`` (a :class:`tui.files.AutosaveOffer`); ``then()`` once answered."""
+        from .screens.confirm import RestoreAutosave
+
+        def chosen(choice: str | None) -> None:
+            if choice == "restore":
+                self.restore(offer)
+            elif choice == "discard":
+                files.drop_autosave(offer.file)
+                self.app.notify("the autosave was discarded", timeout=3)
+            else:
+                self.app.notify(f"the autosave was kept ({offer.file.name}); it is offered again next time",
+                                timeout=5)
+            then()
+
+        self.app.push_screen(RestoreAutosave(offer), chosen)
+
+    def restore(self, offer: Any) -> None:
+        """The autosaved session replaces the open one (before its data and model are loaded)."""
+        ws = self.workspace
+        ws.replace_session(offer.session)     # the start-up job (not yet started) loads its data and model
+        ws.dirty = True
+        ws.changed(dirty=True)
+        if offer.file != files.autosave_file(ws.session, self.app.instance):
+            files.drop_autosave(offer.file)      # another instance's (or the old shared) file: now ours
+        self.app._restored = True
+        self.autosave()
+        self.app.update_title()
+        self.app.notify(f"restored the unsaved changes of {offer.name} (autosaved {offer.age()})", timeout=6)
 
     def quit(self) -> None:
-        """Leave (after the unsaved-changes guard): stop the engine, drop the autosave, exit."""
+        """Leave (after the unsaved-changes guard): stop the engine, drop the autosave, exit.
+
+        With a job running, the job is cancelled and the app says it waits for it to stop (a thread
+        cannot be killed: leaving at once would leave a blank terminal until it did); it leaves as
+        soon as the job ended.  A second quit leaves at once."""
         def leave() -> None:
-            if self.app.bridge is not None:
-                self.app.bridge.request_cancel()
+            app = self.app
             if self._autosave_timer is not None:
                 self._autosave_timer.stop()
             self.workspace.dirty = False          # discarded (or saved): nothing left for the autosave
-            files.drop_autosave()
-            self.app.exit(0)
+            self.drop_autosave()
+            bridge = app.bridge
+            if bridge is not None and bridge.busy and not app.quitting:
+                app.quitting = True
+                app.jobs.clear()
+                bridge.request_cancel()
+                text = (f"waiting for the {bridge.job} job to stop before quitting… "
+                        f"({self._quit_keys()} again: quit now)")
+                app.router.strip(text)
+                app.notify(text, timeout=30)
+                return
+            app.exit(0)
 
-        self.guard_unsaved(leave)
+        self.guard_unsaved(leave, verb="quitting")
+
+    def _quit_keys(self) -> str:
+        from .actions import current_keys
+
+        return current_keys(self.app).get("quit", "ctrl+q")

@@ -23,6 +23,8 @@ from .workspace import Snapshot, quiet
 
 # jobs that change the weights: the Run pane's loss chart and status start afresh
 EDITING_JOBS = frozenset({"run", "replay", "step", "undo", "redo", "self-improve"})
+# jobs that change the weights (a cancel or a failure rolls them back); the others change none
+WEIGHT_JOBS = frozenset({"run", "replay", "step", "undo", "redo"})
 
 
 @dataclass(frozen=True)
@@ -68,16 +70,20 @@ class JobQueue:
     waiting: list = field(default_factory=list)
     current: Job | None = None
 
-    def submit(self, make: Callable[[], Job] | Job, name: str | None = None) -> Submitted:
-        """Start the job now, or queue it; ``make`` (a Job or a function building one, called when it
-        starts so it sees the state of that moment) may raise UserError: the job is refused."""
+    def submit(self, make: Callable[[], Job] | Job, name: str | None = None, first: bool = False) -> Submitted:
+        """Start the job now, or queue it (``first``: ahead of the waiting ones); ``make`` (a Job or a
+        function building one, called when it starts so it sees the state of that moment) may raise
+        UserError: the job is refused."""
         name = name or (make.name if isinstance(make, Job) else getattr(make, "__name__", "job"))
-        if self.busy() or self.waiting:
+        if self.busy() or (self.waiting and not first):
             if any(n == name for n, _ in self.waiting):
                 return Submitted("duplicate", f"{name}: already queued")
-            self.waiting.append((name, make))
-            ahead = self.running() or self.waiting[0][0]
-            return Submitted("queued", f"{name}: queued after {ahead}")
+            if first:
+                self.waiting.insert(0, (name, make))
+            else:
+                self.waiting.append((name, make))
+            ahead = self.running() or (self.waiting[0][0] if self.waiting[0][0] != name else "")
+            return Submitted("queued", f"{name}: queued after {ahead}" if ahead else f"{name}: queued")
         return self._launch(make)
 
     def _launch(self, make: Callable[[], Job] | Job) -> Submitted:

@@ -18,33 +18,48 @@ def _fmt(v: Any) -> str:
 
 
 def results_table(result: Any, title: str = "unlearn-tui results") -> Table:
+    """The baseline row, then one row per run; Δ comp is the composite minus the baseline's.  The caption says
+    which direction is better per column, and warns when the baseline hardly knows the forget set (then a
+    high composite is not forgetting)."""
     from unlearn_tui.backends.runner import result_row
 
+    from .results_store import LOW_BASELINE_R1
+
     t = Table(title=title, header_style="bold")
-    cols = ["run", "targets", "m", "forget R1", "retain R1", "rephr. R1", "forget P", "forget MRR",
-            "forget hit", "retain P", "composite", "seconds"]
+    cols = ["run", "targets", "m", "forget R1 ↓", "retain R1 ↑", "rephr. R1 ↓", "forget P ↓", "forget MRR ↓",
+            "forget hit ↓", "retain P ↑", "composite ↑", "Δ comp ↑", "seconds"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("run", "targets") else "right")
+    base = {f"{s}.{k}": v for s, summ in result.baseline.summary().items() for k, v in summ.items()}
+    base["composite"] = result.baseline.composite
 
-    def add(name: str, mode: str, m: Any, row: dict, seconds: Any) -> None:
+    def add(name: str, mode: str, m: Any, row: dict, seconds: Any, baseline: bool = False) -> None:
+        comp, bcomp = row.get("composite"), base.get("composite")
+        delta = "—" if baseline or comp is None or bcomp is None else f"{comp - bcomp:+.3f}"
         t.add_row(name, mode, str(m), _fmt(row.get("forget.rouge1")), _fmt(row.get("retain.rouge1")),
                   _fmt(row.get("rephrase.rouge1")), _fmt(row.get("forget.probability")),
                   _fmt(row.get("forget.mrr")), _fmt(row.get("forget.top_hit")),
-                  _fmt(row.get("retain.probability")), _fmt(row.get("composite")), _fmt(seconds))
+                  _fmt(row.get("retain.probability")), _fmt(comp), delta, _fmt(seconds))
 
-    base = {f"{s}.{k}": v for s, summ in result.baseline.summary().items() for k, v in summ.items()}
-    base["composite"] = result.baseline.composite
-    add("(baseline)", "—", "—", base, None)
+    add("(baseline)", "—", "—", base, None, baseline=True)
     for r in result.runs:
         row = result_row(r)
         add(r.label, r.target_mode, r.merge_factor, row, r.seconds)
+    caption = "↑ higher is better · ↓ lower is better · composite = 1 − forget R1 + retain R1"
+    f = base.get("forget.rouge1")
+    if f is not None and f < LOW_BASELINE_R1:
+        caption += (f"\nthe unedited model hardly knows the forget set (baseline forget R1 {f:.2f}): "
+                    "a high composite is not forgetting here; read Δ comp")
+    t.caption = caption
     return t
 
 
 def run_with_progress(session: Any, quiet: bool = False, console: Console | None = None,
-                      regenerate: bool = False):
+                      regenerate: bool = False, plain: Any = None):
     """:func:`backends.runner.run` with a progress bar and the table; the targets and paraphrases the
-    model wrote (the result's records) are stored in ``session``, so ``replay`` can cache them in its file."""
+    model wrote (the result's records) are stored in ``session``, so ``replay`` can cache them in its file.
+    ``plain`` (without a terminal, unless ``quiet``): also called with every event (``replay``'s plain
+    progress lines, tui/cli.py)."""
     from unlearn_tui.backends.runner import run
 
     from .workspace import store_generated
@@ -59,6 +74,8 @@ def run_with_progress(session: Any, quiet: bool = False, console: Console | None
                 print(f"run {e.index + 1}/{e.total_runs}: {e.method}", file=sys.stderr)
             elif isinstance(e, ev.Log) and e.level != "info":
                 print(f"{e.level}: {e.message}", file=sys.stderr)
+            if plain is not None and not quiet:
+                plain(e)
         result = run(session, on_event, regenerate=regenerate)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -15,34 +15,49 @@ from __future__ import annotations
 from typing import Any
 
 from . import messages as msg
-from .jobs import EDITING_JOBS
+from .jobs import EDITING_JOBS, WEIGHT_JOBS
+from .progress import ProgressClock
+
+
+def rolled_back(job: str, model_ready: bool = True) -> str:
+    """What a cancelled (or failed) ``job`` leaves: only the jobs that edit the weights roll them back."""
+    if job in WEIGHT_JOBS:
+        return "the weights were rolled back"
+    if job in ("startup", "reload") and not model_ready:
+        return "the model was not loaded"
+    if job == "self-improve":
+        return "no target was changed"
+    return "nothing was changed"
 
 
 class EngineRouter:
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.clock = ProgressClock()     # the current stage, read by the one-second tick (tui/progress.py)
 
     def _run_pane(self) -> Any:
         return self.app.pane("run")
 
     # ---- jobs in
-    def submit(self, make: Any, name: str) -> None:
-        """Queue a job: ``make()`` (UI thread, when it starts) returns a :class:`Job`."""
-        if self.app.bridge is None:
-            return
-        self._answer(self.app.jobs.submit(make, name))
+    def submit(self, make: Any, name: str, first: bool = False) -> None:
+        """Queue a job: ``make()`` (UI thread, when it starts) returns a :class:`Job`.  Every job is
+        started, queued or refused with a message (before the engine exists it waits for start-up)."""
+        self._answer(self.app.jobs.submit(make, name, first=first))
 
     def _answer(self, answer: Any) -> None:
         if answer is None:
             return
         if answer.status == "started":
             job = self.app.jobs.current
+            if not self.app.model_ready and self.app.model_state != "loading":
+                self.app.model_state = "loading"     # a job that needs the model loads it
+                self.app.update_title()
             run = self._run_pane()
             if run is not None and job is not None and job.name in EDITING_JOBS:
                 run.reset_loss()
                 run.status("")
             self.strip(answer.message)
-        elif answer.status == "queued":
+        elif answer.status in ("queued", "duplicate"):
             self.app.notify(answer.message, timeout=3)
         elif answer.status == "refused":
             self.report_error(answer.message)
@@ -72,21 +87,36 @@ class EngineRouter:
             app.notify(f"model ready: {m.value}", timeout=3)
 
     def on_job_started(self, m: msg.JobStarted) -> None:
+        self.clock.start_job()
         self.strip(f"{m.job}: started")
 
     def on_stage_changed(self, m: msg.StageChanged) -> None:
+        self.clock.stage_started(m.stage, m.total, m.detail)
         run = self._run_pane()
         if run is not None:
             run.stage(m.stage, m.total, m.detail)
             run.log_line(f"{m.stage} {m.detail}".strip())
-        self.strip(f"{m.job}: {m.stage}", 0, m.total)
+        self.tick()
 
     def on_progress_update(self, m: msg.ProgressUpdate) -> None:
+        self.clock.update(m.stage, m.done, m.total, m.eta_s, m.elapsed_s, m.detail)
         run = self._run_pane()
         if run is not None:
             run.progress(m)
-        eta = f" · ETA {m.eta_s:.0f}s" if m.eta_s is not None else ""
-        self.strip(f"{m.job}: {m.stage} {m.done}/{m.total if m.total else '?'}{eta}", m.done, m.total)
+        self.tick()
+
+    def tick(self) -> None:
+        """Redraw the current stage's progress at the time now (the App calls this every second)."""
+        view = self.clock.view()
+        if view is None:
+            return
+        run = self._run_pane()
+        if run is not None:
+            run.show(view)
+        job = self.app.bridge.job if self.app.bridge is not None else None
+        phase = f" ({view.phase})" if view.phase else ""
+        self.strip(f"{job or 'job'}: {view.stage}{phase} {view.counts()} · ETA {view.eta()}",
+                   fraction=view.fraction)
 
     def on_log_line(self, m: msg.LogLine) -> None:
         run = self._run_pane()
@@ -103,15 +133,30 @@ class EngineRouter:
 
     def on_run_done(self, m: msg.RunDone) -> None:
         self.app.workspace.add_result(m.result)
+        self.app.file_actions.save_results()     # the results file beside the session (tui/results_store.py)
+
+    def _ended(self, text: str) -> None:
+        """A job ended: the clock stops; the Run pane and the strip go idle (no stale bar or ETA)."""
+        self.clock.stop()
+        app = self.app
+        if not app.model_ready and app.model_state != "not loaded":
+            app.model_state = "not loaded"   # never "(loading)" in the header once nothing loads it
+            app.update_title()
+        run = self._run_pane()
+        if run is not None:
+            run.idle("idle")
+        self.strip(text, fraction=0.0)
 
     def on_job_done(self, m: msg.JobDone) -> None:
         app = self.app
         job = app.jobs.finished()
         app.bridge.finished()
         app.jobs_done.append(m.job)
-        self.strip(f"{m.job}: done in {m.seconds:.1f}s", 1, 1)
+        self._ended(f"idle · {m.job} done in {m.seconds:.1f}s")
         if job is not None and job.on_done is not None:
             job.on_done(m.value)
+        if app.quit_when_idle():
+            return
         self.next_job()
 
     def on_job_failed(self, m: msg.JobFailed) -> None:
@@ -120,28 +165,35 @@ class EngineRouter:
         app.bridge.finished()
         app.jobs_done.append(m.job)
         run = self._run_pane()
+        what = rolled_back(m.job, app.model_ready)
         if m.cancelled:
-            text = f"{m.job}: cancelled; the weights were rolled back"
-            app.notify(text, severity="warning", timeout=6)
+            text = f"{m.job}: cancelled; {what}"
+            if m.job in ("startup", "reload") and not app.model_ready:
+                text += " (Run, Step or Probe load it)"
+            if not app.quitting:
+                app.notify(text, severity="warning", timeout=6)
+            self._ended(f"idle · {text}")
             if run is not None:
                 run.status(f"[b yellow]{text}[/]")
                 run.log_line(text, "warning")
-            self.strip(text)
             app.jobs.clear()
         else:
-            self.report_error(f"{m.job}: {m.message}", modal=m.bug)
+            self.report_error(f"{m.job}: {m.message}", modal=m.bug and not app.quitting)
+            self._ended(f"idle · {m.job} failed")
             if run is not None:
                 run.status(f"[b red]{m.job} failed[/]: {m.message}" +
-                           ("; the weights were rolled back" if m.rolled_back and m.job in ("run", "step") else ""))
-            self.strip(f"{m.job} failed")
+                           (f"; {what}" if m.rolled_back and m.job in WEIGHT_JOBS else ""))
         if app.workspace.baseline_pending:
             app.workspace.set_baseline(None)
+        if app.quit_when_idle():
+            return
         self.next_job()
 
     # ---- what a finished job shows
     def run_finished(self, result: Any) -> None:
         """``on_done`` of a run or replay job."""
         self.app.workspace.run_finished(result)
+        self.app.file_actions.save_results()
         run = self._run_pane()
         if run is not None:
             text = f"[b green]finished[/]: {len(result.runs)} run(s)"
@@ -154,6 +206,7 @@ class EngineRouter:
     def step_finished(self, what: str, step: Any) -> None:
         """``on_done`` of a step, undo or redo job."""
         text = self.app.workspace.step_finished(what, step)
+        self.app.file_actions.save_results()
         run = self._run_pane()
         if run is not None:
             run.status(text)
@@ -172,11 +225,17 @@ class EngineRouter:
         else:
             self.app.notify(message, severity="error", timeout=10)
 
-    def strip(self, text: str, done: int | None = None, total: int | None = None) -> None:
-        """The status strip above the footer: the job's text and progress."""
+    def strip(self, text: str, fraction: float | None | str = "keep") -> None:
+        """The status strip above the footer: the job's text, and its bar (``fraction`` 0..1, None: unknown)."""
+        from rich.markup import escape
+
         try:
-            self.app.screen.query_one("#strip-text").update(text)
-            if done is not None:
-                self.app.screen.query_one("#strip-bar").update(total=total, progress=done)
+            self.app.screen.query_one("#strip-text").update(escape(text))
+            if fraction != "keep":
+                bar = self.app.screen.query_one("#strip-bar")
+                if fraction is None:
+                    bar.update(total=None)
+                else:
+                    bar.update(total=1000, progress=round(float(fraction) * 1000))
         except Exception:
             pass

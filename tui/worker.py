@@ -138,12 +138,12 @@ class EngineBridge:
                 value = fn(wb)
             except Cancelled:
                 coalescer.flush()
-                post(msg.JobFailed(job, "cancelled; the weights were rolled back", cancelled=True))
+                post(msg.JobFailed(job, "cancelled", cancelled=True))
             except (UserError, NonFiniteError) as exc:
                 coalescer.flush()
                 post(msg.JobFailed(job, " ".join(str(exc).split()) or type(exc).__name__))
             except MemoryError:
-                post(msg.JobFailed(job, "out of memory; the weights were rolled back"))
+                post(msg.JobFailed(job, "out of memory"))
             except Exception as exc:  # a bug or an unexpected library error: report, keep running
                 coalescer.flush()
                 name = type(exc).__name__

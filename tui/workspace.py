@@ -97,6 +97,9 @@ class Workspace:
         self.last_quick: dict | None = None
         self.probe: tuple | None = None      # (question, edited, original), or None
         self.probe_note = ""
+        from .results_store import load_into  # the session's stored results (its results file), if any
+
+        load_into(self)     # sets results, baseline_eval, step_rows (step-mode states), results_note
 
     # ---------------------------------------------------------------- change notification
     def changed(self, *aspects: str, dirty: bool = True) -> None:
@@ -204,18 +207,43 @@ class Workspace:
             self.baseline_scores = scores
         self.changed("baseline", dirty=False)
 
+    def _data_order(self, ids: list[str]) -> list[str]:
+        pos = {it.id: i for i, it in enumerate(self.items or [])}
+        return sorted(ids, key=lambda i: pos.get(i, len(pos)))
+
     def toggle_item(self, item_id: str, which: str) -> None:
-        """Put an item in the forget (``which="forget"``) or retain set, or take it out; one set at most."""
+        """Put an item in the forget (``which="forget"``) or retain set, or take it out; one set at most.
+
+        The sets keep the data's order whatever the order of the clicks (merging groups the forget
+        requests in list order: clicking must not change the experiment); a forget list the user
+        reordered (:meth:`move_forget`) keeps its order, and a new item goes at its end."""
         f, r = self.forget_ids, self.retain_ids
         mine, other = (f, r) if which == "forget" else (r, f)
         if item_id in mine:
             mine.remove(item_id)
         else:
+            ordered = mine == self._data_order(mine)
             mine.append(item_id)
+            if ordered:
+                mine[:] = self._data_order(mine)
             if item_id in other:
                 other.remove(item_id)
         self.session.data.forget, self.session.data.retain = f, r
         self.changed("selection")
+
+    def move_forget(self, item_id: str, delta: int) -> bool:
+        """Move a forget item ``delta`` places (the user's explicit order, which merging follows)."""
+        f = self.forget_ids
+        if item_id not in f:
+            return False
+        i = f.index(item_id)
+        j = max(0, min(len(f) - 1, i + delta))
+        if i == j:
+            return False
+        f.insert(j, f.pop(i))
+        self.session.data.forget = f
+        self.changed("selection", "targets")
+        return True
 
     # ---------------------------------------------------------------- targets
     def target_pool(self) -> tuple[list[str], str | None]:
@@ -299,7 +327,12 @@ class Workspace:
         rules = {"shared": "the members' shared target", "names no member": "a member target naming no subject",
                  "pool": "a pool refusal (every member target names its subject)"}
         for i, r in enumerate(reqs[:limit]):
-            lines.append(f"[b]{i + 1}.[/b] {escape(r.prompt)}  [dim]→[/dim] {escape(r.target)}")
+            edits = ""
+            if len(r.questions) == 1:
+                subject = (r.subjects[0] if r.subjects else None) or getattr(r, "subject", None)
+                edits = f"  [dim](edits at the subject “{escape(subject)}”)[/dim]" if subject else \
+                    "  [dim](no subject: keyed at the prompt's last token)[/dim]"
+            lines.append(f"[b]{i + 1}.[/b] {escape(r.prompt)}  [dim]→[/dim] {escape(r.target)}{edits}")
             if len(r.questions) > 1:
                 keyed = ", ".join(escape(s or "?") for s in r.subjects)
                 lines.append(f"   [dim]group target: {rules.get(r.target_rule, r.target_rule)}; ROME/MEMIT/"
@@ -375,6 +408,7 @@ class Workspace:
     # ---------------------------------------------------------------- results and step mode
     def clear_results(self) -> None:
         self.results = []
+        self.step_rows = []
         self.changed("results", dirty=False)
 
     def add_result(self, result: Any) -> None:
@@ -400,7 +434,11 @@ class Workspace:
         if step.probe:
             self.probe = tuple(step.probe)
         self.probe_note = text
-        self.changed("probe", dirty=False)
+        from .results_store import StepRow
+
+        method = self.session.runs[0].method if self.session.runs else "?"
+        self.step_rows.append(StepRow.from_step(what, step, method))   # a Results row per step-mode state
+        self.changed("probe", "results", dirty=False)
         self.store_generated(step.new_targets)
         return text
 

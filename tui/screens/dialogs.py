@@ -15,6 +15,8 @@ from textual.widgets import Button, DirectoryTree, Input, Static
 class PathDialog(ModalScreen["str | None"]):
     """Type a path (or pick one in the tree, or a built-in name); dismisses with it or None."""
 
+    AUTO_FOCUS = "#path-input"
+
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="unlearn.dialog_cancel")]
 
     def __init__(self, title: str, value: str = "", start: Path | None = None, choices: list[str] | None = None,
@@ -28,7 +30,9 @@ class PathDialog(ModalScreen["str | None"]):
             yield Static(f"[b]{escape(self.title_text)}[/b]")
             if self.choices:
                 yield Static("built-in: " + ", ".join(escape(c) for c in self.choices), classes="hint")
-            yield Input(self.value, id="path-input", placeholder="path (enter to accept)")
+            # select_on_focus off: keys typed before the dialog had focus are kept, not selected and
+            # replaced by the next key (fast typing lost characters); the cursor starts at the end
+            yield Input(self.value, id="path-input", placeholder="path (enter to accept)", select_on_focus=False)
             yield Static("", id="path-error", classes="error")
             yield DirectoryTree(str(self.start), id="path-tree")
             with Horizontal(classes="buttons"):

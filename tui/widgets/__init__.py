@@ -25,6 +25,14 @@ class ActionRequested(Message):
         self.action = action
 
 
+class ScreenRequested(Message):
+    """A pane asks the App to show a screen (a dialog it built); ``callback`` gets the screen's answer."""
+
+    def __init__(self, screen: Any, callback: Any = None) -> None:
+        super().__init__()
+        self.screen, self.callback = screen, callback
+
+
 class Revisions:
     """Which workspace aspects changed since a pane last drew them."""
 

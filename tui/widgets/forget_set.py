@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Static
 
 from ..actions import pane_bindings
 from . import ActionRequested, Revisions
+
+
+HINT = "space forget · r retain (then ↓) · / search · known: ROUGE-1 of the answer"
 
 
 def known_cell(score: float | None, pending: bool) -> Text:
@@ -19,8 +24,28 @@ def known_cell(score: float | None, pending: bool) -> Text:
     return Text(f"{score:.2f}", style=style)
 
 
+class SearchInput(Input):
+    """The search box: Esc (or Enter) goes back to the table; ``/`` (the search key) selects the query
+    instead of typing a slash (ids, questions and answers are searched for words, not slashes)."""
+
+    BINDINGS = [Binding("escape", "back", "Back to the table", show=False, id="unlearn.search_back"),
+                Binding("slash", "select_query", "Search", show=False, priority=True, id="unlearn.search_again")]
+
+    class Back(Message):
+        pass
+
+    def action_back(self) -> None:
+        self.post_message(self.Back())
+
+    def action_select_query(self) -> None:
+        self.select_all()
+
+
 class ForgetSetPane(Vertical):
-    """Items table; space -> forget, r -> retain, / -> search."""
+    """Items table; space -> forget (and the next row), r -> retain, / -> search, Esc -> back to the table.
+
+    The forget list keeps the data's order (the table's): clicking order does not change the experiment
+    (merging groups requests in that order); reordering is explicit (the Targets pane's alt+up/down)."""
 
     BINDINGS = pane_bindings("forget")
 
@@ -41,11 +66,10 @@ class ForgetSetPane(Vertical):
         with Horizontal(classes="pane-head"):
             yield Static("no data loaded", id="fs-counts", classes="counts")
             yield Button("Open data…", id="fs-open", compact=True)
-        yield Input(placeholder="search id / question / answer  (/)", id="fs-search")
+        yield SearchInput(placeholder="search id / question / answer  (/; esc: back)", id="fs-search")
         table = DataTable(id="fs-table", cursor_type="row", zebra_stripes=True)
         yield table
-        yield Static("space forget · r retain · / search · known = ROUGE-1 of the model's answer now",
-                     classes="hint")
+        yield Static(HINT, id="fs-hint", classes="hint")
 
     def on_mount(self) -> None:
         t = self.query_one("#fs-table", DataTable)
@@ -89,14 +113,18 @@ class ForgetSetPane(Vertical):
 
     def refresh_items(self) -> None:
         t = self.query_one("#fs-table", DataTable)
-        keep = t.cursor_row
+        keep, keep_id = t.cursor_row, self.current_id()
         t.clear()
         pending = self.ws.baseline_pending
-        for it in self.visible_items():
+        shown = self.visible_items()
+        for it in shown:
             t.add_row(self._mark(it.id), it.id, it.question, it.answer,
                       known_cell(self.ws.baseline_scores.get(it.id), pending), key=it.id)
         if t.row_count:
-            t.move_cursor(row=min(max(keep, 0), t.row_count - 1))
+            # the cursor stays on its item while the filter changes (a toggle then hits the row it shows)
+            ids = [it.id for it in shown]
+            row = ids.index(keep_id) if keep_id in ids else min(max(keep, 0), t.row_count - 1)
+            t.move_cursor(row=row)
         self.refresh_counts()
 
     def refresh_marks(self) -> None:
@@ -137,21 +165,31 @@ class ForgetSetPane(Vertical):
         if event.input.id == "fs-search":
             self.query_one("#fs-table", DataTable).focus()
 
+    def on_search_input_back(self, event: SearchInput.Back) -> None:
+        event.stop()
+        self.query_one("#fs-table", DataTable).focus()
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "fs-open":
             self.post_message(ActionRequested("open_data"))
 
     def action_toggle_forget(self) -> None:
-        item_id = self.current_id()
-        if item_id:
-            self.post_message(self.Toggled(item_id, "forget"))
-            self._advance()
+        self._toggle("forget")
 
     def action_toggle_retain(self) -> None:
+        self._toggle("retain")
+
+    def _toggle(self, which: str) -> None:
+        """Toggle the row under the cursor, say what happened, and move to the next row."""
         item_id = self.current_id()
-        if item_id:
-            self.post_message(self.Toggled(item_id, "retain"))
-            self._advance()
+        if not item_id:
+            return
+        mine = self.ws.forget_ids if which == "forget" else self.ws.retain_ids
+        now = "out of" if item_id in mine else "into"
+        self.post_message(self.Toggled(item_id, which))
+        self.query_one("#fs-hint", Static).update(
+            f"[b]{escape(item_id)}[/b] {now} the {which} set · the cursor moved to the next row ↓")
+        self._advance()
 
     def action_focus_search(self) -> None:
         self.query_one("#fs-search", Input).focus()

@@ -7,7 +7,12 @@ from typing import Any
 from unlearn_tui.backends.compat import tomllib
 
 from rich.markup import escape
+from rich.segment import Segment
+from rich.style import Style as RichStyle
 from textual.app import ComposeResult
+from textual.strip import Strip
+from textual.widgets import OptionList
+from textual.widgets.option_list import OptionDoesNotExist
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Checkbox, Input, Label, Select, SelectionList, Static
@@ -38,6 +43,28 @@ def show_value(v: Any) -> str:
     return str(v)
 
 
+class CheckList(SelectionList):
+    """A SelectionList whose rows read ``[x] name`` / ``[ ] name`` (the stock toggle looks the same
+    checked or not; only its colour differs)."""
+
+    def _get_left_gutter_width(self) -> int:
+        return 4
+
+    def render_line(self, y: int) -> Strip:
+        line = OptionList.render_line(self, y)
+        _, scroll_y = self.scroll_offset
+        index = scroll_y + y
+        try:
+            selection = self.get_option_at_index(index)
+        except OptionDoesNotExist:
+            return line
+        on = selection.value in self._selected
+        base = next(iter(line)).style or self.rich_style
+        mark = self.get_component_rich_style("selection-list--button-selected" if on else "selection-list--button")
+        style = base + RichStyle(bold=on, color=mark.bgcolor if on else None, meta={"option": index})
+        return Strip([Segment("[x] " if on else "[ ] ", style=style), *line])
+
+
 class MethodPane(Vertical):
     class MethodsChanged(Message):
         """The methods to run, in order."""
@@ -66,12 +93,14 @@ class MethodPane(Vertical):
         self._method: str | None = None
         self._gen = 0
         self._revs = Revisions()
+        self._built: dict[str, str] = {}   # input id -> the text the form was built with
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="me-body"):
             with Vertical(id="me-left"):
-                yield Static("methods (space: use)", classes="section")
-                yield SelectionList(id="me-list")
+                yield Static("space: use/drop", classes="section")
+                yield CheckList(id="me-list")
+                yield Static("", id="me-selected", classes="hint")
                 yield Button("Import YAML…", id="me-yaml", compact=True)
             with Vertical(id="me-right"):
                 yield Static("", id="me-title", classes="section")
@@ -97,6 +126,7 @@ class MethodPane(Vertical):
                 self.refresh_all()
             else:
                 self._title(self._method)
+                self._show_selected()
 
     def refresh_all(self) -> None:
         from unlearn_tui.backends import methods
@@ -115,22 +145,46 @@ class MethodPane(Vertical):
         finally:
             self._building = False
         first = self._method if self._method in names else (chosen[0] if chosen else (names[0] if names else None))
+        values = [sl.get_option_at_index(i).value for i in range(sl.option_count)]
+        if first in values:
+            # the list's cursor on the method whose form is shown: the first Down moves from there
+            # (with no highlight, OptionList spends the first Down on highlighting row 0)
+            self._building = True
+            try:
+                sl.highlighted = values.index(first)
+            finally:
+                self._building = False
         self.show_form(first)
+        self._show_selected()
+
+    def _show_selected(self) -> None:
+        chosen = self._chosen()
+        self.query_one("#me-selected", Static).update(
+            "selected: " + escape(", ".join(chosen)) if chosen else "selected: none (space to use a method)")
 
     def on_selection_list_selection_toggled(self, event: SelectionList.SelectionToggled) -> None:
         if self._building:
             return
         self.post_message(self.MethodsChanged(list(event.selection_list.selected)))
-        self.show_form(event.selection.value)
+        self._show_selected()
+        if event.selection.value != self._method:
+            self.show_form(event.selection.value)
+        else:
+            self._title(self._method)
+        name = event.selection.value
+        used = name in event.selection_list.selected
+        self.notify(f"{name}: {'used' if used else 'not used'} · selected: "
+                    f"{', '.join(event.selection_list.selected) or 'none'}", timeout=2)
 
     def on_selection_list_selection_highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
-        if not self._building:
+        if not self._building and event.selection.value != self._method:
             self.show_form(event.selection.value)
 
     def show_form(self, name: str | None) -> None:
         from unlearn_tui.backends.params import describe
 
         self._method = name
+        self._built = {}
         self._gen = getattr(self, "_gen", 0) + 1
         g = self._gen
         form = self.query_one("#me-form", VerticalScroll)
@@ -157,6 +211,7 @@ class MethodPane(Vertical):
             else:
                 control = Input(show_value(value), id=wid, compact=True,
                                 placeholder="auto" if f.optional else f.type_name)
+                self._built[wid] = show_value(value)   # its Changed on mount is not an edit
             bounds = []
             if f.min is not None:
                 bounds.append(f"≥ {f.min:g}")
@@ -220,6 +275,8 @@ class MethodPane(Vertical):
         name = self._field(event.input.id)
         if name:
             event.stop()
+            if self._built.pop(event.input.id, None) == event.value:
+                return    # the form was just built with this text: opening a session does not change it
             self._set(name, parse_text(event.value), f"me-err{self._gen}-{name}")
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:

@@ -10,11 +10,7 @@ from textual.widgets import Button, ProgressBar, RichLog, Sparkline, Static
 from . import ActionRequested
 
 
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "--:--"
-    s = int(round(s))
-    return f"{s // 60:02d}:{s % 60:02d}" if s < 3600 else f"{s // 3600}h{(s % 3600) // 60:02d}m"
+BAR_STEPS = 1000   # the bar's total: it shows a weighted fraction (tui/progress.py), not a count
 
 
 class RunPane(Vertical):
@@ -61,24 +57,36 @@ class RunPane(Vertical):
     # ------------------------------------------------------------------ updates from the App
     def stage(self, stage: str, total: int | None, detail: str = "") -> None:
         self.query_one("#rn-stage", Static).update(f"[b]{escape(stage)}[/b] {escape(detail)}")
-        bar = self.query_one("#rn-bar", ProgressBar)
-        bar.update(total=total, progress=0)
+        self.query_one("#rn-bar", ProgressBar).update(total=BAR_STEPS if total else None, progress=0)
         self.query_one("#rn-item", Static).update(f"0/{total}" if total else "")
         self.query_one("#rn-eta", Static).update("")
 
     def progress(self, m) -> None:
-        bar = self.query_one("#rn-bar", ProgressBar)
-        bar.update(total=m.total, progress=m.done)
-        detail = f"  {escape(m.detail)}" if m.detail else ""
-        self.query_one("#rn-item", Static).update(f"item {m.done}/{m.total if m.total else '?'}{detail}")
-        self.query_one("#rn-eta", Static).update(
-            f"elapsed {fmt_seconds(m.elapsed_s)} · ETA {fmt_seconds(m.eta_s)}")
+        """A progress message: the loss values (the counts and clock come with :meth:`show`)."""
         if m.losses:
             self.losses.extend(m.losses)
             self.losses = self.losses[-self.MAX_LOSSES:]
             self.query_one("#rn-loss", Sparkline).data = list(self.losses)
             self.query_one("#rn-stage", Static).update(
                 f"[b]{escape(m.stage)}[/b]  loss {self.losses[-1]:.4g}")
+
+    def show(self, view) -> None:
+        """The current stage as :class:`tui.progress.View` (the bar is its weighted fraction; the App's
+        one-second timer calls this between events too, so elapsed and ETA tick)."""
+        bar = self.query_one("#rn-bar", ProgressBar)
+        if view.fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=BAR_STEPS, progress=round(view.fraction * BAR_STEPS))
+        if view.phase == "generating":
+            what = f"generating answers · {view.counts()} sequences"
+        elif view.phase == "scoring":
+            what = f"scoring answers · {view.counts()} sequences (then generating)"
+        else:
+            what = f"item {view.counts()}"
+        detail = f"  {escape(view.detail)}" if view.detail and not view.phase else ""
+        self.query_one("#rn-item", Static).update(escape(what) + detail)
+        self.query_one("#rn-eta", Static).update(view.clock())
 
     def reset_loss(self) -> None:
         self.losses = []
@@ -93,4 +101,8 @@ class RunPane(Vertical):
         self.query_one("#rn-log", RichLog).write(f"[{style}]{line}[/]" if style else line)
 
     def idle(self, text: str = "idle") -> None:
+        """No job: the stage line says ``text``; the bar, the item counter and the clock are cleared."""
         self.query_one("#rn-stage", Static).update(text)
+        self.query_one("#rn-bar", ProgressBar).update(total=1, progress=0)
+        self.query_one("#rn-item", Static).update("")
+        self.query_one("#rn-eta", Static).update("")

@@ -58,6 +58,13 @@ class TargetsPane(Vertical):
             super().__init__()
             self.merge_factor = merge_factor
 
+    class Reordered(Message):
+        """Move forget item ``item_id`` by ``delta`` places (merging groups in this order)."""
+
+        def __init__(self, item_id: str, delta: int) -> None:
+            super().__init__()
+            self.item_id, self.delta = item_id, delta
+
     class SelfImproveRequested(Message):
         """Let the model write targets: for ``item_id``, or (None) for every forget item."""
 
@@ -215,6 +222,10 @@ class TargetsPane(Vertical):
 
     def action_merge(self, delta: int) -> None:
         self.post_message(self.MergeFactorChanged(max(1, self.ws.session.targets.merge_factor + delta)))
+
+    def action_move(self, delta: int) -> None:
+        if self._current:
+            self.post_message(self.Reordered(self._current, delta))
 
     def action_reset_target(self) -> None:
         if self._current:
