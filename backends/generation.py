@@ -83,7 +83,8 @@ def plain_generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_to
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device), **kwargs)
+            dev = handle.input_device
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
         for row, i in enumerate(idx):
             out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
         if on_batch:
@@ -187,7 +188,7 @@ def plain_answer_stats(handle: ModelHandle, pairs: Sequence[tuple[list[int], lis
             idx = [live[g] for g in group]
             batch = [pairs[i] for i in idx]
             # inputs made outside inference mode: wrappers may keep the mask (CallTracker)
-            ids, mask = pad_right([list(p) + list(a) for p, a in batch], pad, device=handle.device)
+            ids, mask = pad_right([list(p) + list(a) for p, a in batch], pad, device=handle.input_device)
             width = ids.shape[1]
             rows, cols, gold_ids = [], [], []
             for r, (p, a) in enumerate(batch):

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import shutil
 import time
@@ -94,6 +95,171 @@ def pick_dtype(spec: str, device: str):
     if spec not in table:
         raise UserError(f'unknown dtype "{spec}"; expected auto, float32, bfloat16 or float16', "model.dtype")
     return table[spec]
+
+
+# --------------------------------------------------------------------------- placement (device_map)
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(size: str | int, where: str = "model.max_memory") -> int:
+    """``"20GiB"`` / ``"500MB"`` (units case-insensitive, always bytes) or an integer, as bytes."""
+    import re
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)\s*", str(size), re.IGNORECASE)
+    if m is None:
+        raise UserError(f'bad size "{size}"; expected a size such as "20GiB" or "500MB", or a number of bytes', where)
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _gpu_index(dev: str | int) -> int | None:
+    if isinstance(dev, int):
+        return dev
+    if dev == "cuda":
+        return 0
+    if dev.startswith("cuda:"):
+        return int(dev.split(":", 1)[1])
+    return None
+
+
+def _check_placement_device(dev: str | int, where: str) -> str | int:
+    """A device_map / max_memory device in accelerate's form (GPU index as an int); unavailable ones refused."""
+    import torch
+
+    idx = _gpu_index(dev)
+    if idx is not None:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if idx >= n:
+            raise UserError(f"GPU {idx} was asked for but this machine has {n} CUDA device(s)" +
+                            ("" if n else '; use "cpu" (or "disk")'), where)
+        return idx
+    if dev == "mps":
+        pick_device("mps")
+    return dev
+
+
+def placement_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """``device_map`` / ``max_memory`` as ``from_pretrained`` / accelerate take them ({} without device_map)."""
+    dm = getattr(spec, "device_map", None)
+    mm = getattr(spec, "max_memory", None) or {}
+    if dm is None:
+        if mm:
+            raise UserError("max_memory only applies with device_map; set model.device_map", "model.max_memory")
+        return {}
+    if spec.device != "auto":
+        raise UserError(f'device_map places the model, so it cannot be combined with device = "{spec.device}"; '
+                        'remove one of them (or set device = "auto")', "model.device_map")
+    out: dict[str, Any] = {}
+    if isinstance(dm, dict):
+        out["device_map"] = {k: _check_placement_device(v, _key_path("device_map", k)) for k, v in dm.items()}
+    else:
+        out["device_map"] = dm
+    if mm:
+        out["max_memory"] = {_check_placement_device(int(k) if str(k).isdigit() else k, _key_path("max_memory", k)):
+                             size_bytes(v, _key_path("max_memory", k)) for k, v in mm.items()}
+    out["offload_folder"] = str(_offload_dir())
+    return out
+
+
+def _key_path(table: str, key: str) -> str:
+    """``model.device_map."model.layers.3"`` (a session key path, so errors can name the file's line)."""
+    from .spec import format_path
+
+    return format_path(("model", table, key)) if key else f"model.{table}"
+
+
+def _offload_dir() -> Path:
+    """A fresh folder for the weights a device_map puts on "disk" (removed when the process ends)."""
+    import atexit
+    import tempfile
+
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _describe_modules(model) -> str:
+    names = [n for n, _ in model.named_children()]
+    return ", ".join(names[:6])
+
+
+def check_device_map(model, device_map: Any) -> None:
+    """A device_map table must name modules of the model and cover every parameter (one-line errors)."""
+    if not isinstance(device_map, dict):
+        return
+    for name in device_map:
+        if name == "":
+            continue
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f'"{name}" is not a module of this model; expected names such as '
+                            f"{_example_names(model)}", _key_path("device_map", name)) from None
+    keys = sorted(device_map, key=len, reverse=True)
+    for pname, _ in model.named_parameters():
+        if not any(k == "" or pname == k or pname.startswith(k + ".") for k in keys):
+            raise UserError(f'the device_map places no module holding the parameter "{pname}"; add its module '
+                            f"(or a parent of it) to the table", "model.device_map")
+
+
+def _example_names(model) -> str:
+    try:
+        from .arch import Adapter
+
+        ad = Adapter.for_model(model)
+        names = [ad.spec.embed, f"{ad.spec.layers}.0", f"{ad.spec.layers}.{ad.n_layers - 1}", ad.spec.final_norm,
+                 ad.spec.unembed]
+        return ", ".join(f'"{n}"' for n in names)
+    except Exception:  # noqa: BLE001 - only a hint
+        return _describe_modules(model)
+
+
+def dispatch(model, kwargs: dict[str, Any], dtype: Any = None, force_hooks: bool = False) -> None:
+    """Place an in-memory model (tiny, GGUF without a cache) with accelerate as ``from_pretrained`` would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    dm = kwargs["device_map"]
+    if isinstance(dm, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        mm = kwargs.get("max_memory")
+        if dm != "sequential":
+            mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=dm == "balanced_low_0")
+        dm = infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype)
+    check_device_map(model, dm)
+    try:
+        dispatch_model(model, device_map=dm, offload_dir=kwargs.get("offload_folder"), force_hooks=force_hooks)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"accelerate could not place the model with this device_map ({first[:200]})",
+                        "model.device_map") from None
+    model.hf_device_map = dict(dm)
+
+
+def _device_map_for_folder(where: str, kwargs: dict[str, Any], load_kwargs: dict[str, Any]) -> None:
+    """Check a device_map table against the model's skeleton (built on the meta device: no weights read)."""
+    if not isinstance(kwargs.get("device_map"), dict):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_kwargs = {k: v for k, v in load_kwargs.items() if k in ("trust_remote_code", "revision", "local_files_only")}
+    try:
+        cfg = AutoConfig.from_pretrained(where, **cfg_kwargs)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(cfg, trust_remote_code=cfg_kwargs.get("trust_remote_code",
+                                                                                               False))
+    except Exception:  # noqa: BLE001 - from_pretrained reports a model it cannot read
+        return
+    if getattr(skeleton.config, "tie_word_embeddings", False):
+        skeleton.tie_weights()
+    check_device_map(skeleton, kwargs["device_map"])
 
 
 # --------------------------------------------------------------------------- resolving
@@ -209,8 +375,9 @@ def _save_plain(model, folder: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
-    """Load a GGUF file, through the safetensors cache when it exists."""
+def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback, place: dict | None = None):
+    """Load a GGUF file, through the safetensors cache when it exists (``place``: device_map kwargs)."""
+    place = place or {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = _gguf_cache_dir(path)
@@ -218,8 +385,12 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
     if marker.is_file():
         try:
             tok = AutoTokenizer.from_pretrained(cache)
-            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+            if place:
+                _device_map_for_folder(str(cache), place, {})
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **place)
             return model, tok, True
+        except UserError:
+            raise
         except Exception as exc:  # a broken cache is rebuilt, never fatal
             on_event(Log(f"model cache {cache} unreadable ({exc}); rebuilding", "warning"))
             shutil.rmtree(cache, ignore_errors=True)
@@ -240,11 +411,17 @@ def _load_gguf(path: Path, dtype, tracker: Tracker, on_event: EventCallback):
                 {"version": CACHE_VERSION, "source": str(path), "created": time.time()}))
         # re-open the plain copy so the first load yields the same kind of model as every later one
         # (the GGUF-loaded object still carries a "quantized" marker that training code trips over)
-        plain = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        if place:
+            _device_map_for_folder(str(cache), place, {})
+        plain = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **place)
         return plain, AutoTokenizer.from_pretrained(cache), False
+    except UserError:
+        raise
     except Exception as exc:  # a cache we cannot write costs time, never the load
         on_event(Log(f"could not write the model cache ({exc}); the next load will dequantize again",
                      "warning"))
+    if place:
+        dispatch(model, place, dtype)
     return model, tok, False
 
 
@@ -260,16 +437,29 @@ def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel
         if arch not in tiny.ARCHS:
             raise UserError(f'unknown tiny model "{spec.name}"; expected one of '
                             f'{", ".join("tiny:" + a for a in tiny.ARCHS)}', "model.name")
+        place = placement_kwargs(spec)
         device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, device)
         handle = tiny.handle(arch)
-        if device != "cpu" or dtype != handle.dtype:
+        if place:
+            # tiny models are for tests: the hooks are attached even when the map names one device, so the
+            # accelerate paths (forward wrappers, offload) run on any machine
+            if dtype != handle.dtype:
+                handle.model.to(dtype=dtype)
+            dispatch(handle.model, place, dtype, force_hooks=True)
+            handle.device = str(handle.input_device)
+        elif device != "cpu" or dtype != handle.dtype:
             handle.model.to(device=device, dtype=dtype)
             handle.device = device
         tracker.step(3, detail="ready")
         return handle
     kind, where = resolve(spec.name, base_dir)
+    place = placement_kwargs(spec)
     device = pick_device(spec.device)
+    if place:   # the dtype follows the devices the map names (bfloat16 when a GPU is among them)
+        dm = place["device_map"]
+        on_gpu = any(_gpu_index(v) is not None for v in dm.values()) if isinstance(dm, dict) else device == "cuda"
+        device = "cuda" if on_gpu else device
     dtype = pick_dtype(spec.dtype, device)
     tracker.step(detail=f"{kind}: {where}")
     import torch  # noqa: F401  (heavy; imported only when a model is actually loaded)
@@ -277,7 +467,7 @@ def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel
 
     cached = False
     if kind == "gguf":
-        model, tok, cached = _load_gguf(Path(where), dtype, tracker, on_event)
+        model, tok, cached = _load_gguf(Path(where), dtype, tracker, on_event, place)
     else:
         kwargs = dict(trust_remote_code=spec.trust_remote_code)
         if spec.revision:
@@ -290,18 +480,27 @@ def load(spec: ModelSpec | None = None, on_event: EventCallback = ignore, cancel
                 kwargs["local_files_only"] = True
         try:
             tok = AutoTokenizer.from_pretrained(str(where), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **kwargs)
+            if place:
+                _device_map_for_folder(str(where), place, kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **kwargs, **place)
+        except UserError:
+            raise
         except Exception as exc:  # offline, missing, gated, not a causal LM ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f'could not load model "{spec.name}" ({first[:200]}); expected a built-in name '
                             f'({", ".join(BUILTIN_MODELS)}), a local model folder, a .gguf file, or a hub id '
                             f'reachable from this machine', "model.name") from None
-    tracker.step(detail="moving to " + device)
-    model.to(device)
+    if place:   # accelerate placed it (``hf_device_map``); nothing moves afterwards
+        tracker.step(detail="placed by device_map")
+    else:
+        tracker.step(detail="moving to " + device)
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     handle = ModelHandle(model, tok, name=spec.name, device=device, source=str(where), cached=cached)
+    if place:
+        handle.device = str(handle.input_device)
     tracker.step(detail="ready")
     return handle
 
@@ -475,6 +674,9 @@ class ModelHandle:
             with torch.no_grad():
                 for t in (self.adapter.final_norm().weight if hasattr(self.adapter.final_norm(), "weight")
                           else None, self.adapter.embed().weight, self.adapter.mlp_out(0).weight):
+                    if t is not None and t.device.type == "meta":   # offloaded: accelerate's copy
+                        name = next((n for n, p in self.model.named_parameters() if p is t), None)
+                        t = offloaded_value(self.model, name) if name else None
                     if t is not None:
                         h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
@@ -516,6 +718,105 @@ class ModelHandle:
     # ---- parameters
     def parameter(self, name: str):
         return self.model.get_parameter(name)
+
+    # ---- placement (single device, or accelerate's device_map)
+    @property
+    def device_map(self) -> dict | None:
+        """accelerate's placement (``hf_device_map``: module -> device or "disk"), None on one device."""
+        dm = getattr(self.model, "hf_device_map", None)
+        return dict(dm) if isinstance(dm, dict) else None
+
+    def _module_names(self) -> dict[int, str]:
+        names = getattr(self, "_names_by_id", None)
+        if names is None:
+            names = {id(m): n for n, m in self.model.named_modules()}
+            self._names_by_id = names
+        return names
+
+    def _hook_device(self, module_name: str):
+        """The execution device of the accelerate hook on ``module_name`` or its nearest ancestor (or None)."""
+        import torch
+
+        parts = module_name.split(".") if module_name else []
+        for i in range(len(parts), -1, -1):
+            try:
+                mod = self.model.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            hook = getattr(mod, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+                dev = getattr(h, "execution_device", None)
+                if dev is not None:
+                    return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        return None
+
+    def device_of(self, what: str | int | Any):
+        """The device where a parameter, a module (dotted name or the module itself) or a layer (an int) computes.
+
+        A parameter or module that holds real tensors: the device of those
+        tensors (a module: its first parameter, or buffer).  One that a
+        device_map offloaded (its tensors are on ``meta``; accelerate brings
+        them in for each forward): the execution device of its accelerate hook.
+        """
+        import torch
+
+        if isinstance(what, int):
+            what = self.adapter.block_name(what)
+        if not isinstance(what, str):
+            name = self._module_names().get(id(what))
+            if name is None:   # modules were swapped since (LoRA, a fine-tune): look again
+                self._names_by_id = None
+                name = self._module_names().get(id(what))
+            if name is None:   # not part of the model: its own tensors say
+                t = next(itertools.chain(what.parameters(), what.buffers()), None)
+                return t.device if t is not None else torch.device(self.device)
+            what = name
+        module_name, tensors = what, []
+        try:
+            tensors = [self.model.get_parameter(what)]
+            module_name = what.rsplit(".", 1)[0] if "." in what else ""
+        except AttributeError:
+            mod = self.model.get_submodule(what)   # AttributeError: neither a parameter nor a module
+            tensors = list(itertools.islice(itertools.chain(mod.parameters(), mod.buffers()), 1))
+        for t in tensors:
+            if t.device.type != "meta":
+                return t.device
+        dev = self._hook_device(module_name)
+        if dev is not None:
+            return dev
+        return tensors[0].device if tensors else torch.device(self.device)
+
+    def layer_device(self, layer: int):
+        """The device of block ``layer`` (where its keys, values, statistics and updates live)."""
+        return self.device_of(self.adapter.block_name(layer))
+
+    @property
+    def input_device(self):
+        """Where input ids go: the device the model's accelerate root hook runs on, else the embedding's."""
+        dev = self._hook_device("") if self.device_map is not None else None
+        return dev if dev is not None else self.device_of(self.adapter.embed())
+
+    def is_offloaded(self, name: str) -> bool:
+        """Whether a parameter has no storage on a device (a device_map put it on "disk" or offloaded it)."""
+        return self.parameter(name).device.type == "meta"
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the model computes on (offloaded parts count as their execution device), sorted."""
+        found = {str(self.device_of(n)) for n, m in self.model.named_modules()
+                 if next(m.parameters(recurse=False), None) is not None}
+        return sorted(found)
+
+    def placement(self) -> str:
+        """One line: where the model is (devices, and what a device_map offloaded)."""
+        dm = self.device_map
+        if dm is None:
+            return f"{self.device}, {str(self.dtype).replace('torch.', '')}"
+        counts: dict[str, int] = {}
+        for v in dm.values():
+            counts[str(v)] = counts.get(str(v), 0) + 1
+        where = ", ".join(f"{k}: {n} module(s)" for k, n in sorted(counts.items()))
+        return f"device_map ({where}); inputs on {self.input_device}, {str(self.dtype).replace('torch.', '')}"
 
     # ---- wrappers
     def add_wrapper(self, wrapper: Any) -> None:
@@ -562,8 +863,18 @@ class ModelHandle:
             tx.capture_after()
 
 
+def _snapshot(p: Any) -> Any:
+    """A copy of a parameter's values in CPU memory (a GPU's memory is kept for the model; undo is exact:
+    the same dtype, copied back with ``copy_``)."""
+    return p.detach().to("cpu", copy=True)
+
+
 class Transaction:
     """Snapshot of touched parameters and wrapper state; undo/redo.
+
+    Parameter snapshots live in CPU memory, whatever device the parameter is
+    on (:func:`_snapshot`); a parameter a device_map offloaded cannot be
+    edited (a one-line error names it).
 
     Parameters: the named parameters are cloned at the start (``before``) and,
     once kept, at the end (``after``).  Wrappers: the installed wrappers are
@@ -588,9 +899,14 @@ class Transaction:
         self.before = {}
         for n in self.names:
             try:
-                self.before[n] = handle.parameter(n).detach().clone()
+                p = handle.parameter(n)
             except AttributeError:
                 raise UserError(f'the model has no parameter "{n}"', "transaction") from None
+            if p.device.type == "meta":
+                module = n.rsplit(".", 1)[0]
+                raise UserError(f'"{n}" is offloaded by model.device_map (accelerate keeps its values outside the '
+                                f'model); put "{module}" (or its block) on a device to edit it', "model.device_map")
+            self.before[n] = _snapshot(p)
         self.wrappers_before = list(handle.wrappers)
         self._snapshots: dict[int, tuple[dict, dict] | None] = {id(w): _wrapper_state(w)
                                                                  for w in self.wrappers_before}
@@ -670,7 +986,7 @@ class Transaction:
     def capture_after(self) -> None:
         if not self.finished:
             self.finish()
-        self.after = {n: self.handle.parameter(n).detach().clone() for n in self.names}
+        self.after = {n: _snapshot(self.handle.parameter(n)) for n in self.names}
 
     def undo(self) -> None:
         if self.after is None:
@@ -701,5 +1017,28 @@ def state_hash(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
+        if v.device.type == "meta":   # offloaded by a device_map: the values accelerate keeps for it
+            v = offloaded_value(model, k)
+            if v is None:
+                h.update(b"meta")
+                continue
         h.update(v.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def offloaded_value(model, name: str) -> Any:
+    """The values accelerate keeps for an offloaded tensor ``name`` (its hook's weights map), or None."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        mod = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    hook = getattr(mod, "_hf_hook", None)
+    for hk in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        wm = getattr(hk, "weights_map", None)
+        if wm is not None:
+            try:
+                return wm[leaf]
+            except KeyError:
+                continue
+    return None

@@ -108,7 +108,7 @@ class _Runner:
     def __init__(self, handle: ModelHandle) -> None:
         self.h = handle
         self.model = handle.model
-        self.dev = handle.device
+        self.dev = handle.input_device
         self.pad = handle.tokenizer.pad_token_id
         self.kw = cache_kwarg(self.model)
         self.captured: list = []
@@ -268,14 +268,15 @@ def greedy(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: in
     for p in prompts:
         uses[tuple(p)] = uses.get(tuple(p), 0) + 1
     adapter = handle.adapter
-    eos_t = torch.tensor(sorted(eos_set), dtype=torch.long, device=handle.device)
+    dev_in = handle.input_device
+    eos_t = torch.tensor(sorted(eos_set), dtype=torch.long, device=dev_in)
     suppress = list(getattr(model.generation_config, "suppress_tokens", None) or [])
 
     def pick(hidden: Any) -> Any:
         logits = adapter.unembed_logits(hidden).float()
         if suppress:   # the one logits processor honoured here (as generate's SuppressTokensLogitsProcessor)
             logits[:, suppress] = float("-inf")
-        return logits.argmax(-1)
+        return logits.argmax(-1).to(dev_in)   # the unembedding may sit on another device (device_map)
 
     with _Runner(handle) as run, torch.inference_mode():
         n_prefix, prefix_cache = run.prefix(distinct) if distinct else (0, None)

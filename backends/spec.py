@@ -36,6 +36,14 @@ DEFAULT_DUMMY = "I have no information about that."
 
 DEVICE_PATTERN = r"auto|cpu|mps|cuda|cuda:[0-9]+"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""``[model] device_map`` strategies (accelerate's); a table ``module = device`` is the other form."""
+MAP_DEVICE_PATTERN = r"cpu|disk|mps|cuda|cuda:[0-9]+"
+"""A device a ``device_map`` table may place a module on (a GPU index as an integer works too)."""
+MEMORY_DEVICE_PATTERN = r"cpu|disk|mps|cuda|cuda:[0-9]+|[0-9]+"
+"""A ``[model.max_memory]`` key."""
+MEMORY_SIZE_PATTERN = r"[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)"
+"""A ``[model.max_memory]`` size ("20GiB", "500MB"; case-insensitive); an integer is bytes."""
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "parquet", "tofu", "pistol", "easyedit", "hub")
 DATA_PREFIXES = ("builtin:", "hub:")
 
@@ -88,6 +96,11 @@ class ModelConfig:
     dtype: str = key("auto", " | ".join(DTYPES), choices=DTYPES)
     trust_remote_code: bool = key(False, "run code shipped with the model (only if you trust it)")
     revision: str | None = key(None, 'hub revision; "" = default', empty="")
+    # last: a table form must follow the plain keys in a written file
+    device_map: str | dict[str, str | int] | None = key(
+        None, f'{" | ".join(DEVICE_MAPS)} | a table module = device (accelerate)', omit_empty=True)
+    max_memory: dict[str, str | int] = key(help='per device with device_map, e.g. cuda:0 = "20GiB", cpu = "64GiB"',
+                                           factory=dict, omit_empty=True)
 
 
 @dataclass
@@ -136,6 +149,8 @@ class EvalConfig:
     max_new_tokens: int = key(32, "1..1024", range=(1, 1024))
     batch_size: int = key(16, "1..1024", range=(1, 1024))
     top_k: int = key(100, "top-hit@k, 1..100000", range=(1, 100000))
+    # where the app keeps this session's results (a JSON file, relative to the session file); written by the app
+    results: str | None = key(None, "results file the app writes beside the session", omit_empty=True)
 
 
 FINETUNE_DATA = ("forget+retain", "retain", "all")
@@ -149,8 +164,6 @@ FINETUNE_LR_LORA = 1e-3
 @dataclass
 class FinetuneConfig:
     """``[finetune]``: teach the base model the facts before the baseline (the fine-tuned-knowledge setting).
-    # where the app keeps this session's results (a JSON file, relative to the session file); written by the app
-    results: str | None = key(None, "results file the app writes beside the session", omit_empty=True)
 
     PISTOL-style: the model is fine-tuned on question -> answer pairs (loss on
     the answer tokens only) until the mean ROUGE-1 recall of its greedy answers

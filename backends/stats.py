@@ -170,7 +170,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _kind(handle: ModelHandle) -> str:
-    return "cuda" if str(handle.device).startswith("cuda") else "cpu"
+    return "cuda" if str(handle.input_device).startswith("cuda") else "cpu"
 
 
 def key_pass_groups(handle: ModelHandle) -> int:
@@ -292,7 +292,7 @@ def _sample_group(handle: ModelHandle, prompts: dict[int, list[int]], seq_len: i
     limits = [seq_len - len(prompts[j]) for j in live]
     steps = max(limits)
     alive = [sum(1 for n in limits if n > t) for t in range(steps)]   # rows still short of seq_len at step t
-    ids, mask = pad_left([prompts[j] for j in live], tok.pad_token_id, handle.device)
+    ids, mask = pad_left([prompts[j] for j in live], tok.pad_token_id, handle.input_device)
     width = ids.shape[1]
     progress.add(sum(len(prompts[j]) for j in live))
     u = torch.stack([_row_uniforms(seed, j, steps) for j in live]).to(ids.device)
@@ -525,7 +525,8 @@ def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CO
     layers = [ad.check_layer(l, "stats.layers") for l in layers]
     names = {l: ad.mlp_out_name(l) for l in layers}
     d = ad.mlp_width
-    acc = {l: torch.zeros(d, d, dtype=torch.float32, device=handle.device) for l in layers}
+    # each layer's statistics accumulate on that layer's device (where its keys are read)
+    acc = {l: torch.zeros(d, d, dtype=torch.float32, device=handle.device_of(names[l])) for l in layers}
     prev: dict = {}
     count = 0
     converged = False
@@ -563,13 +564,14 @@ def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CO
         todo = [g for g in groups if any(k is None or any(n not in k for n in names.values()) for _, k in g)]
         fwd = {id(g) for g in todo}
         if todo:
-            ids, mask = pad_right([c for g in todo for c, _ in g], pad, handle.device)
+            ids, mask = pad_right([c for g in todo for c, _ in g], pad, handle.input_device)
             with torch.no_grad(), capture(handle.model, list(names.values()), "input") as got, \
                     stop_after(handle.model, names[max(layers)]):
                 # the forward ends at the deepest layer's key: no later blocks, no (batch, seq, vocab) logits
                 handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
             sel_all = mask.bool()
-            passed = {l: got[name][0][sel_all] for l, name in names.items()}   # (tokens, d), corpus order
+            passed = {l: got[name][0][sel_all.to(got[name][0].device)]   # (tokens, d), corpus order
+                      for l, name in names.items()}
         start = 0
         for group in groups:
             n = sum(len(c) for c, _ in group)
@@ -577,7 +579,7 @@ def compute(handle: ModelHandle, layers: Sequence[int], corpus: str = DEFAULT_CO
                 for l, name in names.items():
                     k = passed[l][start:start + n] if id(group) in fwd else \
                         torch.cat([keys[name] for _, keys in group])
-                    k = k.float()
+                    k = k.to(device=acc[l].device, dtype=torch.float32)
                     acc[l].addmm_(k.T, k)
             if id(group) in fwd:
                 start += n
@@ -620,13 +622,13 @@ def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEF
                             f"has {', '.join(map(str, sorted(loaded)))}", "stats.corpus")
         info.cached_layers = list(layers)
         info.seconds = time.perf_counter() - t0
-        return {l: loaded[l].to(handle.device) for l in layers}, info
+        return {l: loaded[l].to(_layer_device(handle, l)) for l in layers}, info
     todo = []
     key = corpus_key(corpus) if use_cache else None
     for l in layers:
         got = _load(cache_file(handle, corpus, token_budget, l, key)) if use_cache else None
         if got is not None:
-            out[l] = got[0].to(handle.device)
+            out[l] = got[0].to(_layer_device(handle, l))
             info.cached_layers.append(l)
             info.tokens = max(info.tokens, int(got[1].get("tokens", 0)))
         else:
@@ -644,6 +646,11 @@ def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str = DEF
                        "budget": token_budget, "tokens": count, "converged": conv, "tol": tol})
     info.seconds = time.perf_counter() - t0
     return out, info
+
+
+def _layer_device(handle: ModelHandle, layer: int) -> Any:
+    """Where layer ``layer``'s statistics live: the device of its MLP output projection."""
+    return handle.device_of(handle.adapter.mlp_out_name(layer))
 
 
 def nullspace_basis(handle: ModelHandle, layer: int, cov: Any, threshold: float, relative: bool = False,

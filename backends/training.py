@@ -488,7 +488,7 @@ def train(handle: ModelHandle, objective: FineTune, cfg: TrainConfig, params: li
         raise UserError(f'"{name}" needs retain data and the retain split is empty; set [data] retain '
                         'to a number, a list of ids or "rest"', "data.retain")
     model = handle.model
-    device = next(model.parameters()).device
+    device = handle.input_device   # the embedding's (a device_map may put the first parameters elsewhere)
     pad_id = handle.tokenizer.pad_token_id
     res = TrainResult()
     if reference is not None:

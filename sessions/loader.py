@@ -22,7 +22,11 @@ from unlearn_tui.backends.errors import UserError
 from unlearn_tui.backends.fileio import clean_stale_temps
 from unlearn_tui.backends.params import unknown_key_message
 from unlearn_tui.backends.spec import (
+    DEVICE_MAPS,
     FINETUNE_DATA,
+    MAP_DEVICE_PATTERN,
+    MEMORY_DEVICE_PATTERN,
+    MEMORY_SIZE_PATTERN,
     MISSING,
     SUPPORTED_VERSIONS,
     DataConfig,
@@ -281,7 +285,55 @@ def _model(c: _Checker, root: dict) -> ModelConfig:
         dtype=c.string(t, kp, "dtype", _default(M, "dtype"), **_MODEL_RULES["dtype"]),
         trust_remote_code=c.boolean(t, kp, "trust_remote_code", _default(M, "trust_remote_code")),
         revision=c.string(t, kp, "revision", _default(M, "revision"), allow_empty=True) or None,
+        **_placement(c, t, kp),
     )
+
+
+def _placement(c: _Checker, t: dict, kp: tuple) -> dict[str, Any]:
+    """``device_map`` (a strategy or a table ``module = device``) and ``max_memory`` (``device = size``)."""
+    out: dict[str, Any] = {}
+    dm = t.get("device_map", _MISSING)
+    dkp = kp + ("device_map",)
+    shape = f"{', '.join(DEVICE_MAPS)} or a table of module = device"
+    if dm is not _MISSING:
+        if isinstance(dm, str):
+            if dm not in DEVICE_MAPS:
+                c.fail(dkp, f"{_choices_message(dm, DEVICE_MAPS)}; or a table of module = device")
+        elif isinstance(dm, dict):
+            if not dm:
+                c.fail(dkp, f"expected {shape}, got an empty table")
+            for module, dev in dm.items():
+                ok = (isinstance(dev, int) and not isinstance(dev, bool) and dev >= 0) or (
+                    isinstance(dev, str) and re.fullmatch(MAP_DEVICE_PATTERN, dev) is not None)
+                if not ok:
+                    c.fail(dkp + (module,), f"unknown device {format_value(dev)} for module {format_value(module)}; "
+                                            "expected cpu, cuda, cuda:N, mps, disk or a GPU index")
+            dm = dict(dm)
+        else:
+            c.fail(dkp, f"expected {shape}, got {format_value(dm)}")
+        device = t.get("device", _default(ModelConfig, "device"))
+        if device != "auto":
+            c.fail(dkp, f"device_map places the model, so it cannot be combined with device = {format_value(device)}; "
+                        'remove one of them (or set device = "auto")')
+        out["device_map"] = dm
+    mm = t.get("max_memory", _MISSING)
+    mkp = kp + ("max_memory",)
+    if mm is not _MISSING:
+        if not isinstance(mm, dict):
+            c.fail(mkp, f'expected a table of device = size (e.g. cpu = "8GiB"), got {format_value(mm)}')
+        for dev, size in mm.items():
+            if not re.fullmatch(MEMORY_DEVICE_PATTERN, dev):
+                c.fail(mkp + (dev,), f"unknown device {format_value(dev)}; expected cpu, cuda:N, N (a GPU index), "
+                                     "mps or disk")
+            ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+                isinstance(size, str) and re.fullmatch(MEMORY_SIZE_PATTERN, size.strip(), re.IGNORECASE) is not None)
+            if not ok:
+                c.fail(mkp + (dev,), f'bad size {format_value(size)} for {dev}; expected a size such as "20GiB" or '
+                                     '"500MB", or a number of bytes')
+        if mm and dm is _MISSING:
+            c.fail(mkp, 'max_memory only applies with device_map; add device_map = "auto" (or remove max_memory)')
+        out["max_memory"] = dict(mm)
+    return out
 
 
 def _data_source(c: _Checker, pkp: tuple, path: str) -> None:

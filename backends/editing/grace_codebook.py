@@ -198,7 +198,7 @@ class GraceCodebook(HookedWrapper):
     def describe_query(self, handle: ModelHandle, question: str) -> dict:
         if len(self) == 0:
             return {"grace_hit": 0.0}
-        ids = torch.tensor([handle.prompt_ids(question)], device=handle.device)
+        ids = torch.tensor([handle.prompt_ids(question)], device=handle.input_device)
         with torch.no_grad():
             handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         info = self.last_info or {"hit": [False], "dist": [float("nan")], "radius": [float("nan")]}
@@ -268,7 +268,7 @@ def mlp_io(handle: ModelHandle, layer: int, prompt_ids: list[int]) -> tuple[torc
     from .hooks import capture, stop_after
 
     name = handle.adapter.mlp_name(layer)
-    ids = torch.tensor([prompt_ids], device=handle.device)
+    ids = torch.tensor([prompt_ids], device=handle.input_device)
     with capture(handle.model, [name], "input") as i_st, capture(handle.model, [name], "output") as o_st, \
             stop_after(handle.model, name), torch.no_grad():
         handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -282,11 +282,12 @@ def key_scale(handle: ModelHandle, layer: int, prompts: list[list[int]]) -> floa
     from .hooks import capture, stop_after
 
     name = handle.adapter.mlp_name(layer)
-    ids, mask = pad_right(prompts, handle.tokenizer.pad_token_id or 0, handle.device)
+    ids, mask = pad_right(prompts, handle.tokenizer.pad_token_id or 0, handle.input_device)
     with capture(handle.model, [name], "input") as st, stop_after(handle.model, name), torch.no_grad():
         handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=ids.device)
-    keys = st[name][0][torch.arange(len(prompts), device=ids.device), last].float()
+    got = st[name][0]   # on the layer's device
+    last = torch.tensor([len(p) - 1 for p in prompts], device=got.device)
+    keys = got[torch.arange(len(prompts), device=got.device), last].float()
     return float(keys.norm(dim=-1).mean())
 
 
@@ -351,8 +352,8 @@ class _ReplayedEdit:
         self.runner, self.gold = runner, gold
         last = len(prompt) - 1
         seq = list(prompt) + list(tgt[:-1])
-        self.ids = torch.tensor([seq[last:]], device=h.device)
-        self.mask = torch.ones((1, len(seq)), dtype=torch.long, device=h.device)
+        self.ids = torch.tensor([seq[last:]], device=h.input_device)
+        self.mask = torch.ones((1, len(seq)), dtype=torch.long, device=h.input_device)
         # one pass over the whole sequence: blocks 0..L-1's outputs and the MLP's input and output recorded,
         # then the KV cache cut back to the prefix
         runner.header()   # built (once per apply) before the recording hooks go on
@@ -419,10 +420,12 @@ class _SuffixEdit:
         r = self.runner
         if self.prep is None:
             self.rows, self.pos, _ = self.batch.target_positions()
-            self.repl = self.batch.from_prompt_end_mask().to(r.handle.device)
+            self.repl = self.batch.from_prompt_end_mask().to(r.handle.device_of(r.mlp))   # meets the MLP output
             self.prep = r.suffix.prepare(self.batch.ids, self.batch.mask)
         repl = self.repl
-        hd = r.mlp.register_forward_hook(lambda m, args, out: torch.where(repl[:, :, None], v.to(out.dtype), out))
+        hd = r.mlp.register_forward_hook(lambda m, args, out: torch.where(repl[:, :, None].to(out.device),
+                                                                          v.to(device=out.device, dtype=out.dtype),
+                                                                          out))
         try:
             return r.suffix.logits(self.prep, self.rows, self.pos)
         finally:
@@ -479,7 +482,7 @@ class ValueRunner:
             n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             if n >= 2:
                 with torch.no_grad():
-                    out = self.handle.model(input_ids=torch.tensor([a[:n]], device=self.handle.device),
+                    out = self.handle.model(input_ids=torch.tensor([a[:n]], device=self.handle.input_device),
                                             use_cache=True, **self._keep)
                 past = output_cache(out)
                 if past is not None:
@@ -489,7 +492,7 @@ class ValueRunner:
     def forward(self, ids: list[int], upto: int) -> tuple[Any, int]:
         """The model on ``ids`` into a KV cache (no grad), the shared header from its cache when ``ids`` start
         with it and it ends by column ``upto``: (the output, how many leading tokens came from that cache)."""
-        model, dev = self.handle.model, self.handle.device
+        model, dev = self.handle.model, self.handle.input_device
         head = self.header()
         with torch.no_grad():
             if head is None or len(head[0]) > upto or ids[:len(head[0])] != head[0]:
@@ -502,7 +505,7 @@ class ValueRunner:
     # ---- one edit ------------------------------------------------------------------------------
     def edit(self, prompt: list[int], tgt: list[int]) -> _ReplayedEdit | _SuffixEdit:
         """Key, warm start and target logits of one edit (``prompt`` then ``tgt``, the end token included)."""
-        gold = torch.tensor(tgt, dtype=torch.long, device=self.handle.device)
+        gold = torch.tensor(tgt, dtype=torch.long, device=self.handle.input_device)
         if self.replayed is not False and prompt and tgt:
             if self.replayed:
                 return _ReplayedEdit(self, prompt, tgt, gold)
@@ -522,7 +525,7 @@ class ValueRunner:
         noise = torch.randn(e.out0.shape, generator=g).to(e.out0.device)
         probe = e.out0 + noise * (0.5 * max(float(e.out0.norm()), 1e-3) / float(noise.norm()))
         last = len(prompt) - 1
-        ids = torch.tensor([list(prompt) + list(tgt[:-1])], device=h.device)
+        ids = torch.tensor([list(prompt) + list(tgt[:-1])], device=h.input_device)
         seen: dict[str, torch.Tensor] = {}
 
         def full_hook(m, args, out):
@@ -623,6 +626,8 @@ def train_value(edit: _ReplayedEdit | _SuffixEdit, cfg: GraceConfig,
     for it in range(cfg.n_iter):
         opt.zero_grad(set_to_none=True)
         lg = edit.logits(v).float()
+        if gold.device != lg.device:   # the logits' device (the model's output device)
+            gold = gold.to(lg.device)
         nll = torch.nn.functional.cross_entropy(lg, gold)
         nll_v, iters = float(nll.detach()), it + 1
         if nll_v <= cfg.stop_loss or produces_target(lg.detach(), gold, margin):

@@ -64,7 +64,7 @@ def keys_at(handle: ModelHandle, layers: Sequence[int], prompts: Sequence[EditPr
     stop_name = None if deepest is None else ad.block_name(deepest)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, mask = pad_right([p.ids for p in chunk], pad, handle.device)
+        ids, mask = pad_right([p.ids for p in chunk], pad, handle.input_device)
         rows = torch.arange(len(chunk), device=ids.device)
         idx = torch.tensor([p.index for p in chunk], device=ids.device)
         with capture(handle.model, list(in_names.values()), "input") as ki, \
@@ -72,10 +72,13 @@ def keys_at(handle: ModelHandle, layers: Sequence[int], prompts: Sequence[EditPr
                 stop_after(handle.model, stop_name):
             # blocks after the deepest layer read, and the (batch, seq, vocab) logits, are never computed
             handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        # each layer's tensors stay on that layer's device (a device_map may spread the layers)
         for l, n in in_names.items():
-            keys[l].append(ki[n][0][rows, idx].float())
+            t = ki[n][0]
+            keys[l].append(t[rows.to(t.device), idx.to(t.device)].float())
         for l, n in out_names.items():
-            outs[l].append(ko[n][0][rows, idx].float())
+            t = ko[n][0]
+            outs[l].append(t[rows.to(t.device), idx.to(t.device)].float())
     return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in outs.items()})
 
 

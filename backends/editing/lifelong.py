@@ -149,7 +149,7 @@ class SeqBatch:
 def sequence_batch(handle: ModelHandle, prompts: Sequence[list[int]], targets: Sequence[list[int]]) -> SeqBatch:
     pad = handle.tokenizer.pad_token_id or 0
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
-    ids, mask = pad_right(seqs, pad, handle.device)
+    ids, mask = pad_right(seqs, pad, handle.input_device)
     return SeqBatch(ids, mask, [len(p) for p in prompts], [len(s) for s in seqs])
 
 
@@ -198,9 +198,9 @@ class SuffixRunner:
     def _affine(self, shape: tuple[int, int, int], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) with block0_input = scale * inputs_embeds + offset."""
         dt = self.handle.dtype
-        zeros = torch.zeros(shape, dtype=dt, device=self.handle.device)
+        zeros = torch.zeros(shape, dtype=dt, device=self.handle.input_device)
         off = self._block_input(self.block0, inputs_embeds=zeros, attention_mask=mask)
-        ones = torch.ones(shape, dtype=dt, device=self.handle.device)
+        ones = torch.ones(shape, dtype=dt, device=self.handle.input_device)
         scale = (self._block_input(self.block0, inputs_embeds=ones, attention_mask=mask) - off).mean()
         return scale, off
 
@@ -209,7 +209,7 @@ class SuffixRunner:
             return Prepared(ids, mask, None)
         h = self._block_input(self.block, input_ids=ids, attention_mask=mask)
         scale, off = self._affine(tuple(h.shape), mask)
-        prep = Prepared(ids, mask, ((h - off) / scale).detach())
+        prep = Prepared(ids, mask, ((h - off.to(h.device)) / scale.to(h.device)).detach())
         if self.fast is None:
             self.fast = self._verify(prep)
             if not self.fast:
@@ -222,7 +222,7 @@ class SuffixRunner:
             rows = torch.arange(prep.ids.shape[0])
             pos = prep.mask.sum(1).long().cpu() - 1
             mine = self.logits(prep, rows, pos)
-            ref = full[rows, pos.to(full.device)]
+            ref = full[rows.to(full.device), pos.to(full.device)].to(mine.device)
         tol = 1e-3 * max(1.0, float(ref.abs().max()))
         return bool(torch.isfinite(mine).all()) and float((mine - ref).abs().max()) <= tol
 

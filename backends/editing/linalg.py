@@ -4,7 +4,10 @@ Notation: ``W`` is an MLP output projection as ``(d_out, d_in)``; keys ``K``
 are ``(d_in, n)`` columns; ``R`` are the wanted output changes ``(d_out, n)``;
 ``C`` is the uncentred second moment ``E[k k^T]`` of keys over a corpus
 (:mod:`backends.stats`).  All solves run in float64 for stability and return
-float32.
+float32, on the device of the keys ``K`` (the edited layer's device): CPU and
+CUDA solve there; MPS has no float64, so its solves run on the CPU
+(:func:`solve_device`) and the result comes back to the keys' device.  Every
+operand is moved to that device first (a no-op when it is already there).
 
 * ROME (rank one):  ``dW = r u^T / (u . k)`` with ``u = C^-1 k`` (or ``u = k``
   without the covariance adjustment), so ``dW k = r`` exactly.
@@ -29,12 +32,23 @@ from __future__ import annotations
 import torch
 
 
+def solve_device(device: torch.device | str) -> torch.device:
+    """Where a float64 solve for tensors on ``device`` runs: that device, or the CPU for MPS (no float64)."""
+    d = torch.device(device)
+    return torch.device("cpu") if d.type == "mps" else d
+
+
+def _f64(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    return t.to(device=dev, dtype=torch.float64)
+
+
 def rome_update(k: torch.Tensor, r: torch.Tensor, cov: torch.Tensor | None = None,
                 cov_weight: float = 1.0) -> torch.Tensor:
     """Rank-one ``dW`` with ``dW k = r``; ``cov`` (if given) shapes the left vector."""
-    k64 = k.double().flatten()
+    dev = solve_device(k.device)
+    k64 = _f64(k, dev).flatten()
     if cov is not None:
-        a = cov.double() * cov_weight
+        a = _f64(cov, dev) * cov_weight
         a = a + 1e-6 * a.diagonal().mean().clamp_min(1e-12) * torch.eye(a.shape[0], dtype=a.dtype,
                                                                           device=a.device)
         u = torch.linalg.solve(a, k64)
@@ -42,7 +56,7 @@ def rome_update(k: torch.Tensor, r: torch.Tensor, cov: torch.Tensor | None = Non
         u = k64.clone()
     u = u / u.norm()
     denom = torch.dot(u, k64)
-    return (torch.outer(r.double().flatten(), u) / denom).float()
+    return (torch.outer(_f64(r, dev).flatten(), u) / denom).to(device=k.device, dtype=torch.float32)
 
 
 def multi_key_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,9 +71,10 @@ def multi_key_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor | None 
     this is exactly :func:`rome_update`.  ``U^T K`` is ``m x m``; a tiny ridge
     (1e-6 of its mean diagonal) keeps it invertible when two keys coincide.
     """
-    K64, R64 = K.double(), R.double()
+    dev = solve_device(K.device)
+    K64, R64 = _f64(K, dev), _f64(R, dev)
     if cov is not None:
-        a = cov.double()
+        a = _f64(cov, dev)
         a = a + 1e-6 * a.diagonal().mean().clamp_min(1e-12) * torch.eye(a.shape[0], dtype=a.dtype,
                                                                           device=a.device)
         U = torch.linalg.solve(a, K64)
@@ -68,24 +83,26 @@ def multi_key_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor | None 
     g = U.T @ K64
     g = g + 1e-6 * g.diagonal().abs().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype,
                                                                             device=g.device)
-    return (R64 @ torch.linalg.solve(g, U.T)).float()
+    return (R64 @ torch.linalg.solve(g, U.T)).to(device=K.device, dtype=torch.float32)
 
 
 def memit_update(K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
     """``R K^T (lam C + K K^T)^-1`` as ``(d_out, d_in)``."""
-    K64, R64 = K.double(), R.double()
-    a = cov.double() if cov.dtype != torch.float64 else cov.clone()
+    dev = solve_device(K.device)
+    K64, R64 = _f64(K, dev), _f64(R, dev)
+    a = _f64(cov, dev)
+    a = a.clone() if a is cov else a
     a.mul_(lam).addmm_(K64, K64.T)                        # in place: one d_in^2 float64 matrix, not three
     # (lam C + K K^T) is symmetric: solve A X = K R^T, dW = X^T
     x = torch.linalg.solve(a, K64 @ R64.T)
-    return x.T.float()
+    return x.T.to(device=K.device, dtype=torch.float32)
 
 
 def nullspace_basis(cov: torch.Tensor, threshold: float, relative: bool = False) -> tuple[torch.Tensor, int]:
     """(``U``: orthonormal eigenvectors of ``cov`` with eigenvalue < threshold as ``(d, r)`` float32, ``r``)."""
-    evals, evecs = torch.linalg.eigh(cov.double())
+    evals, evecs = torch.linalg.eigh(_f64(cov, solve_device(cov.device)))
     cut = threshold * float(evals.max()) if relative else threshold
-    u = evecs[:, evals < cut].float().contiguous()
+    u = evecs[:, evals < cut].to(device=cov.device, dtype=torch.float32).contiguous()
     return u, int(u.shape[1])
 
 
@@ -102,12 +119,13 @@ def alphaedit_update(K: torch.Tensor, R: torch.Tensor, U: torch.Tensor, prev_key
 
     ``U``: null-space basis ``(d_in, r)``; ``prev_keys``: the earlier edits' keys ``(d_in, n_p)`` or None.
     """
-    K64, R64, U64 = K.double(), R.double(), U.double()
+    dev = solve_device(K.device)
+    K64, R64, U64 = _f64(K, dev), _f64(R, dev), _f64(U, dev)
     if U64.shape[1] == 0:
         return torch.zeros((R.shape[0], K.shape[0]), dtype=torch.float32, device=K.device)
-    allk = K64 if prev_keys is None or prev_keys.shape[1] == 0 else torch.cat([prev_keys.double(), K64], 1)
+    allk = K64 if prev_keys is None or prev_keys.shape[1] == 0 else torch.cat([_f64(prev_keys, dev), K64], 1)
     A = U64.T @ allk                                        # (r, n_p + n)
     lhs = A @ A.T
     lhs.diagonal().add_(l2)
     Z = torch.linalg.solve(lhs, (U64.T @ K64) @ R64.T)      # (r, d_out)
-    return (U64 @ Z).T.float()
+    return (U64 @ Z).T.to(device=K.device, dtype=torch.float32)

@@ -105,7 +105,7 @@ def _write(W: torch.Tensor, dW: torch.Tensor, name: str) -> None:
     if not torch.isfinite(dW).all():
         raise NonFiniteError(f'the update of "{name}" is not finite (NaN or inf); the edit was rolled back')
     with torch.no_grad():
-        W.add_(dW.to(W.dtype))
+        W.add_(dW.to(device=W.device, dtype=W.dtype))   # written where W lives (its layer's device)
 
 
 def _stats(handle: ModelHandle, layers: Sequence[int], p: LocateParams, ctx: EditContext) -> tuple[dict, dict]:
@@ -242,7 +242,8 @@ class NullSpaceProjection(SpreadSolver):
                 prev = dict(entry["keys"])
                 break
         if prev is None:
-            prev = {l: torch.zeros((mats[l].shape[0], 0), dtype=torch.float32, device=handle.device) for l in layers}
+            prev = {l: torch.zeros((mats[l].shape[0], 0), dtype=torch.float32, device=mats[l].device)
+                    for l in layers}
         self.prev = prev
         earlier = min(int(v.shape[1]) for v in prev.values())
         ctx.on_event(Log(f"alphaedit: null space dims {self.null_dims}; "
@@ -304,7 +305,7 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
         for i, l in enumerate(layers):
             K = averaged_keys(handle, [l], per_req)[l]            # (d_in, n)
             _, outs = keys_at(handle, [], bare, outputs=[last])
-            R = (z - outs[last]).T / (len(layers) - i)            # (d, n)
+            R = ((z - outs[last]).T / (len(layers) - i)).to(K.device)   # (d, n), on layer l's device
             dW = solver.update(l, K, R, mats)
             _write(ad.mlp_out_matrix(l), dW, ad.mlp_out_weight_name(l))
             norms[l] = round(float(dW.norm()), 4)

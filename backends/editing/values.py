@@ -47,7 +47,9 @@ as before.  On top of either, blocks ``0..L`` are replayed from recordings
 (:class:`_BlockReplay`, checked once per model and layer).  With an
 inference-time wrapper installed (WISE, GRACE, IKE see every call) the rows
 run one at a time and the replay is checked on every call.  Every tensor
-follows the model's device and dtype; logits are reduced in float32, and in
+follows the model's device and dtype (input ids on the input device, ``delta``
+and its mask on layer ``L``'s device, the targets on the logits' device: a
+device_map may spread the layers); logits are reduced in float32, and in
 half precision the checks allow for the model's own rounding noise
 (:func:`_agree`).
 """
@@ -157,7 +159,10 @@ class _Batch:
     positions only (``logits_to_keep``: the union of the rows' kept columns).
     """
 
-    def __init__(self, model: Any, rows: Sequence[_Row], pad: int, device: Any, dtype: torch.dtype) -> None:
+    def __init__(self, model: Any, rows: Sequence[_Row], pad: int, device: Any, dtype: torch.dtype,
+                 at: Any = None) -> None:
+        """``device``: where input ids go; ``at``: the edited layer's device (``where`` meets its output)."""
+        at = device if at is None else at
         n = len(rows)
         split = [r.index for r in rows] if all(r.index > 0 for r in rows) else [0] * n
         self.past = None
@@ -173,8 +178,8 @@ class _Batch:
         if n > 1:
             self.positions = torch.tensor(split, device=device)[:, None] + torch.arange(width, device=device)[None]
         cols = [r.index - k for r, k in zip(rows, split)]
-        self.where = torch.zeros((n, width, 1), dtype=dtype, device=device)   # 1 where delta enters
-        self.where[torch.arange(n, device=device), torch.tensor(cols, device=device)] = 1
+        self.where = torch.zeros((n, width, 1), dtype=dtype, device=at)   # 1 where delta enters
+        self.where[torch.arange(n, device=at), torch.tensor(cols, device=at)] = 1
         local = [[p - k for p in r.keep] for r, k in zip(rows, split)]
         kept = sorted({c for cs in local for c in cs})
         slot = {c: i for i, c in enumerate(kept)}
@@ -283,19 +288,24 @@ class _BlockReplay:
             if not last or self.delta is None:
                 return out
             first = self._first(out)
-            new = first + self.current.where.to(first.dtype) * self.delta.to(first.dtype)
+            new = first + (self.current.where.to(device=first.device, dtype=first.dtype)
+                           * self.delta.to(device=first.device, dtype=first.dtype))
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
         return forward
 
     def logits(self, model: Any, batch: _Batch) -> torch.Tensor:
         self.current = batch
+        saved = [b.__dict__.get("forward") for b in self.blocks]   # e.g. an accelerate hook: put back after
         for i, b in enumerate(self.blocks):
             b.forward = self._forward_of(i)
         try:
             return batch.logits(model)
         finally:
-            for b in self.blocks:
-                del b.forward
+            for b, f in zip(self.blocks, saved):
+                if f is None:
+                    del b.forward
+                else:
+                    b.forward = f
             self.current = None
 
 
@@ -355,7 +365,8 @@ class _Objective:
 
     def _hook(self, m, args, out):  # the MLP output: delta added at each row's lookup column
         first = out[0] if isinstance(out, tuple) else out
-        new = first + self.current.where.to(first.dtype) * self.delta.to(first.dtype)
+        new = first + (self.current.where.to(device=first.device, dtype=first.dtype)
+                       * self.delta.to(device=first.device, dtype=first.dtype))
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
     def logits(self, batches: Sequence[_Batch], mode: str) -> torch.Tensor:
@@ -375,6 +386,8 @@ class _Objective:
     def terms(self, logits: torch.Tensor, ref: torch.Tensor) -> tuple:
         """(nll, kl, per-row mean target log-prob, whether the target is the argmax everywhere)."""
         nt = len(self.tgt)
+        if self.tgt.device != logits.device:   # the logits' device (the model's output device)
+            self.tgt, self.row_of, self.count = (t.to(logits.device) for t in (self.tgt, self.row_of, self.count))
         lp = torch.log_softmax(logits.float(), -1)
         tlp = lp[:nt].gather(1, self.tgt[:, None])[:, 0]
         per_row = torch.zeros(self.n_rows, dtype=tlp.dtype, device=tlp.device).index_add(0, self.row_of, tlp)
@@ -437,14 +450,15 @@ def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str 
     """
     model = handle.model
     ad = handle.adapter
-    dev = handle.device
+    dev = handle.input_device              # input ids, masks, positions, gathered logits
+    at = handle.device_of(ad.mlp_name(layer))   # delta and its mask: layer L's device
     dtype = handle.dtype
     rows, plan = _request_rows(handle, list(members) if members else [(question, subject, target)], templates,
                                settings, where)
     tok = handle.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    delta = torch.zeros(ad.hidden_size, dtype=torch.float32, device=dev)
+    delta = torch.zeros(ad.hidden_size, dtype=torch.float32, device=at)
     mlp = model.get_submodule(ad.mlp_name(layer))
     replay = _BlockReplay(model, [ad.block_name(i) for i in range(layer + 1)])
     obj = _Objective(model, mlp, replay, delta, plan, dev)
@@ -453,7 +467,7 @@ def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str 
     half = torch.finfo(dtype).bits < 32
 
     def singles() -> list[_Batch]:
-        return [_Batch(model, [r], pad, dev, dtype) for r in rows]
+        return [_Batch(model, [r], pad, dev, dtype, at) for r in rows]
 
     def reference(batches: list[_Batch]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The delta-free pass: (its logits, the essence log-probs, ``||h||``); records blocks 0..L per batch."""
@@ -509,7 +523,7 @@ def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str 
     batched = batch_rows and len(rows) > 1 and not handle.wrappers and memo.get(batch_key) is not False
     if batched:
         try:
-            batches = [_Batch(model, rows, pad, dev, dtype)]
+            batches = [_Batch(model, rows, pad, dev, dtype, at)]
             plain, ref, h_norm = reference(batches)
         except Exception:  # noqa: BLE001 - e.g. a forward without position ids: one row at a time
             memo[batch_key] = batched = False
@@ -522,7 +536,7 @@ def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str 
     if check_batch or check_replay:
         # a probe delta (half the residual norm, seeded) for the checks; delta is zero again after them
         g = torch.Generator().manual_seed(seed)
-        unit = torch.randn(ad.hidden_size, generator=g).to(dev)
+        unit = torch.randn(ad.hidden_size, generator=g).to(at)
         unit = unit / float(unit.norm())
         full = None
         try:

@@ -218,7 +218,7 @@ class WiseMemory(HookedWrapper):
             return torch.zeros(())
         if acts.shape[0] > self.skip:
             acts = acts[self.skip:]
-        tok = weight_apply(acts.to(d.dtype), d, self.layout).norm(dim=-1)
+        tok = weight_apply(acts.to(device=d.device, dtype=d.dtype), d, self.layout).norm(dim=-1)
         return tok.max() if self.pool == "max" else tok.mean()
 
     def update_threshold(self, act_ratio: float, out_scores: torch.Tensor | None = None,
@@ -286,7 +286,7 @@ class WiseMemory(HookedWrapper):
             best_score = torch.zeros(B, device=a.device)
             best_thr = torch.zeros(B, device=a.device)
             for k, (D, thr) in enumerate(mems):
-                offsets[k] = weight_apply(a, D.to(a.dtype), self.layout)
+                offsets[k] = weight_apply(a, D.to(device=a.device, dtype=a.dtype), self.layout)
                 tok = offsets[k].norm(dim=-1).float()
                 if self.pool == "max":
                     score = tok.masked_fill(~use, float("-inf")).max(1).values
@@ -310,14 +310,15 @@ class WiseMemory(HookedWrapper):
             return None
         res = out
         for k in sorted({int(x) for x in choice.tolist() if x >= 0}):
-            d = offsets[k] if k in offsets else weight_apply(a, mems[k][0].to(a.dtype), self.layout)
+            d = offsets[k] if k in offsets else weight_apply(a, mems[k][0].to(device=a.device, dtype=a.dtype),
+                                                             self.layout)
             res = torch.where(((choice == k)[:, None] & use)[:, :, None], res + d, res)
         return res
 
     def describe_query(self, handle: ModelHandle, question: str) -> dict:
         if not self.memories():
             return {"wise_route": "main", "wise_side": 0.0, "wise_act": 0.0}
-        ids = torch.tensor([handle.prompt_ids(question)], device=handle.device)
+        ids = torch.tensor([handle.prompt_ids(question)], device=handle.input_device)
         with torch.no_grad():
             handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         side = bool(self.last_routes[0]) if self.last_routes is not None else False
@@ -462,7 +463,7 @@ def projection_inputs(handle: ModelHandle, layer: int, prompt_ids: list[int]) ->
     from .hooks import capture
 
     name = handle.adapter.mlp_out_name(layer)
-    ids = torch.tensor([prompt_ids], device=handle.device)
+    ids = torch.tensor([prompt_ids], device=handle.input_device)
     with capture(handle.model, [name], "input") as st, torch.no_grad():
         _forward_until(handle, layer, ids)
     return st[name][0][0].float()
@@ -492,7 +493,7 @@ def train_edit(mem: WiseMemory, handle: ModelHandle, runner: SuffixRunner, quest
     """Train one edit into the side memory (see the module doc); returns per-edit figures."""
     import torch.nn.functional as F
 
-    dev = handle.device
+    dev = handle.device_of(handle.adapter.mlp_out_name(mem.layer))   # the side memory lives with its layer
     n_done = len(mem.edits)
     if not mem.shards or mem.shards[-1]["edits"] >= cfg.save_freq:
         mem.shards.append(mem._new_shard(cfg.seed, cfg.mask_ratio, dev))
@@ -551,10 +552,12 @@ def train_edit(mem: WiseMemory, handle: ModelHandle, runner: SuffixRunner, quest
     try:
         for it in range(cfg.n_iter):
             opt.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(runner.logits(prep, rows, pos), gold.to(dev), reduction="none")
+            lg = runner.logits(prep, rows, pos)
+            ce = F.cross_entropy(lg, gold.to(lg.device), reduction="none")
             nll = ce.mean()
             if cfg.first_token_weight:
-                nll = nll + cfg.first_token_weight * ce[first].mean()
+                nll = nll + cfg.first_token_weight * ce[first.to(ce.device)].mean()
+            nll = nll.to(dev)
             tok = store["tok"].float()
             D = base + P * mask_f
             if mem.pool == "max":

@@ -208,7 +208,7 @@ class FineTune(MethodBase):
         cfg = self.train_config(ctx, n_pos, int(handle.model.config.vocab_size))
         with training.seeded(cfg.seed):
             reference = training.build_reference(self, cfg, handle.model, handle.tokenizer.pad_token_id, forget,
-                                                 retain, ctx, handle.device, stage=f"{self.name}: reference")
+                                                 retain, ctx, handle.input_device, stage=f"{self.name}: reference")
             stage = f"{self.name}: train"
             if p.tuning == "lora":
                 mods = training.lora_module_names(handle, layers, p.scope)

@@ -170,6 +170,12 @@ class WiseMethod(OneLayerAdaptor):
                     "thresholds": [thr for _, thr in mem.memories()], "layer": mem.layer}
 
         w = handle.adapter.mlp_out(layer).weight
+        if w.device.type == "meta":   # offloaded by a device_map: accelerate's copy, on the layer's device
+            from ..model import offloaded_value
+
+            name = handle.adapter.mlp_out_weight_name(layer)
+            kept = offloaded_value(handle.model, name)
+            w = kept.to(handle.device_of(name)) if kept is not None else w
         if existing is None:
             mem = WiseMemory(layer, handle.adapter.spec.out_proj_layout, tuple(w.shape),
                              skip=template_header_len(handle), pool=p.routing_pool)
