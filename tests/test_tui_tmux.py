@@ -107,8 +107,9 @@ def test_real_app_in_tmux(tmp_path):
         t.wait_for("finished: 1 run(s)")
         screen = t.press_until("F6", " ike ")
         row = next(line for line in screen.splitlines() if " ike " in line)
-        numbers = [w for w in row.split() if w.replace(".", "", 1).isdigit() and "." in w]
-        assert len(numbers) >= 5, row   # composite first, then the forget/retain scores
+        numbers = [w for w in row.split() if w.lstrip("+-").replace(".", "", 1).isdigit() and "." in w]
+        # composite first, its difference from the baseline (signed), then the forget/retain/rephrase scores
+        assert len(numbers) >= 5 and numbers[1][0] in "+-", row
         # the help screen lists the keys
         t.press_until("F1", "unlearn-tui — keys")
         for _ in range(5):   # a lone Escape can be merged with the next key under load: retry

@@ -47,6 +47,8 @@ from textual.widgets import ContentSwitcher, Footer, Header, ProgressBar, Static
 from ..widgets.forget_set import ForgetSetPane
 
 # (tab id, title, module in tui.widgets, pane class); the pane's id is "pane-<tab id>"
+NARROW_FOOTER = 100          # columns; see MainScreen._apply_layout
+
 TABS = (("forget", "Forget set", "forget_set", "ForgetSetPane"), ("targets", "Targets", "targets", "TargetsPane"),
         ("method", "Method", "method", "MethodPane"), ("run", "Run", "run", "RunPane"),
         ("results", "Results", "results", "ResultsPane"), ("probe", "Probe", "probe", "ProbePane"))
@@ -157,6 +159,12 @@ class MainScreen(Screen):
         self._apply_layout(self.app.size)   # the terminal may have been resized under a dialog
 
     def _apply_layout(self, size: Size) -> None:
+        # below NARROW_FOOTER columns the footer drops its spacing and the "^p palette" label (ctrl+p still
+        # opens the palette, which lists every action), so the focused pane's keys are not cut off
+        for footer in self.query(Footer):
+            narrow = size.width < NARROW_FOOTER
+            footer.compact = narrow
+            footer.show_command_palette = not narrow
         st = getattr(self.app, "settings", None)
         wide = is_wide(size, getattr(st, "wide_min_width", WIDE_MIN_WIDTH),
                        getattr(st, "wide_min_height", WIDE_MIN_HEIGHT))
