@@ -30,7 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
-SUBCOMMANDS = ("replay",)
+SUBCOMMANDS = ("replay", "sweep")
 
 
 def version() -> str:
@@ -544,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "replay":
         quiet_libraries()
         return replay(_replay_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "sweep":   # a grid of headless runs (tui/sweep_cli.py)
+        quiet_libraries()
+        from .sweep_cli import sweep, sweep_parser
+
+        return sweep(sweep_parser().parse_args(argv[1:]))
+    if argv:
+        guess = misspelt_subcommand(argv[0])
+        if guess is not None:
+            return fail(f"unknown command {argv[0]!r}; did you mean `{guess}`? (unlearn-tui {guess} --help)")
+    quiet_libraries()
     return launch(_app_parser().parse_args(argv))
 
 
