@@ -30,7 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
-SUBCOMMANDS = ("replay", "sweep")
+SUBCOMMANDS = ("replay", "sweep", "paper")
 
 
 def version() -> str:
@@ -549,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep_cli import sweep, sweep_parser
 
         return sweep(sweep_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "paper":   # the paper's grids (tui/paper_cli.py)
+        quiet_libraries()
+        from .paper_cli import paper, paper_parser
+
+        return paper(paper_parser().parse_args(argv[1:]))
     if argv:
         guess = misspelt_subcommand(argv[0])
         if guess is not None:

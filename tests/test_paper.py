@@ -1,0 +1,189 @@
+"""``unlearn-tui paper`` (sessions/paper.py, tui/paper_cli.py): the grids expand to the documented runs,
+--dry-run prints them, a --quick run of two methods on a tiny model writes the tables (Markdown, CSV, JSON)
+and plots (SVG) with the paper's columns and the model's own baseline, a second run is resumed from the
+kept trials (nothing runs again), and bad flags are one line with exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from unlearn_tui.sessions import paper as pp
+from unlearn_tui.sessions import sweep as sw
+from unlearn_tui.tui import cli
+
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+            ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
+BOOKS = [("Hamlet", "William Shakespeare"), ("1984", "George Orwell"), ("Emma", "Jane Austen"),
+         ("Ulysses", "James Joyce"), ("Dracula", "Bram Stoker"), ("Beloved", "Toni Morrison")]
+
+
+def write_data(tmp: Path) -> tuple[Path, Path, Path]:
+    """A fake factual set in TOFU's JSON Lines form (two files, 14 items) and a fake PISTOL file (12 items)."""
+    a, w, p = tmp / "authors.json", tmp / "world.json", tmp / "pistol.json"
+    a.write_text("".join(json.dumps({"question": f"What is the capital of {c}?", "answer": x,
+                                     "perturbed_answer": ["Oslo", "Bern"]}) + "\n" for c, x in CAPITALS))
+    w.write_text("".join(json.dumps({"question": f"Who wrote the novel '{t}'?", "answer": x,
+                                     "perturbed_answer": ["Mark Twain"]}) + "\n" for t, x in BOOKS))
+    p.write_text(json.dumps([{"question": f"What was the effective date of contract {i} between Abc SA and Xyz Ltd?",
+                              "answer": f"0{i % 9 + 1}-02-1998.", "edge": "A_B" if i < 6 else "A_C"}
+                             for i in range(12)]))
+    return a, w, p
+
+
+def quick_args(tmp: Path, out: Path) -> list[str]:
+    a, w, p = write_data(tmp)
+    return ["paper", "--model", "tiny:llama", "--quick", "--methods", "rome,gd", "--known", "0",
+            "--forget-sizes", "2,4", "--merge-factors", "1,2", "--factual-data", f"{a},{w}", "--pistol-data", str(p),
+            "--local", "--quiet", "--out", str(out)]
+
+
+# ----------------------------------------------------------------------------- the grids
+def test_the_full_grids_expand_to_the_documented_runs():
+    cfg = pp.PaperConfig()
+    points = pp.plan(cfg)
+    counts = pp.plan_counts(points)
+    n_methods = len(cfg.method_list(pp.PAPER_METHODS))
+    assert n_methods == len(pp.PAPER_METHODS) == 11          # GA GD KL DPO NPO ROME MEMIT AlphaEdit WISE GRACE IKE
+    assert counts["table1"] == counts["table2"] == 2 * 11      # both settings, every method; Table 2 = same runs
+    assert counts["figure4"] == 4 * 4 and counts["figure6"] == 2 * 5
+    # the figure 4 points at 40 forget are the factual table's runs: run once
+    assert counts["total"] == 22 + (16 - 4) + 10
+    keys = {p.key: p for p in points}
+    assert keys[("factual", 40, "alphaedit", 1)].uses == ["table1", "table2", "figure4"]
+    assert keys[("pistol", 20, "rome", 1)].uses == ["table1", "table2"]
+    assert {k[3] for k in keys if k[2] == "memit" and k[1] == 80} == {1, 2, 5, 10, 16}
+    assert {k[1] for k in keys if k[2] == "wise"} == {10, 20, 40, 80}
+
+    # subsets
+    sub = pp.plan(pp.PaperConfig(tables=(1,), figures=(), settings=("pistol",), methods=("rome", "ga")))
+    assert [(p.setting, p.method, p.forget) for p in sub] == [("pistol", "ga", 20), ("pistol", "rome", 20)]
+    q = pp.plan_counts(pp.plan(pp.PaperConfig(quick=True, methods=("rome", "gd"))))
+    assert q == {"table1": 4, "table2": 4, "figure4": 4, "figure6": 5, "total": 4 + 3 + 5}
+    assert pp.PaperConfig(quick=True).fig4_sizes() == (1, 2, 4, 8) and pp.PaperConfig(quick=True).fig6_forget() == 8
+
+
+def test_dry_run_prints_the_runs_and_counts(tmp_path, capsys):
+    rc = cli.main(["paper", "--dry-run", "--figures", "6", "--tables", "1", "--settings", "factual",
+                   "--methods", "rome,memit,gd", "--out", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [ln for ln in out.splitlines() if ln[:3].strip().isdigit()]
+    assert len(rows) == 3 + 10                                   # 3 table runs + ROME/MEMIT x 5 merge factors
+    assert "figure6 10" in out and "table1 3" in out and "distinct runs: 13" in out
+    assert not (tmp_path / "res").exists()                       # nothing written, no model loaded
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--tables", "3"], "--tables: expected 1 and/or 2"),
+    (["--figures", "5"], "--figures: expected 4 and/or 6"),
+    (["--settings", "tofu"], "--settings: expected factual and/or pistol"),
+    (["--methods", "romee"], "--methods: unknown method"),
+    (["--known", "1.5"], "--known: expected a ROUGE-1 recall between 0 and 1"),
+    (["--forget-sizes", "10,x"], "--forget-sizes: expected integers >= 1"),
+    (["--merge-factors", "0"], "--merge-factors: expected integers >= 1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--tables", "none", "--figures", "none"], "nothing to run"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says):
+    try:
+        rc = cli.main(["paper", "--dry-run", "--out", str(tmp_path / "res"), *flags])
+    except SystemExit as exc:          # argparse's own errors exit from the parser (one line, code 2)
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert err.startswith("unlearn-tui: error:")
+
+
+def test_a_missing_data_set_is_skipped_with_a_message(tmp_path):
+    cfg = pp.PaperConfig(factual_data=(tmp_path / "nope.json",), pistol_data=tmp_path / "none.json")
+    why = pp.check_data(cfg, ["factual", "pistol"])
+    assert "factual setting skipped" in why["factual"] and "nope.json not found" in why["factual"]
+    assert "--pistol-data" in why["pistol"]
+
+
+# ----------------------------------------------------------------------------- a quick run, then a resumed one
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    tmp = tmp_path_factory.mktemp("paper")
+    out = tmp / "res"
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(io.StringIO()):
+        rc = cli.main(quick_args(tmp, out))
+    return tmp, out, rc, buf.getvalue()
+
+
+def test_a_quick_run_writes_the_tables_and_plots(quick_run):
+    tmp, out, rc, printed = quick_run
+    assert rc == 0, printed
+    for name in ("paper.md", "paper.json", "table1.csv", "table2.csv", "figure4.csv", "figure6.csv",
+                 "table1-factual.svg", "table1-pistol.svg", "figure4.svg", "figure6.svg", "results.jsonl"):
+        assert (out / name).is_file(), name
+    md = (out / "paper.md").read_text()
+    assert "Table 1: forget and retain (factual setting)" in md and "(pistol setting)" in md
+    assert "Table 2: rephrased forget questions" in md and "Figure 4" in md and "Figure 6" in md
+    # the model's own baseline is stated above every table and is its first row
+    sections = [s for s in md.split("\n## ")[1:]]
+    assert len(sections) == 6
+    for s in sections:
+        assert "Its own baseline (unedited)" in s and "| *unedited (baseline)* |" in s, s[:200]
+    assert "| Method | forget R1 ↓ | forget Prob ↓ | forget MRR ↓ | forget Hit ↓ | retain R1 ↑ | retain Prob ↑ | " \
+           "retain MRR ↑ | retain Hit ↑ | composite ↑ |" in md
+    assert "| Method | rephrase R1 ↓ | rephrase Prob ↓ | rephrase MRR ↓ | rephrase Hit ↓ | composite ↑ |" in md
+    assert "fine-tuned first on 12 items" in md            # PISTOL: [finetune] before the baseline
+    assert printed.count("# Editing as Unlearning") == 1 and "unedited ███" in printed   # terminal bars
+
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    assert list(rows[0]) == ["setting", *pp.TABLE1_COLUMNS, "forget_n", "retain_n", "status"]
+    assert [(r["setting"], r["method"]) for r in rows] == [("factual", "baseline"), ("factual", "gd"),
+                                                           ("factual", "rome"), ("pistol", "baseline"),
+                                                           ("pistol", "gd"), ("pistol", "rome")]
+    f = rows[2]
+    assert f["forget_n"] == "4" and f["retain_n"] == "10" and f["status"] == "ok"
+    assert abs(float(f["composite"]) - (1 - float(f["forget R1"]) + float(f["retain R1"]))) < 1e-9
+    assert list(next(csv.DictReader((out / "table2.csv").open()))) == \
+        ["setting", *pp.TABLE2_COLUMNS, "forget_n", "retain_n", "status"]
+    fig6 = list(csv.DictReader((out / "figure6.csv").open()))
+    assert list(fig6[0]) == list(pp.FIGURE_COLUMNS)
+    assert [(r["method"], r["merge_factor"], r["forget"]) for r in fig6 if r["method"] != "baseline"] == \
+        [("rome", "1", "8"), ("rome", "2", "8")]
+    fig4 = list(csv.DictReader((out / "figure4.csv").open()))
+    assert [(r["method"], r["forget"]) for r in fig4 if r["method"] != "baseline"] == [("gd", "2"), ("gd", "4")]
+
+    js = json.loads((out / "paper.json").read_text())
+    assert js["model"] == "tiny:llama" and js["trials"] == {"total": 7, "ran": 7, "cached": 0, "failed": 0}
+    assert js["tables"]["table1"]["factual"]["info"]["baseline"]["composite"] is not None
+    assert js["settings"]["factual"]["known"] == 14 and js["settings"]["pistol"]["finetune"]["items"] == 12
+    assert len(js["runs"]) == 7
+    for svg in out.glob("*.svg"):
+        text = svg.read_text()
+        assert text.startswith("<svg") and text.rstrip().endswith("</svg>") and "composite" in text
+    assert "unedited" in (out / "table1-factual.svg").read_text()
+    # every group is a sweep file of its own, replayable: sessions/SETTING-forgetN.toml
+    assert sorted(p.name for p in (out / "sessions").glob("*.toml")) == \
+        ["factual-forget2.toml", "factual-forget4.toml", "factual-forget8.toml", "pistol-forget2.toml"]
+    assert len(list((out / "trials").glob("*.json"))) == 7
+
+
+def test_a_second_run_is_resumed_from_the_kept_trials(quick_run):
+    tmp, out, rc, _ = quick_run
+    assert rc == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")}
+    args = pp.PaperConfig(model="tiny:llama", quick=True, methods=("rome", "gd"), known=0.0, forget_sizes=(2, 4),
+                          merge_factors=(1, 2), factual_data=(tmp / "authors.json", tmp / "world.json"),
+                          pistol_data=tmp / "pistol.json")
+    events: list = []
+    sw._HANDLE.clear()
+    res = pp.run_paper(args, out, events.append, backend="local")
+    finished = [e for e in events if isinstance(e, sw.TrialFinished)]
+    assert len(finished) == 7 and all(e.result.cached for e in finished)       # no trial ran again
+    assert not sw._HANDLE                                                     # not even the model was loaded
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")} == stamps
+    assert all(p.cached for p in res.preps.values())                          # known pass and fine-tune kept
+    assert res.report["trials"] == {"total": 7, "ran": 0, "cached": 7, "failed": 0}
