@@ -155,6 +155,7 @@ class StepResult:
     probe: tuple | None = None      # (question, edited answer, unedited answer)
     report: dict = field(default_factory=dict)
     new_targets: tuple = ()         # model-written targets of the requests (records, for the caller)
+    items: tuple = ()               # step_next: the item ids of the request it applied (``[[steps]] items``)
 
 
 class Workbench:
@@ -589,7 +590,36 @@ class Workbench:
         t0 = time.perf_counter()
         with self.handle.transaction(method.touched_parameters(self.handle), keep_after=keep) as tx:
             report = method.apply(self.handle, requests, self.context(run_cfg.method, index))
+        # what the edit was, for an export of the kept edits (backends.export)
+        tx.edit = {"method": run_cfg.method, "params": to_dict(method.params),
+                   "items": [list(r.item_ids) for r in requests]}
         return tx, method, report or {}, time.perf_counter() - t0
+
+    def keep(self, run_cfg: Any, requests: list[Request] | None = None, index: int = 0) -> dict:
+        """Apply one run (or ``requests``) and keep it on the undo stack, unevaluated; returns its report."""
+        tx, _, report, _ = self.apply(run_cfg, requests, index=index, keep=True)
+        self._push(tx)
+        return report
+
+    def replay_steps(self, steps: Sequence[Any]) -> int:
+        """Apply a session's recorded ``[[steps]]`` in order, kept (as the app's step mode applied them).
+
+        Each step's request is the prepared request of exactly its ``items``;
+        one the current selection, targets or merge factor no longer makes is
+        a UserError at ``steps[i].items``.  Returns how many were applied.
+        """
+        from .spec import RunConfig
+
+        p = self.prepare(paraphrases=False)
+        by_items = {tuple(r.item_ids): r for r in p.requests}
+        for i, st in enumerate(steps):
+            req = by_items.get(tuple(st.items))
+            if req is None:
+                raise UserError(f"no forget request of the session edits exactly {', '.join(st.items)} (the "
+                                "selection, targets or merge factor changed since the step was recorded)",
+                                f"steps[{i}].items")
+            self.keep(RunConfig(st.method, dict(st.params or {}), st.label), [req], index=0)
+        return len(steps)
 
     def run_one(self, index: int, run_cfg: Any, total: int = 1, keep: bool = False,
                 baseline: EvalResult | None = None) -> RunResult:
@@ -681,7 +711,8 @@ class Workbench:
         if k >= len(reqs):
             raise UserError(f"all {len(reqs)} forget request(s) are applied; undo (ctrl+z) or run (ctrl+r)")
         report, _ = self.step(run_cfg, reqs[k], index)
-        return self._step_result(question or reqs[k].questions[0], report, p.new_targets)
+        return replace(self._step_result(question or reqs[k].questions[0], report, p.new_targets),
+                       items=tuple(reqs[k].item_ids))
 
     def undo(self, score: bool = False, question: str | None = None) -> StepResult | None:
         """Undo the last kept edit; None when there is none.  ``score``: with :meth:`quick_scores` and a probe."""

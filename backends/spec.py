@@ -224,6 +224,22 @@ class RunConfig:
 
 
 @dataclass
+class StepConfig:
+    """``[[steps]]``: one step-mode edit the app kept (in order; undo removed the last, redo re-added it).
+
+    ``items`` are the forget item ids of the edit request it applied (several
+    with a merge factor); ``method`` / ``params`` the method it used.  A
+    headless ``export`` replays them after the runs it keeps, so a saved
+    session re-creates the app's edited model exactly.
+    """
+
+    method: str = key(required=True, fold_case=True)
+    items: list[str] = key(factory=list, required=True)
+    label: str | None = key(None, omit_empty=True, empty="")
+    params: dict[str, Any] = key(factory=dict, free=True)   # last: a table form follows the plain keys
+
+
+@dataclass
 class Session:
     version: int = key(SCHEMA_VERSION, required=True)
     model: ModelConfig = key(factory=ModelConfig, table=ModelConfig)
@@ -232,6 +248,7 @@ class Session:
     eval: EvalConfig = key(factory=EvalConfig, table=EvalConfig)
     finetune: FinetuneConfig | None = key(None, table=FinetuneConfig, omit_empty=True)   # optional [finetune]
     runs: list[RunConfig] = key(factory=lambda: [RunConfig()], tables=RunConfig)
+    steps: list[StepConfig] = key(factory=list, omit_empty=True, tables=StepConfig)   # the app's kept step edits
     # where it was loaded from / saved to (absolute); not part of equality, not a key of the file
     path: Path | None = key(None, toml=None, compare=False)
 
@@ -415,6 +432,8 @@ def new_session(**overrides: Any) -> Session:
             value = _SECTIONS[name](**value) if current is None else dataclasses.replace(current, **value)
         elif name == "runs":
             value = [RunConfig(**r) if isinstance(r, dict) else r for r in value]
+        elif name == "steps":
+            value = [StepConfig(**r) if isinstance(r, dict) else r for r in value]
         elif name == "path" and value is not None:
             value = Path(value).absolute()
         elif name not in names:

@@ -36,6 +36,7 @@ from unlearn_tui.backends.spec import (
     Paraphrase,
     RunConfig,
     Session,
+    StepConfig,
     TargetItem,
     TargetsConfig,
     format_path,
@@ -57,7 +58,7 @@ _HUB = re.compile(r"[^/\s:]+/[^/\s:]+(:[^\s:]+){0,2}")
 # the tables a file may hold, by the kind of table the messages and checks name
 _TABLES: dict[str, type] = {"": Session, "model": ModelConfig, "data": DataConfig, "paraphrase": Paraphrase,
                             "targets": TargetsConfig, "item": TargetItem, "eval": EvalConfig,
-                            "finetune": FinetuneConfig, "run": RunConfig}
+                            "finetune": FinetuneConfig, "run": RunConfig, "step": StepConfig}
 KNOWN = {kind: toml_keys(cls) for kind, cls in _TABLES.items()}
 
 
@@ -524,6 +525,41 @@ def _runs(c: _Checker, root: dict) -> list[RunConfig]:
     return runs
 
 
+def _steps(c: _Checker, root: dict) -> list[StepConfig]:
+    """``[[steps]]``: the app's kept step edits (method, the request's item ids, params), in order."""
+    from unlearn_tui.backends import methods
+
+    if "steps" not in root:
+        return []
+    steps = []
+    for i, raw in enumerate(c.array_of_tables(root["steps"], ("steps",), "steps")):
+        kp = ("steps", i)
+        c.table(raw, kp, "step")
+        method = c.string(raw, kp, "method", expected="a method name (string)")
+        try:
+            methods.get(method)
+        except UserError as e:
+            c.fail(kp + ("method",), e.message)
+        name = method.strip().lower()
+        if "items" not in raw:
+            c.fail(kp, 'missing key "items" (the forget item ids of the step\'s edit request)')
+        items = raw["items"]
+        if not isinstance(items, list):
+            c.fail(kp + ("items",), f"expected a list of item ids, got {format_value(items)}")
+        items = c.ids(items, kp + ("items",), "")
+        params = raw.get("params", {})
+        if not isinstance(params, dict):
+            c.fail(kp + ("params",), f"expected a table of {name} parameters, got {format_value(params)}")
+        try:
+            methods.make(name, params, where=f"steps[{i}].params")
+        except UserError as e:
+            at = parse_path(e.where) if e.where else kp + ("params",)
+            c.fail(at, e.message)
+        label = c.string(raw, kp, "label", None, allow_empty=True)
+        steps.append(StepConfig(method=name, items=items, label=label or None, params=dict(params)))
+    return steps
+
+
 # ---------------------------------------------------------------------- load
 def _toml_error(e: Exception, label: str, text: str) -> UserError:
     msg = str(e)
@@ -573,7 +609,7 @@ def _parse(text: str, path: Path | None, label: str, *, with_lines: bool, keep_d
 
     session = Session(version=version, model=_model(c, root), data=_data(c, root),
                       targets=_targets(c, root), eval=_eval(c, root), finetune=_finetune(c, root),
-                      runs=_runs(c, root), path=path)
+                      runs=_runs(c, root), steps=_steps(c, root), path=path)
     session._label = label
     session._lines = c._lines
     if keep_doc:

@@ -147,6 +147,9 @@ def _fresh(plain: dict) -> Any:
         doc.add(section, t)
     doc.add(tomlkit.nl())
     doc.add("runs", _item(plain["runs"]) if plain["runs"] else tomlkit.array())
+    if plain.get("steps"):   # the app's kept step edits (omitted when there are none)
+        doc.add(tomlkit.nl())
+        doc.add("steps", _item(plain["steps"]))
     return doc
 
 

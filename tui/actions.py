@@ -63,6 +63,9 @@ ACTIONS: tuple[ActionSpec, ...] = (
     ActionSpec("self_improve", "ctrl+g", "self_improve", "Self-improve targets", "targets", show=False),
     ActionSpec("import_yaml", "ctrl+e", "import_yaml", "Import EasyEdit YAML", "method", show=False),
     ActionSpec("probe", "ctrl+b", "probe", "Probe", "probe", show=False, priority=True),
+    ActionSpec("export_model", "ctrl+x", "export_model", "Export edited model…", "session", show=False),
+    ActionSpec("export_delta", "ctrl+shift+x", "export_model(True)", "Export edited model as a delta…", "session",
+               show=False),
     ActionSpec("quit", "ctrl+q", "quit", "Quit", "app", priority=True),
     # pane actions (bound on the pane; active while focus is inside it)
     ActionSpec("toggle_forget", "space", "toggle_forget", "Forget", "forget", scope="forget"),

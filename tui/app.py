@@ -378,6 +378,41 @@ class UnlearnApp(App):
             f = f.parent
         return False
 
+    # ================================================================ actions: export the edited model
+    def action_export_model(self, delta: bool = False) -> None:
+        """Ask for a folder, then write the model as it is now (its kept step edits): an HF folder or a delta."""
+        from .screens.dialogs import PathDialog
+
+        s = self.workspace.session
+        start = s.path.parent if s.path is not None else Path.cwd()
+        stem = s.path.stem if s.path is not None else "session"
+        what = "as a delta (changed tensors + WISE/GRACE/IKE state)" if delta else "as a Hugging Face folder"
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.export_model(path, delta)
+
+        self.push_screen(PathDialog(f"Export the edited model {what} to the folder",
+                                    value=str(start / f"{stem}-{'delta' if delta else 'model'}"), start=start,
+                                    must_exist=False, ok="Export"), chosen)
+
+    def export_model(self, path: str, delta: bool = False) -> None:
+        """Queue the export job (refused with one line when the folder cannot take it)."""
+        self.submit(functools.partial(self._export_job, path, delta), "export")
+
+    def _export_job(self, path: str, delta: bool) -> jobs.Job:
+        from unlearn_tui.backends.export import check_out_dir, export_workbench
+
+        ws = self.workspace
+        s = ws.session
+        protect = ([s.path] if s.path is not None else []) + ([s.resolve(s.data.path)] if s.data.is_file() else [])
+        out = check_out_dir(path, False, protect)       # UserError: the job is refused with its line
+        name, kept = (s.path.name if s.path is not None else None), ws.step_position
+        return jobs.Job("export", lambda wb: export_workbench(wb, out, delta=delta, session_name=name,
+                                                              protect=protect),
+                        ws.snapshot(), label="export", on_done=functools.partial(self.router.export_finished,
+                                                                                 delta, kept))
+
     # ================================================================ actions: data and session files
     def action_open_data(self) -> None:
         self.file_actions.ask_open_data()

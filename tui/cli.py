@@ -30,7 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
-SUBCOMMANDS = ("replay", "sweep", "paper")
+SUBCOMMANDS = ("replay", "sweep", "paper", "export")
 
 
 def version() -> str:
@@ -549,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep_cli import sweep, sweep_parser
 
         return sweep(sweep_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "export":   # the edited model as a folder (tui/export_cli.py)
+        quiet_libraries()
+        from .export_cli import export_model, export_parser
+
+        return export_model(export_parser().parse_args(argv[1:]))
     if argv and argv[0] == "paper":   # the paper's grids (tui/paper_cli.py)
         quiet_libraries()
         from .paper_cli import paper, paper_parser

@@ -212,6 +212,16 @@ class EngineRouter:
             run.status(text)
         self.app.notify(text, timeout=3)
 
+    def export_finished(self, delta: bool, kept: int, folder: Any) -> None:
+        """``on_done`` of an export job."""
+        what = "a delta" if delta else "a Hugging Face folder"
+        text = f"exported the edited model ({kept} kept step edit(s)) as {what} to {folder}"
+        run = self._run_pane()
+        if run is not None:
+            run.status(text)
+            run.log_line(text)
+        self.app.notify(text, timeout=6)
+
     def report_error(self, message: str, modal: bool = False) -> None:
         """An error: the Run pane's log, then a notification (or, for a bug, the error screen)."""
         self.app.last_error = message

@@ -94,6 +94,7 @@ class Workspace:
         self.results: list = []
         self.step_position = 0
         self.step_total = 0
+        self.undone_steps: list = []         # [[steps]] entries undone (redo puts them back)
         self.last_quick: dict | None = None
         self.probe: tuple | None = None      # (question, edited, original), or None
         self.probe_note = ""
@@ -420,6 +421,9 @@ class Workspace:
         self.step_position = 0
         self.baseline_eval = result.baseline
         self.changed("results", dirty=False)
+        if result.undone and (self.session.steps or self.undone_steps):   # the run undid the kept step edits
+            self.session.steps, self.undone_steps = [], []
+            self.changed("session")
         self.store_generated(result.new_targets, result.new_paraphrases)
 
     def step_finished(self, what: str, step: Any) -> str:
@@ -439,8 +443,35 @@ class Workspace:
         method = self.session.runs[0].method if self.session.runs else "?"
         self.step_rows.append(StepRow.from_step(what, step, method))   # a Results row per step-mode state
         self.changed("probe", "results", dirty=False)
+        if self.record_step(what, step):
+            self.changed("session")
         self.store_generated(step.new_targets)
         return text
+
+    def record_step(self, what: str, step: Any) -> bool:
+        """Keep the session's ``[[steps]]`` equal to the engine's kept step edits; True when they changed.
+
+        A step appends its method, params and the request's item ids; undo
+        moves the last one aside, redo puts it back.  The engine's count of
+        kept edits (``step.k``) is the truth: a session opened with recorded
+        steps starts from the unedited model, so its first step replaces them.
+        """
+        from unlearn_tui.backends.spec import StepConfig
+
+        steps = self.session.steps
+        before = list(steps)
+        if what == "step" and getattr(step, "items", ()):
+            run = self.session.runs[0] if self.session.runs else None
+            if run is not None:
+                steps.append(StepConfig(run.method, list(step.items), run.label, copy.deepcopy(dict(run.params or {}))))
+                self.undone_steps = []
+        elif what == "undo" and steps:
+            self.undone_steps.append(steps.pop())
+        elif what == "redo" and self.undone_steps:
+            steps.append(self.undone_steps.pop())
+        if len(steps) > step.k:
+            del steps[:len(steps) - step.k]
+        return steps != before
 
     def probe_answered(self, answer: tuple) -> None:
         self.probe = tuple(answer)
