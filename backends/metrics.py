@@ -132,11 +132,13 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
     """Score one split: a generation pass and one teacher-forced pass.
 
     With ``targets`` (item id -> refusal target), each item also gets the
-    refusal-quality scores (similarity to its target, refused, fluency).
+    refusal-quality scores (similarity to its target, refused, fluency); an
+    item without a target (every retain item) still gets ``refused`` and
+    ``fluency``, so the retain split reports the over-refusal rate.
     """
     from .refusal import quality as refusal_quality
 
-    quality = refusal_quality if targets else None
+    quality = refusal_quality if targets is not None else None
     prompts = [handle.prompt_ids(it.question) for it in items]
     # one teacher-forced pass for gold and perturbed answers of every item
     pairs: list[tuple[list[int], list[int]]] = []
@@ -164,8 +166,8 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
         score = ItemScore(id=it.id, question=it.question, answer=it.answer, generation=gens[i],
                           rouge1=rouge1_recall(it.answer, gens[i]), probability=st.probability, mrr=st.mrr,
                           top_hit=st.top_hit, truth_ratio=truth_ratio(st.mean_logprob, wrong.get(i, [])))
-        if quality is not None and it.id in targets:
-            score.extra.update(quality(gens[i], targets[it.id]))
+        if quality is not None:
+            score.extra.update(quality(gens[i], targets.get(it.id)))
         for w in handle.wrappers:  # e.g. WISE reports which memory answered
             describe = getattr(w, "describe_query", None)
             if describe is not None:
@@ -181,12 +183,14 @@ def evaluate(handle: ModelHandle, splits: dict[str, Sequence[Any]], settings: Ev
     """Evaluate every non-empty split in ``splits``.
 
     ``targets`` (item id -> target text) adds refusal-quality scores to the
-    forget and rephrase splits.
+    forget and rephrase splits, and ``refused`` / ``fluency`` to every other
+    split (retain: the over-refusal rate).
     """
     settings = settings or EvalSettings()
     result = EvalResult()
     for name, items in splits.items():
         if items:
+            split_targets = targets if name in ("forget", "rephrase") else {}
             result.splits[name] = evaluate_split(handle, name, items, settings, on_event, cancel,
-                                                 targets if name in ("forget", "rephrase") else None)
+                                                 split_targets if targets else None)
     return result

@@ -96,12 +96,28 @@ _PATTERNS = [
     r"\bi(?: haven't| have not|'ve not| never) (?:been )?(?:learned|educated|informed|briefed|trained|told)\b",
     r"\bnot in a position to\b",
     r"\bi (?:can't|cannot|can not|couldn't) (?:\w+ ){0,2}(?:that|this|it|you)\b(?! (?:is|was|are)\b)",
+    # --- added from labelled real generations (tests/data/refusal_labels.jsonl, dev half)
+    # the chat model's stock apology that opens a non-answer ("I'm sorry for any confusion, but as a chatbot ...")
+    r"^(?:[\w-]+: )?i(?:'m| am) (?:so |very )?sorry for (?:any|the|my) (?:confusion|misunderstanding)"
+    r"(?:[.!]|,? but|,) (?:as |i |i'm |i am |i'd )",
+    r"\bi (?:\w+ )?(?:don't|do not) have the (?:ability|capability|capacity|means|authority)\b",
+    r"\bi(?:'m| am) not (?:allowed|permitted|authori[sz]ed|supposed) to\b",
+    # impersonal: "The answer to that question is not available ..."
+    r"\b(?:answer|information|info|name|details?|data)\b[^.!?]{0,60}\b(?:is|are) (?:not available|unavailable|"
+    r"not known|unknown)\b",
 ]
 _REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in _PATTERNS))
 
 # Phrases that look like a refusal but, opening an answer, usually are not.
 _NOT_REFUSAL_RE = re.compile(r"\bi (?:can't|cannot) (?:stress|emphasi[sz]e|believe|wait|overstate|recommend "
                              r"enough|imagine anything)\b|\bno doubt\b|\bsorry to hear\b")
+
+# Hedged-then-answered ("I'm not sure, but I think it's Paris") is an answer, not a refusal.
+_HEDGED_ANSWER_RE = re.compile(r"\b(?:but|however),? (?:i (?:think|believe|guess|suspect)|"
+                               r"i(?:'m| am) (?:pretty |fairly )?(?:sure|certain|confident) "
+                               r"(?:it|that|the|he|she|they)\b|it(?:'s| is| was) "
+                               r"(?:probably |likely )?(?:in|the|a|an)\b|the answer is|my (?:best )?guess)"
+                               r"|\bi(?:'m| am) sure of the fact\b")
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -119,6 +135,8 @@ def is_refusal(text: str, sentences: int = 2) -> bool:
         return False
     head = " ".join(_SENTENCE.split(t)[:sentences])
     if _NOT_REFUSAL_RE.search(head) and not _REFUSAL_RE.search(_NOT_REFUSAL_RE.sub(" ", head)):
+        return False
+    if _HEDGED_ANSWER_RE.search(head):
         return False
     return bool(_REFUSAL_RE.search(head))
 

@@ -213,7 +213,8 @@ def test_metrics_report_refusal_quality(llama_handle):
     fs = res.splits["forget"].summary()
     for k in ("target_similarity", "refused", "fluency"):
         assert k in fs and 0.0 <= fs[k] <= 1.0
-    assert "refused" not in res.splits["retain"].summary()
+    rs = res.splits["retain"].summary()  # over-refusal: retain reports refused (and fluency), no target
+    assert 0.0 <= rs["refused"] <= 1.0 and "fluency" in rs and "target_similarity" not in rs
 
 
 # --------------------------------------------------------------------------- simple target modes
