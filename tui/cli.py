@@ -439,22 +439,30 @@ def located(exc, session=None, overridden: tuple[str, ...] = ()) -> str:
     return str(UserError(f"{where}: {exc.message}", loc))
 
 
+def load_with_overrides(args: argparse.Namespace, overridden: list[str]):
+    """The session of ``args.session`` with ``--device``/``--dtype`` applied (their names appended to
+    ``overridden``); raises the loader's UserError."""
+    from unlearn_tui import sessions
+    from unlearn_tui.sessions.loader import check_override
+
+    session = sessions.load(args.session, allow_remote_code=args.trust_remote_code)
+    for flag, key in (("--device", "device"), ("--dtype", "dtype")):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(session.model, key, check_override(key, value, flag))
+            overridden.append(flag)
+    return session
+
+
 def replay(args: argparse.Namespace) -> int:
     from unlearn_tui import sessions
     from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
     from unlearn_tui.backends.fileio import atomic_write
-    from unlearn_tui.sessions.loader import check_override
 
     session = None
     overridden: list[str] = []
     try:
-        session = sessions.load(args.session, allow_remote_code=args.trust_remote_code)
-        if args.device is not None:
-            session.model.device = check_override("device", args.device, "--device")
-            overridden.append("--device")
-        if args.dtype is not None:
-            session.model.dtype = check_override("dtype", args.dtype, "--dtype")
-            overridden.append("--dtype")
+        session = load_with_overrides(args, overridden)
         out = check_out(args.out, session, args.session) if args.out is not None else None
         from unlearn_tui.tui.replay_view import run_with_progress
 

@@ -70,22 +70,14 @@ def chosen_runs(session, run: int | None, steps_only: bool) -> list[int]:
 
 
 def export_model(args: argparse.Namespace) -> int:
-    from unlearn_tui import sessions
     from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError
-    from unlearn_tui.sessions.loader import check_override
 
-    from .cli import _protected_files
+    from .cli import _protected_files, load_with_overrides
 
     session = None
     overridden: list[str] = []
     try:
-        session = sessions.load(args.session, allow_remote_code=args.trust_remote_code)
-        if args.device is not None:
-            session.model.device = check_override("device", args.device, "--device")
-            overridden.append("--device")
-        if args.dtype is not None:
-            session.model.dtype = check_override("dtype", args.dtype, "--dtype")
-            overridden.append("--dtype")
+        session = load_with_overrides(args, overridden)
         runs = chosen_runs(session, args.run, args.steps_only)
         used = [session.runs[i].method for i in runs] + [s.method for s in session.steps]
         wrapped = sorted({m for m in used if m in WRAPPER_METHODS})
