@@ -389,3 +389,31 @@ async def test_autosave_per_session_and_per_instance_and_asked(tmp_path, data_fi
         assert e.workspace.session.targets.merge_factor == 1
         await pilot.press("ctrl+q")
     assert create_app(session, handle=llama_handle, settings=settings()).restore_offer is None
+
+
+@pytest.mark.anyio
+async def test_method_form_offers_a_quick_statistics_budget_with_its_cost(tmp_path, data_file, llama_handle):
+    """ROME's form states what the statistics cost and sets the quick budget through the field itself."""
+    from textual.widgets import Button, Input, Static
+
+    from unlearn_tui.tui.app import create_app
+    from unlearn_tui.tui.widgets.method import QUICK_BUDGET, MethodPane
+
+    app = create_app(write_session(tmp_path, data_file), handle=llama_handle, settings=settings())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_idle(pilot, app)
+        await pilot.press("f4")
+        await pilot.pause()
+        pane = app.screen.query_one(MethodPane)
+        pane.show_form("rome")
+        await pilot.pause()
+        hint = str(pane.query_one(f"#me-stats{pane._gen}", Static).render())
+        assert "8,192 tokens" in hint and "25% of that" in hint
+        pane.query_one("#me-quick-stats", Button).press()
+        await pilot.pause()
+        await pilot.pause()
+        assert pane.query_one(f"#mp{pane._gen}-token_budget", Input).value == str(QUICK_BUDGET)
+        assert app.workspace.method_params("rome").get("token_budget") == QUICK_BUDGET
+        pane.show_form("grace")       # no statistics: no budget row
+        await pilot.pause()
+        assert not pane.query("#me-quick-stats")

@@ -22,6 +22,21 @@ from unlearn_tui.backends.errors import UserError
 from . import ActionRequested, Revisions
 
 
+QUICK_BUDGET = 2048   # tokens: the method form's quick statistics budget (the params' minimum is 256)
+
+
+def stats_hint(budget: Any) -> str:
+    """What the statistics budget costs, in the model's own generated tokens (the time follows them)."""
+    try:
+        n = int(budget)
+    except (TypeError, ValueError):
+        return "key statistics: sampled from the model once per model and budget, then cached"
+    share = f"{QUICK_BUDGET / max(n, 1):.0%} of that" if n > QUICK_BUDGET else "the budget now set"
+    return (f"key statistics: the model generates {n:,} tokens once per model and budget (on a CPU the longest "
+            f"step of a first ROME/MEMIT/AlphaEdit run), then they are cached; the quick budget "
+            f"({QUICK_BUDGET:,} tokens) costs {share}, with a noisier covariance")
+
+
 def parse_text(text: str) -> Any:
     """A form field's text as a value: "auto"/"" -> None, TOML literals, else the string."""
     t = text.strip()
@@ -198,6 +213,12 @@ class MethodPane(Vertical):
             return
         current = self.ws.method_params(name)
         rows = []
+        if any(f.name == "token_budget" for f in fields):
+            budget = current.get("token_budget", next(f.default for f in fields if f.name == "token_budget"))
+            rows.append(Vertical(
+                Static(escape(stats_hint(budget)), classes="hint", id=f"me-stats{g}"),
+                Button(f"Quick statistics ({QUICK_BUDGET:,} tokens)", id="me-quick-stats", compact=True),
+                classes="param"))
         for f in fields:
             value = current.get(f.name, f.default)
             if value == "auto":
@@ -292,5 +313,11 @@ class MethodPane(Vertical):
             self._set(name, event.value, f"me-err{self._gen}-{name}")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "me-quick-stats":
+            event.stop()
+            # through the field's own input, so the form, its checks and the workspace stay one path
+            self.query_one(f"#mp{self._gen}-token_budget", Input).value = str(QUICK_BUDGET)
+            self.query_one(f"#me-stats{self._gen}", Static).update(escape(stats_hint(QUICK_BUDGET)))
+            return
         if event.button.id == "me-yaml":
             self.post_message(ActionRequested("import_yaml"))
