@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_merge.py [--forget 80] [--merge 5] [--methods rome memit] [--keys each prompt]
-                                     [--retain 60] [--threads 2] [--json out.json]
+                                     [--rome-updates exact memit mean-key] [--retain 60] [--threads 2]
+                                     [--json out.json]
 
 Data: TOFU's 217-item factual set (real authors + world facts, with their
 perturbed answers) read from ``../shared/data/tofu`` (skipped when absent);
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["rome", "memit"])
     ap.add_argument("--keys", nargs="+", default=["each", "prompt"], choices=("each", "prompt"))
     ap.add_argument("--param", action="append", default=[], help='METHOD=JSON, e.g. rome=\'{"merge_update": "memit"}\'')
+    ap.add_argument("--rome-updates", nargs="+", default=["exact"], choices=("exact", "mean-key", "memit"),
+                    help="ROME's merge_update values to run (each a row)")
     ap.add_argument("--known", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -120,10 +123,14 @@ def main() -> int:
     for name in args.methods:
         for m in args.merge:
             reqs = build_requests(forget, targets, m)
-            for keys in args.keys:
+            variants = [(k, u) for k in args.keys for u in (args.rome_updates if name == "rome" and k == "each"
+                                                            else [None])]
+            for keys, update in variants:
                 if m == 1 and keys == "prompt":
                     continue
                 params = {"merge_keys": keys, **json.loads(extra.get(name, "{}"))}
+                if update is not None:
+                    params["merge_update"] = update
                 meth = methods.make(name, params)
                 ctx = EditContext(lambda e: None, CancelToken(), forget, retain, {}, seed=0)
                 t0 = time.perf_counter()
@@ -139,7 +146,7 @@ def main() -> int:
                 worst = max(range(len(groups)), key=lambda g: means[g])
                 clean = sum(all(x <= 0.2 for x in g) for g in groups)
                 stats_s = float(((report.get("stats") or {}).get("seconds")) or 0.0)
-                row = {"method": name, "merge": m, "keys": keys, "edits": len(reqs), "r1": s,
+                row = {"method": name, "merge": m, "keys": keys, "merge_update": update, "edits": len(reqs), "r1": s,
                        "composite": res.composite, "retain_share": s["retain"] / max(bs["retain"], 1e-9),
                        "refusal_forget": refusal_rate(res.splits["forget"]),
                        "refusal_retain": refusal_rate(res.splits["retain"]),
@@ -151,7 +158,8 @@ def main() -> int:
                 rows.append(row)
                 bars = (s["forget"] <= 0.15 and row["retain_share"] >= 0.85 and res.composite >= 1.65
                         and clean == len(groups))
-                print(f"{name:6s} m={m:<2d} keys={keys:6s} {len(reqs):3d} edits  R1 forget {s['forget']:.3f} "
+                label = name + ("/" + update if update else "")
+                print(f"{label:15s} m={m:<2d} keys={keys:6s} {len(reqs):3d} edits  R1 forget {s['forget']:.3f} "
                       f"retain {s['retain']:.3f} ({row['retain_share']:.2f}x) rephrase {s['rephrase']:.3f}  "
                       f"composite {res.composite:.3f}  refusals forget {row['refusal_forget']:.0%} retain "
                       f"{row['refusal_retain']:.0%}  worst group mean R1 {means[worst]:.2f} (max "
