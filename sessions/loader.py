@@ -505,12 +505,7 @@ def _runs(c: _Checker, root: dict) -> list[RunConfig]:
     for i, raw in enumerate(c.array_of_tables(root["runs"], ("runs",), "runs")):
         kp = ("runs", i)
         c.table(raw, kp, "run")
-        method = c.string(raw, kp, "method", expected="a method name (string)")
-        try:
-            methods.get(method)
-        except UserError as e:
-            c.fail(kp + ("method",), e.message)
-        name = method.strip().lower()
+        name = _method_name(c, raw, kp)
         params = raw.get("params", {})
         if not isinstance(params, dict):
             c.fail(kp + ("params",), f"expected a table of {name} parameters, "
@@ -525,6 +520,18 @@ def _runs(c: _Checker, root: dict) -> list[RunConfig]:
     return runs
 
 
+def _method_name(c: _Checker, raw: dict, kp: tuple) -> str:
+    """A ``[[runs]]``/``[[steps]]`` entry's ``method``: a registered method, normalised (lower case)."""
+    from unlearn_tui.backends import methods
+
+    method = c.string(raw, kp, "method", expected="a method name (string)")
+    try:
+        methods.get(method)
+    except UserError as e:
+        c.fail(kp + ("method",), e.message)
+    return method.strip().lower()
+
+
 def _steps(c: _Checker, root: dict) -> list[StepConfig]:
     """``[[steps]]``: the app's kept step edits (method, the request's item ids, params), in order."""
     from unlearn_tui.backends import methods
@@ -535,12 +542,7 @@ def _steps(c: _Checker, root: dict) -> list[StepConfig]:
     for i, raw in enumerate(c.array_of_tables(root["steps"], ("steps",), "steps")):
         kp = ("steps", i)
         c.table(raw, kp, "step")
-        method = c.string(raw, kp, "method", expected="a method name (string)")
-        try:
-            methods.get(method)
-        except UserError as e:
-            c.fail(kp + ("method",), e.message)
-        name = method.strip().lower()
+        name = _method_name(c, raw, kp)
         if "items" not in raw:
             c.fail(kp, 'missing key "items" (the forget item ids of the step\'s edit request)')
         items = raw["items"]
