@@ -12,7 +12,15 @@ Per item:
 * ``top_hit`` — share of gold answer tokens ranked within ``top_k`` (100).
 * ``truth_ratio`` — when perturbed (wrong) answers exist: the geometric mean of
   their length-normalised probabilities divided by the gold answer's
-  (TOFU's ratio; > 1 means the model prefers wrong answers).
+  (> 1 means the model prefers wrong answers).  Our earlier variant, kept
+  under its name: it divides by the *gold* answer.
+* ``tofu_ratio`` (per item, in ``extra``) and ``truth_ratio_tofu`` (per
+  split) — TOFU's truth ratio as TOFU defines it: the same geometric mean over
+  the *paraphrased* answer's probability when the data has one (TOFU's
+  ``paraphrased_answer``; else the gold answer), aggregated per split as TOFU
+  does: ``mean(min(R, 1/R))`` on forget-like splits (1 = the model cannot tell
+  right from wrong), ``mean(max(0, 1 - R))`` on the others (high = prefers the
+  right answer); see :mod:`backends.field_metrics`.
 
 Teacher-forced numbers for gold and perturbed answers come from one batched
 forward pass; generation is batched with left padding.  The composite score is
@@ -27,10 +35,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .events import CancelToken, EventCallback, ItemResult, Tracker, ignore
+from .field_metrics import tofu_truth_ratio, truth_ratio_score
 from .generation import answer_stats, generate
 from .model import ModelHandle
 
 SPLITS = ("forget", "retain", "rephrase")
+FORGET_LIKE = ("forget", "rephrase", "mcq", "in_context")
+"""Splits of forgotten facts: TOFU's truth-ratio aggregate is ``mean(min(R, 1/R))`` on these and
+``mean(max(0, 1 - R))`` on the others (:func:`field_metrics.truth_ratio_score`)."""
+
+
+def _paraphrased_answer(it: Any) -> str | None:
+    """TOFU's ``paraphrased_answer`` column (kept in ``extra`` by the loader), when the item has one."""
+    v = getattr(it, "extra", {}).get("paraphrased_answer") if isinstance(getattr(it, "extra", None), dict) else None
+    return v if isinstance(v, str) and v.strip() else None
 SUMMARY_KEYS = ("rouge1", "probability", "mrr", "top_hit")
 
 
@@ -80,6 +98,9 @@ class SplitScores:
         tr = self.mean("truth_ratio")
         if tr is not None:
             out["truth_ratio"] = tr
+        ratios = [i.extra["tofu_ratio"] for i in self.items if i.extra.get("tofu_ratio") is not None]
+        if ratios:
+            out["truth_ratio_tofu"] = truth_ratio_score(ratios, forget_like=self.name in FORGET_LIKE)
         extra_keys = sorted({k for i in self.items for k, v in i.extra.items() if isinstance(v, (int, float))})
         for k in extra_keys:
             out[k] = self.mean(k)
@@ -90,6 +111,9 @@ class SplitScores:
 @dataclass
 class EvalResult:
     splits: dict[str, SplitScores] = field(default_factory=dict)
+    # ``[eval] extra`` blocks (backends.extras): name -> number or table, and the seconds each cost
+    extra: dict[str, Any] = field(default_factory=dict)
+    extra_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def composite(self) -> float | None:
@@ -102,8 +126,34 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         return {name: s.summary() for name, s in self.splits.items()}
 
+    def extras_json(self) -> dict[str, Any]:
+        """The ``[eval] extra`` blocks under their own names, and ``extra_seconds`` (empty without extras)."""
+        out: dict[str, Any] = dict(self.extra)
+        if self.extra_seconds:
+            out["extra_seconds"] = dict(self.extra_seconds)
+        return out
+
     def items_json(self) -> dict[str, list[dict]]:
         return {name: [asdict(i) for i in s.items] for name, s in self.splits.items()}
+
+
+def flat_extras(ev: EvalResult | None) -> dict[str, float | None]:
+    """The numbers of the ``[eval] extra`` blocks as flat keys for tables: ``forget_quality``,
+    ``model_utility``, ``perplexity``, ``mia.loss_auc`` … ``mia.privleak``, ``relearn.before`` /
+    ``relearn.after`` (tables of numbers give ``name.key``; everything else is left out)."""
+    out: dict[str, float | None] = {}
+    if ev is None:
+        return out
+    for name, v in ev.extra.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) or v is None:
+            out[name] = float(v) if v is not None else None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    out[f"{name}.{k}"] = float(x)
+    return out
 
 
 _SCORER = None
@@ -149,13 +199,20 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
         for wrong in getattr(it, "perturbed_answers", None) or []:
             pairs.append((prompts[i], handle.encode_answer(wrong)))
             owners.append((i, False))
+        para = _paraphrased_answer(it)
+        if para is not None and getattr(it, "perturbed_answers", None):   # TOFU's truth ratio compares with it
+            pairs.append((prompts[i], handle.encode_answer(para)))
+            owners.append((i, None))
     # progress counts sequences: teacher-forced pairs, then generations
     tracker = Tracker(on_event, cancel, f"evaluate {name}", len(pairs) + len(items), detail=f"{len(items)} items")
     stats = answer_stats(handle, pairs, settings.top_k, settings.batch_size, on_batch=tracker.step)
     gold = {}
     wrong: dict[int, list[float]] = {}
+    para_lp: dict[int, float] = {}
     for (i, is_gold), st in zip(owners, stats):
-        if is_gold:
+        if is_gold is None:
+            para_lp[i] = st.mean_logprob
+        elif is_gold:
             gold[i] = st
         else:
             wrong.setdefault(i, []).append(st.mean_logprob)
@@ -166,6 +223,8 @@ def evaluate_split(handle: ModelHandle, name: str, items: Sequence[Any], setting
         score = ItemScore(id=it.id, question=it.question, answer=it.answer, generation=gens[i],
                           rouge1=rouge1_recall(it.answer, gens[i]), probability=st.probability, mrr=st.mrr,
                           top_hit=st.top_hit, truth_ratio=truth_ratio(st.mean_logprob, wrong.get(i, [])))
+        if wrong.get(i):
+            score.extra["tofu_ratio"] = tofu_truth_ratio(para_lp.get(i, st.mean_logprob), wrong[i])
         if quality is not None:
             score.extra.update(quality(gens[i], targets.get(it.id)))
         for w in handle.wrappers:  # e.g. WISE reports which memory answered

@@ -46,3 +46,14 @@ def data_dir(create: bool = False) -> Path:
 def cache_dir(create: bool = False) -> Path:
     """Caches (statistics, downloaded data); safe to delete."""
     return _dir("cache", create)
+
+
+def shared_data_dir() -> Path:
+    """Third-party evaluation data (TOFU, PISTOL): ``UNLEARN_TUI_PAPER_DATA``, else ``shared/data`` beside
+    the checkout, else beside the working directory.  Nothing is copied from it; it may not exist."""
+    env = os.environ.get("UNLEARN_TUI_PAPER_DATA")
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    cwd = Path.cwd().parent / "shared" / "data"
+    return here if here.is_dir() or not cwd.is_dir() else cwd

@@ -87,6 +87,7 @@ class RunResult:
         out = {"method": self.method, "label": self.label, "params": self.params,
                "target_mode": self.target_mode, "merge_factor": self.merge_factor}
         out.update(self.eval.summary())
+        out.update(self.eval.extras_json())
         out.update({"composite": self.composite, "seconds": self.seconds, "eval_seconds": self.eval_seconds,
                     "report": self.report})
         return out
@@ -107,6 +108,7 @@ class SessionResult:
 
     def to_json(self, items: bool = False) -> dict:
         out: dict[str, Any] = {"baseline": self.baseline.summary(), "runs": [r.to_json() for r in self.runs]}
+        out["baseline"].update(self.baseline.extras_json())
         out["baseline"]["composite"] = self.baseline.composite
         out["targets"] = self.targets
         out["paraphrases"] = self.paraphrases
@@ -528,10 +530,138 @@ class Workbench:
 
     # ================================================================ evaluation and runs
     def evaluate(self, p: Prepared | None = None) -> EvalResult:
-        """Evaluate the current model on the prepared splits (with their targets)."""
+        """Evaluate the current model on the prepared splits (with their targets), and the session's
+        ``[eval] extra`` metrics and attacks (:mod:`backends.extras`)."""
         p = p or self._need_prepared()
         targets = {k: t.text for k, t in p.targets.items()}
-        return evaluate(self._model(), p.splits(), self.settings, self.on_event, self.cancel, targets)
+        result = evaluate(self._model(), p.splits(), self.settings, self.on_event, self.cancel, targets)
+        wanted = list(getattr(getattr(self.session, "eval", None), "extra", None) or [])
+        if wanted:
+            from . import extras
+
+            extras.compute(self.handle, wanted, self.extras_inputs(p, wanted), self.settings, result,
+                           self.on_event, self.cancel)
+        return result
+
+    # ---- [eval] extra
+    def extras_inputs(self, p: Prepared, wanted: Sequence[str]) -> Any:
+        """What :func:`backends.extras.compute` needs for this selection (built once per selection): the
+        forget / retain items with perturbed answers (derived where the data has none), the holdout
+        items, the model-utility sets, the held text, the in-context demos and, for forget quality and
+        PrivLeak, the retain-only model's numbers."""
+        from . import extras, perturb
+
+        cfg = self.session.eval
+        key = (self._key(), tuple(wanted), repr(cfg))
+        cached = getattr(self, "_extras", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pool = list(self.items or [])
+        forget = perturb.derive(list(p.forget), pool or None, seed=self.session.targets.seed)
+        retain = perturb.derive(list(p.retain), pool or None, seed=self.session.targets.seed)
+        holdout = self._holdout(cfg, len(forget))
+        inp = extras.Inputs(forget, retain, holdout, seed=int(self.session.targets.seed or 0),
+                            derived=perturb.count_derived(forget) + perturb.count_derived(retain))
+        if cfg.relearn_epochs:
+            inp.relearn_epochs = int(cfg.relearn_epochs)
+        if cfg.relearn_lr:
+            inp.relearn_lr = float(cfg.relearn_lr)
+        if "model_utility" in wanted:
+            inp.utility, note = extras.utility_sets(cfg.utility_data, self.session.base_dir(), cfg.utility_items)
+            self.on_event(Log(f"extras: {note}"))
+        if "perplexity" in wanted:
+            from . import mia
+
+            inp.text = self.session.resolve(cfg.perplexity_text).read_text(encoding="utf-8") \
+                if cfg.perplexity_text else mia.heldout_text()
+        if "in_context" in wanted:
+            chosen = {it.id for it in forget}
+            inp.demos = [it for it in (pool or list(p.retain)) if it.id not in chosen]
+        if "forget_quality" in wanted or "mia" in wanted:
+            inp.reference, inp.reference_why = self._retain_only_reference(inp)
+        self._extras = (key, inp)
+        return inp
+
+    def _base_copy(self) -> Any:
+        """A copy of the base model when the handle was the caller's (its pre-fine-tune weights are kept),
+        else None (our own model: the caller loads the base again)."""
+        import copy
+
+        import torch
+
+        from .model import ModelHandle
+
+        ft = self._finetune
+        if self._model_for is not None or ft is None or ft[3] is None or self.handle.wrappers:
+            return None
+        h = self.handle
+        twin = ModelHandle(copy.deepcopy(h.model), h.tokenizer, name=h.name, device=h.device, source=h.source,
+                           cached=h.cached)
+        with torch.no_grad():
+            for n, t in ft[3].items():
+                twin.parameter(n).copy_(t)
+        twin.set_fingerprint(ft[2].base_fingerprint)
+        return twin
+
+    def _holdout(self, cfg: Any, n_forget: int) -> list:
+        """Membership-inference non-members: ``[eval] holdout`` ids, else the first N data items that are
+        neither selected nor trained on by ``[finetune]`` (N = ``holdout`` or the forget count)."""
+        pool = list(self.items or [])
+        if isinstance(cfg.holdout, list):
+            by_id = {it.id: it for it in pool}
+            missing = [i for i in cfg.holdout if i not in by_id]
+            if missing:
+                raise UserError(f"unknown item id {missing[0]!r} (the data file has {len(pool)} items)",
+                                "eval.holdout")
+            return [by_id[i] for i in cfg.holdout]
+        used = {it.id for it in (*self.forget, *self.retain)}
+        ft = getattr(self.session, "finetune", None)
+        if ft is not None:
+            train = self.finetune_items(ft) or []
+            used |= {it.id for it in train}
+        n = int(cfg.holdout or n_forget)
+        return [it for it in pool if it.id not in used][:n]
+
+    def _retain_only_reference(self, inp: Any) -> tuple[Any, str]:
+        """(the retain-only model's :class:`~backends.extras.Reference`, '') or (None, why not).
+
+        The retain-only model is the base model fine-tuned by ``[finetune]`` (same settings) on its
+        training items minus the forget items; it is loaded beside the session's model, measured and
+        released (the fine-tune is cached like any other)."""
+        import dataclasses
+        import gc
+
+        from . import extras, finetune_first
+        from .model import load
+
+        ft = getattr(self.session, "finetune", None)
+        if ft is None:
+            return None, ("no retain-only model: forget quality and PrivLeak need [finetune] (the fine-tuned-"
+                          "knowledge setting, where the retain-only model is the base fine-tuned without the "
+                          "forget items)")
+        forget_ids = {it.id for it in inp.forget}
+        train = [it for it in (self.finetune_items(ft) or []) if it.id not in forget_ids]
+        if not train:
+            return None, "no retain-only model: [finetune] trains on nothing but the forget items"
+        cached = getattr(self, "_reference", None)
+        key = (tuple(sorted(forget_ids)), tuple(it.id for it in inp.holdout), repr(ft),
+               tuple((it.id, it.question, it.answer) for it in train))
+        if cached is not None and cached[0] == key:
+            return cached[1], ""
+        self.on_event(Log(f"extras: the retain-only model ({len(train)} items, [finetune] settings)"))
+        twin = self._base_copy() or load(self.session.model, self.on_event, self.cancel,
+                                         base_dir=self.session.base_dir())
+        try:
+            info = finetune_first.apply(twin, train, dataclasses.replace(ft, data="retain"), self.settings,
+                                        self.on_event, self.cancel)
+            js = info.to_json()
+            js.pop("history", None)
+            ref = extras.build_reference(twin, inp, self.settings, js, self.on_event, self.cancel)
+        finally:
+            del twin
+            gc.collect()
+        self._reference = (key, ref)
+        return ref, ""
 
     def _need_prepared(self) -> Prepared:
         p = self._current()
@@ -878,11 +1008,14 @@ def run(session: Any, on_event: EventCallback = ignore, cancel: CancelToken | No
 def result_row(r: RunResult) -> dict[str, Any]:
     """Flat numbers for tables (CLI and TUI)."""
     row = {"method": r.label, "target_mode": r.target_mode, "merge_factor": r.merge_factor}
-    for split in ("forget", "retain", "rephrase"):
+    for split in dict.fromkeys(("forget", "retain", "rephrase", *r.eval.splits)):   # + attack splits
         s = r.eval.splits.get(split)
         summ = s.summary() if s else {}
         for k in ("rouge1", "probability", "mrr", "top_hit"):
             row[f"{split}.{k}"] = summ.get(k)
+    from .metrics import flat_extras
+
+    row.update(flat_extras(r.eval))
     row["composite"] = r.composite
     row["seconds"] = r.seconds
     return row

@@ -144,11 +144,32 @@ class TargetsConfig:
     items: list[TargetItem] = key(factory=list, omit_empty=True, tables=TargetItem)
 
 
+EVAL_EXTRAS = ("mia", "forget_quality", "model_utility", "perplexity", "relearn", "mcq", "in_context")
+"""``[eval] extra``: the opt-in metrics and attacks of the unlearning field (each costs model time;
+:mod:`backends.extras` computes them, under exactly these names in the results)."""
+UTILITY_SETS = ("real_authors", "world_facts")
+"""The sets of TOFU's model utility beside the retain split (files of the shared data folder by default)."""
+
+
 @dataclass
 class EvalConfig:
     max_new_tokens: int = key(32, "1..1024", range=(1, 1024))
     batch_size: int = key(16, "1..1024", range=(1, 1024))
     top_k: int = key(100, "top-hit@k, 1..100000", range=(1, 100000))
+    # the field's metrics (opt-in; see backends.extras); every key below is left out of the file when unset
+    extra: list[str] = key(help=" | ".join(EVAL_EXTRAS), factory=list, choices=EVAL_EXTRAS, omit_empty=True)
+    holdout: int | list[str] | None = key(None, "membership-inference non-members: N unselected items or ids "
+                                                "(default: as many as forget)", omit_empty=True, range=(1, None))
+    utility_data: list[str] = key(help="model-utility sets (files); default: TOFU real authors + world facts of "
+                                       "the shared data folder", factory=list, omit_empty=True)
+    utility_items: int | None = key(None, "items per model-utility set (default: all)", omit_empty=True,
+                                    range=(1, None))
+    perplexity_text: str | None = key(None, "text file for perplexity (default: the built-in held text)",
+                                      omit_empty=True)
+    relearn_epochs: int | None = key(None, "relearning attack: passes over its train half (default 2)",
+                                     omit_empty=True, range=(1, 1000))
+    relearn_lr: float | None = key(None, "relearning attack: AdamW learning rate (default 2e-4)", omit_empty=True,
+                                   range=(0.0, 1.0))
     # where the app keeps this session's results (a JSON file, relative to the session file); written by the app
     results: str | None = key(None, "results file the app writes beside the session", omit_empty=True)
 

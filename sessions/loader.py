@@ -459,10 +459,50 @@ def _targets(c: _Checker, root: dict) -> TargetsConfig:
 def _eval(c: _Checker, root: dict) -> EvalConfig:
     t = c.section(root, "eval")
     kp = ("eval",)
-    values = {k: c.integer(t, kp, k, _default(EvalConfig, k), **_range(EvalConfig, k))
-              for k in KNOWN["eval"] if k != "results"}
+    E = EvalConfig
+    values: dict[str, Any] = {k: c.integer(t, kp, k, _default(E, k), **_range(E, k))
+                              for k in ("max_new_tokens", "batch_size", "top_k")}
+    values["extra"] = _names(c, t, kp, "extra", _choices(E, "extra"))
+    holdout = t.get("holdout")
+    if holdout is None:
+        values["holdout"] = None
+    elif isinstance(holdout, list):
+        values["holdout"] = c.ids(holdout, kp + ("holdout",), "")
+    else:
+        values["holdout"] = c.integer(t, kp, "holdout", 1, lo=1)
+    files = t.get("utility_data", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f.strip() for f in files):
+        c.fail(kp + ("utility_data",), f"expected a list of data files, got {format_value(files)}")
+    for f in files:
+        _data_source(c, kp + ("utility_data",), f)
+    values["utility_data"] = list(files)
+    values["utility_items"] = c.integer(t, kp, "utility_items", 1, lo=1) if "utility_items" in t else None
+    text = c.string(t, kp, "perplexity_text", None, expected="a text file")
+    if text is not None:
+        c.file_path(kp + ("perplexity_text",), text, "text file")
+    values["perplexity_text"] = text
+    lo, hi = _range(E, "relearn_epochs").values()
+    values["relearn_epochs"] = c.integer(t, kp, "relearn_epochs", 1, lo=lo, hi=hi) \
+        if "relearn_epochs" in t else None
+    values["relearn_lr"] = c.number(t, kp, "relearn_lr", None, lo=0.0, hi=1.0, lo_open=True)
     results = c.string(t, kp, "results", None, expected="a results file name (JSON, beside the session)")
-    return EvalConfig(**values, results=results)
+    return E(**values, results=results)
+
+
+def _names(c: _Checker, t: dict, kp: tuple, key: str, choices: tuple[str, ...]) -> list[str]:
+    """A list of distinct names out of ``choices`` (``[eval] extra``)."""
+    v = t.get(key, [])
+    if not isinstance(v, list):
+        c.fail(kp + (key,), f"expected a list of {', '.join(choices)}, got {format_value(v)}")
+    seen: list[str] = []
+    for x in v:
+        if not isinstance(x, str) or x not in choices:
+            c.fail(kp + (key,), _choices_message(x, choices) if isinstance(x, str)
+                   else f"expected one of {', '.join(choices)}, got {format_value(x)}")
+        if x in seen:
+            c.fail(kp + (key,), f"{format_value(x)} is listed twice")
+        seen.append(x)
+    return seen
 
 
 def _finetune(c: _Checker, root: dict) -> FinetuneConfig | None:

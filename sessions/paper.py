@@ -48,7 +48,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,12 +102,9 @@ PNG_HINT = "PNG plots need matplotlib, which is not installed: pip install matpl
 
 def default_data_dir() -> Path:
     """``shared/data`` beside the checkout (else beside the working directory); ``UNLEARN_TUI_PAPER_DATA`` wins."""
-    env = os.environ.get("UNLEARN_TUI_PAPER_DATA")
-    if env:
-        return Path(env).expanduser()
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    cwd = Path.cwd().parent / "shared" / "data"
-    return here if here.is_dir() or not cwd.is_dir() else cwd
+    from unlearn_tui.backends.paths import shared_data_dir
+
+    return shared_data_dir()
 
 
 # ===================================================================== configuration and plan

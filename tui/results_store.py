@@ -74,6 +74,21 @@ COLUMNS: tuple[Column, ...] = (
     Column("forget.target_similarity", "target sim", "high", "similarity of the forget answers to their targets",
            "no"),
     Column("forget.fluency", "fluency", "high", "fluency of the forget answers (0..1)", "no"),
+    Column("forget_quality", "FQ", "high", "forget quality: KS-test p-value of the forget truth ratios vs the "
+           "retain-only model's (TOFU; [eval] extra)", "auto"),
+    Column("model_utility", "MU", "high", "model utility: harmonic mean of probability, ROUGE-L and truth ratio on "
+           "retain, real authors, world facts (TOFU)", "auto"),
+    Column("mia.privleak", "privleak", "", "PrivLeak: Min-K% AUC relative to the retain-only model, in %, as "
+           "MUSE reports it (0 = like it; < 0 forget set still recognisable; > 0 over-unlearned)", "auto"),
+    Column("mia.mink_auc", "MIA AUC", "", "Min-K% membership AUC, forget vs holdout (0.5 = indistinguishable)",
+           "auto"),
+    Column("relearn.after", "relearn R1", "low", "ROUGE-1 of held forget items after relearning on the others "
+           "(relearning attack)", "auto"),
+    Column("mcq.top_hit", "MCQ acc", "low", "multiple-choice attack: share of forget questions still answered "
+           "with the gold option", "auto"),
+    Column("in_context.rouge1", "ICL R1", "low", "in-context attack: forget R1 after a few unrelated QA pairs",
+           "auto"),
+    Column("perplexity", "ppl", "low", "perplexity of a held text (general fluency)", "auto"),
     Column("seconds", "edit s", "low", "seconds spent applying the method (evaluation excluded)"),
     Column("eval_seconds", "eval s", "low", "seconds spent evaluating", "no"),
 )
@@ -126,6 +141,9 @@ def eval_values(ev: Any) -> dict[str, float | None]:
         for k, v in scores.summary().items():
             if k != "n" and isinstance(v, (int, float)):
                 out[f"{split}.{k}"] = float(v)
+    from unlearn_tui.backends.metrics import flat_extras
+
+    out.update(flat_extras(ev))
     out["composite"] = ev.composite
     return out
 
@@ -213,6 +231,14 @@ def _eval_from(raw: Any) -> Any:
                        for name, items in dict(raw).items()})
 
 
+def _with_extras(ev: Any, raw: Any) -> Any:
+    """``ev`` with the stored ``[eval] extra`` blocks (``extra_seconds`` apart) put back."""
+    if ev is not None and isinstance(raw, dict):
+        ev.extra = {k: v for k, v in raw.items() if k != "extra_seconds"}
+        ev.extra_seconds = dict(raw.get("extra_seconds") or {})
+    return ev
+
+
 def dumps(baseline: Any, runs: list, steps: list, session: Any = None) -> str:
     """The results as the JSON text of the results file."""
     doc: dict[str, Any] = {
@@ -221,10 +247,12 @@ def dumps(baseline: Any, runs: list, steps: list, session: Any = None) -> str:
         "model": getattr(getattr(session, "model", None), "name", None),
         "baseline": _eval_json(baseline),
         "baseline_summary": baseline.summary() if baseline is not None else None,
+        "baseline_extra": baseline.extras_json() if baseline is not None else None,
         "runs": [{"index": r.index, "method": r.method, "label": r.label, "params": r.params,
                   "target_mode": r.target_mode, "merge_factor": r.merge_factor, "seconds": r.seconds,
                   "eval_seconds": r.eval_seconds, "report": r.report, "composite": r.composite,
-                  "summary": r.eval.summary(), "splits": _eval_json(r.eval)} for r in runs],
+                  "summary": r.eval.summary(), "extra": r.eval.extras_json(), "splits": _eval_json(r.eval)}
+                 for r in runs],
         "steps": [asdict(s) for s in steps],
     }
     return json.dumps(doc, indent=1, default=str)
@@ -240,9 +268,10 @@ def loads(text: str) -> tuple[Any, list, list]:
             raise ValueError("not an unlearn-tui results file")
         if doc.get("version") != VERSION:
             raise ValueError(f"results file version {doc.get('version')!r}; this app reads version {VERSION}")
-        baseline = _eval_from(doc.get("baseline"))
+        baseline = _with_extras(_eval_from(doc.get("baseline")), doc.get("baseline_extra"))
         runs = [RunResult(int(r["index"]), str(r["method"]), str(r["label"]), dict(r.get("params") or {}),
-                          str(r["target_mode"]), int(r["merge_factor"]), _eval_from(r.get("splits") or {}),
+                          str(r["target_mode"]), int(r["merge_factor"]),
+                          _with_extras(_eval_from(r.get("splits") or {}), r.get("extra")),
                           float(r["seconds"]), float(r.get("eval_seconds") or 0.0), dict(r.get("report") or {}))
                 for r in doc.get("runs") or []]
         steps = [StepRow(str(s["what"]), int(s["k"]), s.get("n"), str(s.get("method") or "?"),

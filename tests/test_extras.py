@@ -1,0 +1,169 @@
+"""``[eval] extra`` end to end on tiny random models: the field's metrics and attacks in the results,
+under exactly the names scripts rely on, with the retain-only model, the holdout split and derived
+perturbed answers (issue 18)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unlearn_tui import sessions
+from unlearn_tui.backends import extras, field_metrics, mia, perturb
+from unlearn_tui.backends.data import QAItem
+from unlearn_tui.backends.events import Log
+from unlearn_tui.backends.runner import Workbench
+
+ALL = ["mia", "forget_quality", "model_utility", "perplexity", "relearn", "mcq", "in_context"]
+CITIES = ["Paris", "Rome", "Lima", "Oslo", "Cairo", "Quito", "Dakar", "Hanoi", "Bern", "Accra", "Riga", "Doha",
+          "Kyiv", "Baku"]
+
+
+def write_contracts(path, n=14):
+    """PISTOL-like records: one question template, different entities, no perturbed answers."""
+    recs = [{"question": f"In which city did Firm{chr(65 + i)} sign the contract with Corp{chr(65 + i)}?",
+             "answer": CITIES[i], "edge": f"E{i}"} for i in range(n)]
+    path.write_text(json.dumps(recs))
+
+
+def make_session(tmp_path, extra=ALL, finetune=True, **eval_keys):
+    write_contracts(tmp_path / "contracts.json")
+    text = ('version = 1\n[model]\nname = "tiny:llama"\n'
+            '[data]\npath = "contracts.json"\nformat = "pistol"\nforget = 4\nretain = 4\nrephrase = false\n'
+            '[targets]\nmode = "idk"\n'
+            f'[eval]\nmax_new_tokens = 6\nbatch_size = 8\nextra = {json.dumps(extra)}\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in eval_keys.items())
+            + ('[finetune]\ndata = "forget+retain"\nepochs = 1\nuntil_rouge1 = 0\nlr = 1e-3\n' if finetune else "")
+            + '[[runs]]\nmethod = "none"\n[[runs]]\nmethod = "ga"\nparams = { epochs = 1 }\n')
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return sessions.load(p)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("UNLEARN_TUI_PAPER_DATA", str(tmp_path / "no-shared-data"))
+
+
+def run(session, events=None):
+    ev = [] if events is None else events
+    wb = Workbench(session, ev.append)
+    wb.load_data()
+    return wb, wb.run_all(), ev
+
+
+def test_every_extra_lands_under_its_name_in_the_baseline_and_every_run(tmp_path):
+    wb, result, events = run(make_session(tmp_path))
+    js = result.to_json()
+    for block in [js["baseline"], *js["runs"]]:
+        assert set(block["mia"]) >= {"loss_auc", "zlib_auc", "mink_auc", "minkpp_auc", "privleak"}
+        assert all(block["mia"][k] is not None and 0.0 <= block["mia"][k] <= 1.0
+                   for k in ("loss_auc", "zlib_auc", "mink_auc", "minkpp_auc"))
+        assert isinstance(block["mia"]["privleak"], float)
+        assert 0.0 <= block["forget_quality"] <= 1.0
+        assert block["model_utility"] is not None and 0.0 <= block["model_utility"] <= 1.0
+        assert list(block["model_utility_parts"]) == ["retain"]    # no TOFU sets in the isolated data folder
+        assert block["perplexity"] > 1.0 and block["perplexity_tokens"] > 100
+        assert set(block["relearn"]) >= {"before", "after"}
+        assert block["mcq"]["n"] == 4 and block["in_context"]["n"] == 4
+        assert set(block["extra_seconds"]) == set(ALL)
+        assert block["perturbed_derived"] == 8     # forget + retain: every item got answers of the others
+    # the none run reuses the baseline's evaluation, extras included; ga changed the model
+    assert js["runs"][0]["mia"] == js["baseline"]["mia"]
+    assert js["runs"][1]["perplexity"] != js["baseline"]["perplexity"]
+    assert any(isinstance(e, Log) and "retain-only model" in e.message for e in events)
+
+
+def test_mia_auc_is_the_membership_scores_of_forget_vs_holdout(tmp_path):
+    wb, result, _ = run(make_session(tmp_path, extra=["mia"], holdout=3))
+    inp = wb.extras_inputs(wb.prepare(), ["mia"])
+    assert [it.id for it in inp.holdout] == ["8", "9", "10"]     # neither selected nor trained on
+    members = mia.item_scores(wb.handle, inp.forget)
+    nonmembers = mia.item_scores(wb.handle, inp.holdout)
+    expect = field_metrics.mia_aucs(members, nonmembers)
+    got = result.baseline.extra["mia"]
+    assert got["loss_auc"] == pytest.approx(expect["loss_auc"])
+    assert got["minkpp_auc"] == pytest.approx(expect["minkpp_auc"])
+    assert got["privleak"] == pytest.approx(field_metrics.privleak(got["mink_auc"], inp.reference.mia["mink_auc"]))
+
+
+def test_forget_quality_compares_with_the_retain_only_model(tmp_path):
+    wb, result, _ = run(make_session(tmp_path, extra=["forget_quality"]))
+    inp = wb.extras_inputs(wb.prepare(), ["forget_quality"])
+    ref = inp.reference
+    assert ref.finetune["items"] == 4 and ref.finetune["data"] == "retain"   # forget+retain minus forget
+    mine = [r for r in extras.truth_ratios(wb.handle, inp.forget, wb.settings) if r is not None]
+    expect = field_metrics.forget_quality(mine, ref.ratios)
+    assert result.baseline.extra["forget_quality"] == pytest.approx(expect["pvalue"])
+    assert result.baseline.extra["truth_ratio_tofu"] == pytest.approx(field_metrics.truth_ratio_score(mine, True))
+
+
+def test_without_finetune_forget_quality_is_null_and_says_why(tmp_path):
+    events: list = []
+    _, result, _ = run(make_session(tmp_path, extra=["forget_quality", "mia"], finetune=False), events)
+    assert result.baseline.extra["forget_quality"] is None
+    assert result.baseline.extra["mia"]["privleak"] is None
+    assert result.baseline.extra["mia"]["loss_auc"] is not None
+    assert any(isinstance(e, Log) and "need [finetune]" in e.message for e in events)
+
+
+def test_relearn_leaves_the_weights_as_they_were(tmp_path):
+    wb, result, _ = run(make_session(tmp_path, extra=["relearn"], relearn_epochs=3, relearn_lr=1e-2))
+    import torch
+
+    before = {n: p.detach().clone() for n, p in wb.handle.model.named_parameters()}
+    p = wb.prepare()
+    ev = wb.evaluate(p)
+    rl = ev.extra["relearn"]
+    assert rl["epochs"] == 3 and rl["lr"] == pytest.approx(1e-2)
+    assert all(torch.equal(before[n], q) for n, q in wb.handle.model.named_parameters())
+
+
+def test_replay_table_results_file_and_table_columns_carry_the_extras(tmp_path):
+    from rich.console import Console
+
+    from unlearn_tui.tui import results_store
+    from unlearn_tui.tui.replay_view import results_table
+
+    session = make_session(tmp_path, extra=["perplexity", "mcq"])
+    _, result, _ = run(session)
+    console = Console(width=400, record=True)
+    console.print(results_table(result))
+    text = console.export_text()
+    assert "ppl ↓" in text and "MCQ acc ↓" in text and "FQ ↑" not in text
+    # the results file keeps them through a reopen
+    path = results_store.write(session, result.baseline, result.runs, [])
+    base, runs, _ = results_store.loads(path.read_text())
+    assert base.extra["perplexity"] == pytest.approx(result.baseline.extra["perplexity"])
+    assert runs[1].eval.extra["perplexity"] == pytest.approx(result.runs[1].eval.extra["perplexity"])
+    values = results_store.eval_values(runs[1].eval)
+    assert values["perplexity"] == pytest.approx(result.runs[1].eval.extra["perplexity"])
+    assert values["mcq.top_hit"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_derived_perturbed_answers_share_the_question_template():
+    items = [QAItem(str(i), q, a) for i, (q, a) in enumerate([
+        ("What was the effective date of the contract between Abc SA and Def AG?", "01-02-1990."),
+        ("What was the effective date of the contract between Ghi NV and Jkl PLC?", "03-04-1991."),
+        ("What was the effective date of the contract between Mno SAS and Pqr Ltd?", "01-02-1990."),
+        ("What was the address of Abc SA in the contract with Def AG?", "1 Main Road."),
+    ])]
+    out = perturb.derive(items)
+    assert out[0].perturbed_answers == ["03-04-1991."]            # the same answer is not a wrong one
+    assert sorted(out[1].perturbed_answers) == ["01-02-1990."]      # duplicates count once
+    assert out[3].perturbed_answers == [] and "perturbed_source" not in out[3].extra
+    assert out[0].extra["perturbed_source"] == "derived"
+    given = QAItem("x", items[0].question, "y", perturbed_answers=["z"])
+    assert perturb.derive([given], items)[0] is given
+
+
+def test_bad_extra_keys_are_one_line_errors(tmp_path):
+    from unlearn_tui.backends.errors import UserError
+
+    for bad, needle in [('extra = ["mai"]', 'did you mean "mia"'), ('extra = ["mia", "mia"]', "listed twice"),
+                        ("holdout = 0", "integer >= 1"), ('perplexity_text = "none.txt"', "not found")]:
+        p = tmp_path / "b.toml"
+        p.write_text(f"version = 1\n[eval]\n{bad}\n")
+        with pytest.raises(UserError, match=needle):
+            sessions.load(p)
