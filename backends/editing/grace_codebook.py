@@ -105,6 +105,10 @@ class GraceCodebook(HookedWrapper):
 
     # ---- the codebook as stacked tensors ---------------------------------------------------
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # a stack built under torch.inference_mode (an evaluation) cannot be saved for backward: training
+        # through the hook afterwards (the relearning attack, a fine-tune on the deployed model) builds it again
+        if self._stacked is not None and not torch.is_inference_mode_enabled() and self._stacked[0].is_inference():
+            self._stacked = None
         if self._stacked is None:
             if self._keys:
                 self._stacked = (torch.stack(self._keys), torch.stack(self._values), torch.stack(self._radii))
