@@ -167,3 +167,21 @@ def test_bad_extra_keys_are_one_line_errors(tmp_path):
         p.write_text(f"version = 1\n[eval]\n{bad}\n")
         with pytest.raises(UserError, match=needle):
             sessions.load(p)
+
+
+def test_results_pane_shows_the_extras_columns_and_the_drill_down_line():
+    from unlearn_tui.backends.metrics import EvalResult, ItemScore, SplitScores
+    from unlearn_tui.tui import results_store
+    from unlearn_tui.tui.widgets.results import default_columns, extras_line
+
+    ev = EvalResult({"forget": SplitScores("forget", [ItemScore("a", "q", "x", "y", 0.0, 0.1, 0.2, 0.3)])},
+                    extra={"forget_quality": 0.031, "model_utility": 0.4, "mia": {"privleak": -45.0, "holdout": 3},
+                           "relearn": {"before": 0.1, "after": 0.6, "train_ids": ["a"]}})
+    rows = results_store.entries(ev, [], [])
+    cols = default_columns(rows)
+    assert {"forget_quality", "model_utility", "mia.privleak", "relearn.after"} <= set(cols)
+    assert "perplexity" not in cols and "mcq.top_hit" not in cols
+    line = extras_line(ev)
+    assert "FQ 0.031" in line and "MU 0.400" in line and "privleak -45.000" in line.replace("−", "-")
+    assert "relearn 0.100→0.600" in line
+    assert extras_line(EvalResult()) == ""

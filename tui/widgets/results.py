@@ -45,6 +45,21 @@ def default_columns(items: list) -> list[str]:
             if c.shown == "yes" or (c.shown == "auto" and any(e.values.get(c.key) is not None for e in items))]
 
 
+def extras_line(ev: Any) -> str:
+    """`` · FQ 0.031 · MU 0.412 · …`` for the ``[eval] extra`` numbers of ``ev`` ('' without extras)."""
+    from unlearn_tui.backends.metrics import flat_extras
+
+    vals = flat_extras(ev)
+    parts = []
+    for key, head in (("forget_quality", "FQ"), ("model_utility", "MU"), ("mia.privleak", "privleak"),
+                      ("mia.mink_auc", "MIA AUC"), ("perplexity", "ppl")):
+        if vals.get(key) is not None:
+            parts.append(f"{head} {fmt(vals[key])}")
+    if vals.get("relearn.after") is not None:
+        parts.append(f"relearn {fmt(vals.get('relearn.before'))}→{fmt(vals['relearn.after'])}")
+    return "".join(f" · {p}" for p in parts)
+
+
 def _key(action: str) -> str:
     return BY_ID[action].key if action in BY_ID else "?"
 
@@ -233,7 +248,8 @@ class ResultsPane(Vertical):
             return
         base = self.ws.baseline_eval if e.kind != "baseline" else None
         title.update(f"{e.num} {e.label}: per-item answers " + ("(the unedited model)" if base is None and
-                                                                e.kind == "baseline" else "before → after"))
+                                                                e.kind == "baseline" else "before → after")
+                     + extras_line(e.eval))
         for split, scores in e.eval.splits.items():
             before = {}
             if base is not None and split in base.splits:
