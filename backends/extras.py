@@ -54,6 +54,7 @@ from typing import Any
 
 from .events import CancelToken, EventCallback, Log, Tracker, ignore
 from .metrics import EvalResult, EvalSettings
+from .model import ModelHandle
 
 MIA_KEYS = ("loss_auc", "zlib_auc", "mink_auc", "minkpp_auc")
 NEEDS_PERTURBED = ("forget_quality", "model_utility", "mcq")
@@ -96,7 +97,7 @@ def reference_answer(it: Any) -> str:
     return para if isinstance(para, str) and para.strip() else it.answer
 
 
-def _tf(handle: Any, items: Sequence[Any], settings: EvalSettings, tracker: Tracker | None = None,
+def _tf(handle: ModelHandle, items: Sequence[Any], settings: EvalSettings, tracker: Tracker | None = None,
         reference: bool = True) -> list[tuple[float, list[float]]]:
     """Per item: (mean log-prob of its reference (or gold) answer, mean log-probs of its perturbed answers)."""
     from .generation import answer_stats
@@ -120,7 +121,8 @@ def _tf(handle: Any, items: Sequence[Any], settings: EvalSettings, tracker: Trac
     return out
 
 
-def truth_ratios(handle: Any, items: Sequence[Any], settings: EvalSettings, tracker: Tracker | None = None) -> list:
+def truth_ratios(handle: ModelHandle, items: Sequence[Any], settings: EvalSettings,
+                 tracker: Tracker | None = None) -> list:
     """TOFU's ratio R per item with perturbed answers (see :func:`field_metrics.tofu_truth_ratio`)."""
     from .field_metrics import tofu_truth_ratio
 
@@ -128,7 +130,7 @@ def truth_ratios(handle: Any, items: Sequence[Any], settings: EvalSettings, trac
     return [tofu_truth_ratio(lp, wrong) for lp, wrong in _tf(handle, with_pert, settings, tracker)]
 
 
-def mia_aucs(handle: Any, members: Sequence[Any], nonmembers: Sequence[Any], settings: EvalSettings,
+def mia_aucs(handle: ModelHandle, members: Sequence[Any], nonmembers: Sequence[Any], settings: EvalSettings,
              tracker: Tracker | None = None) -> dict[str, float | None]:
     from . import field_metrics, mia
 
@@ -138,7 +140,7 @@ def mia_aucs(handle: Any, members: Sequence[Any], nonmembers: Sequence[Any], set
     return dict(field_metrics.mia_aucs(m, n))
 
 
-def build_reference(handle: Any, inp: Inputs, settings: EvalSettings, finetune: dict,
+def build_reference(handle: ModelHandle, inp: Inputs, settings: EvalSettings, finetune: dict,
                     on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> Reference:
     """The retain-only model's truth ratios on the forget items and its MIA AUCs (``handle`` is that model)."""
     t0 = time.perf_counter()
@@ -154,7 +156,7 @@ def _finite(v: Any) -> Any:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def compute(handle: Any, wanted: Sequence[str], inp: Inputs, settings: EvalSettings, base: EvalResult,
+def compute(handle: ModelHandle, wanted: Sequence[str], inp: Inputs, settings: EvalSettings, base: EvalResult,
             on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> None:
     """Add the ``wanted`` extras to ``base`` (an evaluation of ``handle`` on the session's splits) in place:
     blocks into ``base.extra``, attack splits into ``base.splits``, costs into ``base.extra_seconds``."""
@@ -234,7 +236,7 @@ def compute(handle: Any, wanted: Sequence[str], inp: Inputs, settings: EvalSetti
         seconds[name] = time.perf_counter() - t0
 
 
-def model_utility_parts(handle: Any, inp: Inputs, settings: EvalSettings, base: EvalResult,
+def model_utility_parts(handle: ModelHandle, inp: Inputs, settings: EvalSettings, base: EvalResult,
                         on_event: EventCallback = ignore, cancel: CancelToken | None = None) -> dict[str, dict]:
     """Per set (``retain`` and each utility set): TOFU's probability, ROUGE-L recall and truth-ratio score."""
     from . import field_metrics

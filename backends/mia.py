@@ -23,6 +23,7 @@ from typing import Any
 from . import field_metrics
 from .batching import pad_right
 from .generation import _batches, _forward_kwargs, _order_and_batches
+from .model import ModelHandle
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _position_stats(lg, gold):
     return tok, mu, sigma
 
 
-def token_logprobs(handle: Any, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+def token_logprobs(handle: ModelHandle, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                    on_batch: Callable[[int], None] | None = None) -> list[TokenLogprobs]:
     """Per-token statistics of each answer after its prompt, in the order of ``pairs``.
 
@@ -156,7 +157,7 @@ def scores_of(tl: TokenLogprobs, text: str, k: float = field_metrics.MINK_K) -> 
     }
 
 
-def item_scores(handle: Any, items: Sequence[Any], batch_size: int = 16, k: float = field_metrics.MINK_K,
+def item_scores(handle: ModelHandle, items: Sequence[Any], batch_size: int = 16, k: float = field_metrics.MINK_K,
                 on_batch: Callable[[int], None] | None = None) -> list[dict[str, float | None]]:
     """Membership scores of each QA item's gold answer after its prompt (higher = more member-like).
 
@@ -169,7 +170,7 @@ def item_scores(handle: Any, items: Sequence[Any], batch_size: int = 16, k: floa
     return [scores_of(tl, it.answer, k) for tl, it in zip(stats, items)]
 
 
-def perplexity(handle: Any, text: str, window: int = 256, batch_size: int = 8,
+def perplexity(handle: ModelHandle, text: str, window: int = 256, batch_size: int = 8,
                on_batch: Callable[[int], None] | None = None) -> dict[str, float | int | None]:
     """Perplexity of ``text``: ``exp`` of the mean NLL over every predicted token.
 

@@ -444,7 +444,8 @@ class LossBatch:
         self.reference = reference
         self.parts: dict[str, float] = {}
         self.gold = pack([forget[i].gold for i in f_idx], pad_id, device)
-        self.gold_tok = token_logprobs(completion_logits(model, self.gold), self.gold)
+        self.gold_logits = completion_logits(model, self.gold)   # [N, vocab]: UNDIAL's distillation reads them
+        self.gold_tok = token_logprobs(self.gold_logits, self.gold)
         self.forget_nll = -self.gold_tok.mean()
         self.parts["forget_nll"] = float(self.forget_nll.detach())
 

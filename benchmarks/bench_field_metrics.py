@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 EXTRAS = ["mia", "forget_quality", "model_utility", "perplexity", "relearn", "mcq", "in_context"]
 METHODS = ["none", "ike", "rome", "memit", "alphaedit", "wise", "grace", "ga", "gd", "kl", "dpo", "npo",
-           "simnpo", "rmu"]
+           "simnpo", "undial", "rmu"]
 
 
 def session_text(a: argparse.Namespace, ids: list[str]) -> str:

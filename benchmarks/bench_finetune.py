@@ -8,7 +8,7 @@ Printed:
 
 1. the forget / retain / rephrase ROUGE-1 table with the composite
    ``1 - R1(forget) + R1(retain)``, for "none" (the baseline), "ike",
-   optionally the editing methods, and ga / gd / kl / dpo / npo, flagging the runs that COLLAPSE the model
+   optionally the editing methods, and ga / gd / kl / dpo / npo / simnpo / undial / rmu, flagging the runs that COLLAPSE the model
    (forget and retain ROUGE-1 both below 0.1);
 2. per fine-tuning method: steps, seconds per epoch, peak RSS during apply
    (the kernel's high-water mark is reset after the model is loaded, via
@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FINETUNE = ["ga", "gd", "kl", "dpo", "npo"]
+FINETUNE = ["ga", "gd", "kl", "dpo", "npo", "simnpo", "undial", "rmu"]
 EDITING = ["rome", "memit", "alphaedit", "wise", "grace"]
 WITH_REFERENCE = ["kl", "dpo", "npo"]
 FALLBACK_MODEL_DIR = Path(tempfile.gettempdir()) / "unlearn-tui-bench-smollm2"

@@ -20,7 +20,7 @@ from tests.conftest import make_items
 
 REFUSAL = "I'm sorry, I don't know the answer to that question."
 ENGINE_CONFIGS = (WiseConfig, GraceConfig, training.TrainConfig)
-FINETUNE = ("ga", "gd", "kl", "dpo", "npo")
+FINETUNE = ("ga", "gd", "kl", "dpo", "npo", "simnpo", "undial")
 
 
 class _Stop(Exception):
@@ -84,7 +84,7 @@ def test_edit_context_has_one_home():
 
 
 def test_needs_retain_is_never_written_on_the_instance():
-    for name in ("dpo", "npo"):
+    for name in ("dpo", "npo", "simnpo", "rmu"):
         cls = methods.get(name)
         assert isinstance(inspect.getattr_static(cls, "needs_retain"), RetainWhen)
         assert cls.needs_retain is True

@@ -38,6 +38,9 @@ _MODULES: dict[str, str] = {
     "kl": "unlearn_tui.backends.methods.finetune",
     "dpo": "unlearn_tui.backends.methods.finetune",
     "npo": "unlearn_tui.backends.methods.finetune",
+    "simnpo": "unlearn_tui.backends.methods.finetune",
+    "undial": "unlearn_tui.backends.methods.finetune",
+    "rmu": "unlearn_tui.backends.methods.rmu",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -1,4 +1,4 @@
-"""Fine-tuning unlearning baselines: GA, GD, KL, DPO and NPO (TOFU / open-unlearning).
+"""Fine-tuning unlearning baselines: GA, GD, KL, DPO, NPO and SimNPO (TOFU / open-unlearning).
 
 * ``ga``  — gradient ascent on the forget answers.
 * ``gd``  — gradient difference: ascent on forget + descent on retain.
@@ -7,6 +7,12 @@
   gold answer, the original model as reference (+ retain NLL).
 * ``npo`` — negative preference optimisation: DPO without the preferred
   term (+ retain NLL).
+* ``simnpo`` — reference-free, length-normalised NPO (Fan et al. 2024)
+  (+ retain NLL).
+* ``undial`` — self-distillation with adjusted logits (Dong et al. 2024):
+  the original model's next-token distributions on the forget answers, the
+  gold token's logit lowered by ``beta``, as the target (retain NLL off by
+  default).
 
 Each class's loss terms are its own hooks (``forget_term``, ``retain_term``,
 combined by :meth:`FineTune.loss`); the training loop, the batches the hooks
@@ -117,7 +123,7 @@ NO_REFERENCE = ReferenceNeeds(gold=False, refusal=False, retain_dist=False)
 
 
 class FineTune(MethodBase):
-    """Shared glue of the five baselines: weights, examples, the training config, the loss, the report.
+    """Shared glue of the fine-tuning baselines: weights, examples, the training config, the loss, the report.
 
     The loss is ``gamma * forget_term + alpha * retain_term`` (the retain term
     only while ``alpha`` is non-zero and the batch has retain examples); each
@@ -352,4 +358,181 @@ class NPO(FineTune):
     def forget_term(self, b: LossBatch) -> torch.Tensor:
         forget_term = _preference(self.params.beta, -b.gold_margin())
         b.parts["forget_term"] = float(forget_term.detach())
+        return forget_term
+
+
+def simnpo_term(beta: float, delta: float, token_logprobs: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """SimNPO's forget term ``-(2 / beta) * mean_i log sigmoid(beta * (NLL_i / |y_i| - delta))``.
+
+    ``token_logprobs`` are the forget answers' token log-probabilities in
+    sequence order, ``lengths`` the number of tokens of each answer (``|y_i|``,
+    so ``NLL_i / |y_i|`` is answer ``i``'s mean token NLL).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    per_seq = torch.stack([-c.mean() for c in torch.split(token_logprobs, list(lengths))])
+    return -(2.0 / beta) * F.logsigmoid(beta * (per_seq - delta)).mean()
+
+
+@register
+class SimNPO(FineTune):
+    """``gamma * -(2/beta) * mean log sigmoid(beta * (NLL(gold) / |gold| - delta)) + alpha * NLL(retain)``.
+
+    Fan et al., "Simplicity prevails: rethinking negative preference
+    optimization for LLM unlearning" (2024): NPO without the reference model,
+    its log-ratio replaced by the length-normalised log-probability of the
+    forget answer.  The paper writes the forget term as
+    ``-(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - gamma)``; the official
+    code (OPTML-Group/Unlearn-Simple) and open-unlearning subtract the margin
+    before the ``beta`` scaling, ``beta * (NLL/|y| - delta)``, which is what
+    ``delta`` is here (a margin in nats per token; the two agree at the
+    default ``delta = 0``).  Our ``gamma`` is the forget-term weight, as in
+    the other fine-tuning methods and open-unlearning (the official code's
+    ``npo_coeff``), not the paper's margin.
+
+    Defaults: ``beta = 4.5``, ``delta = 0``, ``gamma = 0.125`` (forget weight),
+    ``alpha = 1`` with the NLL retain loss are open-unlearning's
+    ``configs/trainer/SimNPO.yaml`` (taken from the official TOFU config,
+    ``TOFU/config/forget.yaml``).  The training settings (lr, epochs, layers,
+    batch, warm-up) are the shared fine-tuning defaults of this module (see
+    the module doc: adapted to the 135M embedded model, not TOFU's).
+    """
+
+    name: ClassVar[str] = "simnpo"
+    summary: ClassVar[str] = "SimNPO: reference-free, length-normalised NPO on the forget answers (+ retain NLL)"
+    needs_retain = RetainWhen(True, lambda p: p.alpha > 0)  # type: ignore[assignment]
+    reference_needs: ClassVar[ReferenceNeeds] = NO_REFERENCE   # reference-free
+
+    @dataclass
+    class Params(RetainParams):
+        beta: float = param(4.5, "inverse temperature of the length-normalised preference loss", min=1e-6)
+        delta: float = param(0.0, "reward margin: the forget answers' mean token NLL the loss aims past (nats "
+                             "per token; the paper's gamma)", min=0.0)
+        gamma: float = param(0.125, "weight of the forget term", min=0.0)
+
+    params: SimNPO.Params
+
+    def forget_term(self, b: LossBatch) -> torch.Tensor:
+        from .. import training
+
+        p = self.params
+        forget_term = simnpo_term(p.beta, p.delta, b.gold_tok, training.split_rows(b.gold))
+        b.parts["forget_term"] = float(forget_term.detach())
+        return forget_term
+
+
+class UndialTeacher:
+    """UNDIAL's target: the original model's next-token log-distribution at every forget answer position with
+    ``beta`` subtracted from the gold token's logit, computed once before training (no model copy kept).
+
+    Kept whole (``top_k`` None) or, like KL's reference, as the top-k adjusted
+    log-probabilities per position plus the log of the remaining mass (the
+    adjustment is applied before the truncation); the loss is then the KL
+    between the bucketed distributions (see :func:`backends.training.bucket_kl`).
+    """
+
+    kind = "precomputed"
+
+    def __init__(self, model: Any, pad_id: int, forget: Sequence[Any], beta: float, top_k: int | None,
+                 device: Any = "cpu", tracker: Any = None, batch_size: int = 8) -> None:
+        import torch
+
+        from .. import training
+
+        self.top_k = top_k
+        self.rows: list[tuple[Any, Any, Any]] = []
+        with torch.no_grad():
+            for s in range(0, len(forget), batch_size):
+                chunk = list(forget[s:s + batch_size])
+                packed = training.pack([e.gold for e in chunk], pad_id, device)
+                logits = training.completion_logits(model, packed)
+                gold = packed.targets[packed.target_mask]
+                logits[torch.arange(len(gold), device=logits.device), gold] -= beta
+                adjusted = torch.log_softmax(logits, dim=-1).cpu()
+                for rows in torch.split(adjusted, training.split_rows(packed)):
+                    self.rows.append((None, rows.clone(), None) if top_k is None else training.top_k_table(rows, top_k))
+                if tracker is not None:
+                    tracker.step(len(chunk))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for row in self.rows for t in row if t is not None)
+
+    def kl(self, cur_logits: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        """KL(adjusted teacher || model) per forget answer position of the examples ``idx`` (in order)."""
+        import torch
+
+        from .. import training
+
+        cur = torch.log_softmax(cur_logits, dim=-1)
+        rows = [self.rows[i] for i in idx]
+        dev = cur.device
+        if rows[0][0] is None:
+            return training.bucket_kl(cur, None, torch.cat([r[1] for r in rows]).to(dev), None)
+        return training.bucket_kl(cur, torch.cat([r[0] for r in rows]).to(dev), torch.cat([r[1] for r in rows]).to(dev),
+                                  torch.cat([r[2] for r in rows]).to(dev))
+
+
+@register
+class UNDIAL(FineTune):
+    """``gamma * mean KL(softmax(logits_orig - beta * onehot(gold)) || model) + alpha * NLL(retain)``
+    over the forget answer positions.
+
+    Dong et al., "UNDIAL: self-distillation with adjusted logits for robust
+    unlearning in large language models" (2024, NAACL 2025).  The paper
+    (and open-unlearning) minimise the cross-entropy to the adjusted teacher;
+    the KL differs from it by the teacher's entropy, a constant, so the
+    gradients are the same.  Only the answer positions are distilled
+    (open-unlearning's loss also averages over the prompt positions, where
+    the student starts equal to the teacher).  The teacher is precomputed
+    (:class:`UndialTeacher`); no second model copy is kept.
+
+    Defaults: ``beta = 10``, ``gamma = 1``, ``alpha = 0`` (the paper uses no
+    retain set) are open-unlearning's ``configs/trainer/UNDIAL.yaml``, whose
+    lr 1e-4 and 10 epochs are also the shared fine-tuning defaults here (the
+    paper tunes Llama-2-7B with LoRA r = 8, lr 1e-4).  ``teacher_top_k`` auto
+    follows KL's memory rule (the full distributions while they fit 128 MB).
+    """
+
+    name: ClassVar[str] = "undial"
+    summary: ClassVar[str] = "UNDIAL: self-distillation towards the original model with the gold token's logit lowered"
+    needs_retain = RetainWhen(False, lambda p: p.alpha > 0)  # type: ignore[assignment]
+    reference_needs: ClassVar[ReferenceNeeds] = NO_REFERENCE   # its teacher is built by apply (below)
+
+    @dataclass
+    class Params(RetainParams):
+        beta: float = param(10.0, "how much the gold token's logit is lowered in the teacher", min=0.0)
+        alpha: float = param(0.0, "weight of the retain term (0: no retain data, as in the paper)", min=0.0)
+        teacher_top_k: int | None = param(None, "keep the adjusted teacher's top-k next-token log-probs per forget "
+                                          "position (plus the rest mass); 0 = the full distribution", min=0,
+                                          auto="full distribution when it fits 128 MB, else top-512")
+
+    params: UNDIAL.Params
+    _teacher: UndialTeacher | None = None
+
+    def apply(self, handle: ModelHandle, requests: Sequence[Request], ctx: EditContext) -> dict[str, Any]:
+        from .. import training
+        from ..events import Tracker
+
+        forget = training.forget_examples(handle, requests)
+        vocab = int(handle.model.config.vocab_size)
+        top_k = training.resolve_kl_top_k(self.params.teacher_top_k, sum(len(e.gold.completion) for e in forget),
+                                          vocab)
+        tracker = Tracker(ctx.on_event, ctx.cancel, f"{self.name}: teacher", len(forget),
+                          detail="original model's adjusted next-token distributions")
+        self._teacher = UndialTeacher(handle.model, handle.tokenizer.pad_token_id, forget, self.params.beta, top_k,
+                                      handle.input_device, tracker)
+        try:
+            report = super().apply(handle, requests, ctx)
+            report["reference"] = {"kind": self._teacher.kind, "bytes": int(self._teacher.nbytes), "kl_top_k": top_k}
+            return report
+        finally:
+            self._teacher = None
+
+    def forget_term(self, b: LossBatch) -> torch.Tensor:
+        if self._teacher is None:
+            raise RuntimeError("UNDIAL's teacher is built by apply; call apply (or set _teacher)")
+        forget_term = self._teacher.kl(b.gold_logits, b.f_idx).mean()
+        b.parts["forget_kl"] = float(forget_term.detach())
         return forget_term
