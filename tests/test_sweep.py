@@ -42,6 +42,12 @@ method = ["rome", "grace"]
 merge_factor = [1, 2]
 """
 
+GRID_2X3 = """
+[sweep]
+method = ["rome", "grace"]
+merge_factor = [1, 2, 3]
+"""
+
 SCORES = ("forget", "retain", "composite", "method", "label", "params", "target_mode", "merge_factor")
 
 
@@ -272,6 +278,42 @@ def test_a_real_local_ray_gives_the_same_results_and_resumes(local_sweep, tmp_pa
     assert all(n == 1 for n in loads.values())                          # a worker loads the model once ...
     assert sum(not r.loaded_model for r in first) >= 4 - len(pids)      # ... and reuses it for its next trials
     assert not any(r.loaded_model for r in again if r.pid in loads and not r.cached)   # ... in the next sweep too
+
+
+@pytest.fixture(scope="module")
+def local_sweep_2x3(tmp_path_factory):
+    """The 2x3 sweep run one trial after another in this process (what sequential replays give)."""
+    tmp = tmp_path_factory.mktemp("sweep2x3")
+    spec = sw.load_sweep(write(tmp, SESSION + GRID_2X3))
+    return spec, sw.run_sweep(spec, tmp / "out", backend="local")
+
+
+def test_a_2x3_sweep_on_local_ray_is_interrupted_and_resumed_without_rerunning(local_sweep_2x3, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'unlearn-tui[ray]'); "
+                                            "the test extra installs it")
+    spec, local = local_sweep_2x3
+    assert len(spec.trials()) == 6 and [r.status for r in local] == ["ok"] * 6
+    out = tmp_path / "out"
+    cancel = sw.CancelToken()
+
+    def stop_after_two(e):
+        if isinstance(e, sw.TrialFinished) and e.done == 2:
+            cancel.cancel()
+
+    sw.init_ray(num_cpus=2)
+    try:
+        with pytest.raises(sw.Cancelled):      # interrupted: the trials in flight are stopped
+            sw.run_sweep(spec, out, stop_after_two, cancel=cancel, num_cpus=2)
+        finished = {p.stem for p in (out / sw.TRIALS_DIR).glob("*.json")}
+        assert 2 <= len(finished) < 6
+        again = sw.run_sweep(spec, out, num_cpus=2)
+    finally:
+        ray.shutdown()
+    assert [r.cached for r in again] == [t.hash in finished for t in spec.trials()]   # finished ones not re-run
+    assert [r.status for r in again] == ["ok"] * 6
+    assert [scores(r.run) for r in again] == [scores(r.run) for r in local]           # = the sequential run
+    lines = (out / sw.RESULTS_JSONL).read_text().splitlines()
+    assert sorted(json.loads(x)["hash"] for x in lines) == sorted(t.hash for t in spec.trials())
 
 
 def test_sweep_help_and_loading_import_neither_torch_textual_nor_ray(tmp_path):
