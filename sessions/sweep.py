@@ -182,10 +182,17 @@ class TrialResult:
         run = self.run or {}
         for k in ("method", "label", "target_mode", "merge_factor"):
             row[k] = run.get(k)
-        for split in ("forget", "retain", "rephrase"):
+        for split in ("forget", "retain", "rephrase", "mcq", "in_context"):   # + the [eval] extra attack splits
             summ = run.get(split) or {}
             for k, v in summ.items():
                 row[f"{split}.{k}"] = v
+        for k in ("forget_quality", "model_utility", "perplexity"):           # the [eval] extra numbers
+            if k in run:
+                row[k] = run[k]
+        for k in ("mia", "relearn"):
+            for kk, v in (run.get(k) or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    row[f"{k}.{kk}"] = v
         row["composite"] = run.get("composite")
         row["baseline.composite"] = (self.baseline or {}).get("composite")
         row["delta_composite"] = self.delta

@@ -185,3 +185,22 @@ def test_results_pane_shows_the_extras_columns_and_the_drill_down_line():
     assert "FQ 0.031" in line and "MU 0.400" in line and "privleak -45.000" in line.replace("−", "-")
     assert "relearn 0.100→0.600" in line
     assert extras_line(EvalResult()) == ""
+
+
+def test_a_sweep_trial_carries_the_extras_in_its_line_and_csv_row(tmp_path):
+    from unlearn_tui.sessions import sweep as sw
+
+    make_session(tmp_path, extra=["perplexity", "mcq", "mia"], finetune=False)
+    text = (tmp_path / "s.toml").read_text().split("[[runs]]")[0] + '[sweep]\nmethod = ["none"]\n'
+    spec = sw.load_sweep(write_text(tmp_path / "sweep.toml", text))
+    (res,) = sw.run_sweep(spec, tmp_path / "out", backend="local")
+    line = res.line()
+    assert line["perplexity"] > 1.0 and set(line["mia"]) >= {"loss_auc", "privleak"} and line["mcq"]["n"] == 4
+    row = res.row()
+    assert row["perplexity"] == line["perplexity"] and row["mia.loss_auc"] == line["mia"]["loss_auc"]
+    assert row["mcq.top_hit"] == line["mcq"]["top_hit"]
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
