@@ -204,3 +204,17 @@ def test_a_sweep_trial_carries_the_extras_in_its_line_and_csv_row(tmp_path):
 def write_text(path, text):
     path.write_text(text)
     return path
+
+
+def test_every_pistol_question_gets_wrong_answers_of_its_own_kind(shared_data):
+    from unlearn_tui.backends import data
+
+    path = shared_data / "pistol" / "sample_data_1.json"
+    items = data.load_items(str(path), format="pistol")
+    out = perturb.derive(items)
+    assert all(it.perturbed_answers for it in out)                       # 400 of 400
+    assert sum(len(it.perturbed_answers) == 3 for it in out) >= 360
+    for it in out:
+        assert it.answer not in it.perturbed_answers
+        same = [o for o in items if perturb.question_template(o.question) == perturb.question_template(it.question)]
+        assert set(it.perturbed_answers) <= {o.answer for o in same}      # answers to the same question template
