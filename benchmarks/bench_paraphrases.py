@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from unlearn_tui.backends import data, selfimprove
     from unlearn_tui.backends.model import ModelSpec, load
-    
+
     items = []
     for f in files:
         for it in data.load_items(str(f), format="tofu"):
