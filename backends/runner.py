@@ -926,25 +926,33 @@ class Workbench:
         """Baseline ROUGE-1 per item: does the model know the fact now?
 
         For the model as loaded (no kept edit, no wrapper) the scores are cached
-        on disk by the model's fingerprint, the items' prompt and answer tokens
-        and the evaluation settings (:func:`known_cache_file`): the app's start-up
-        pass evaluates a model and data file once, not at every launch.
+        on disk per item, in one file per model (:func:`known_cache_file`: the
+        model's fingerprint, its prompt format and the evaluation settings), so
+        an item is evaluated once per model, whatever batch it comes in: the
+        app scores the rows on screen a few at a time, and a second launch
+        reads them back (even before the model loads: :func:`known_cache_before_load`).
         """
         handle = self._model()
         items = list(items)
-        path = None
+        path, cached = None, {}
         if not self.undo_stack and not handle.wrappers and items:
             path = known_cache_file(handle, items, self.settings)
-            cached = _read_known(path, items)
-            if cached is not None:
+            stored = _read_known(path) or {}
+            cached = {it.id: stored[k] for it in items if (k := known_cache_item_key(it)) in stored}
+            if len(cached) == len({it.id for it in items}):
                 self.on_event(Log(f"known scores of {len(items)} items: cached ({path.name})"))
                 return cached
-        res = evaluate(handle, {"known": items}, self.settings, self.on_event, self.cancel)
+        missing = [it for it in items if it.id not in cached]
+        res = evaluate(handle, {"known": missing}, self.settings, self.on_event, self.cancel)
         split = res.splits.get("known")
         scores = {s.id: s.rouge1 for s in split.items} if split else {}
         if path is not None and scores:
-            _write_known(path, scores)
-        return scores
+            by_id = {it.id: it for it in missing}
+            stored = _read_known(path) or {}     # (read again: another batch may have written meanwhile)
+            stored.update({known_cache_item_key(by_id[i]): v for i, v in scores.items() if i in by_id})
+            _write_known(path, stored)
+            known_cache_remember(known_cache_identity(self.session), known_cache_key(handle, self.settings))
+        return {**cached, **scores}
 
     def write_targets(self, item_ids: Sequence[str], mode: str = "self-improve") -> list[dict]:
         """Targets the model writes now for the selected forget items ``item_ids`` (records; the session's
@@ -1023,7 +1031,7 @@ def result_row(r: RunResult) -> dict[str, Any]:
 
 _SERIALS = itertools.count(1)   # one per kept transaction and handle: with the stack, names a model state
 QUICK_MEMORY = 64          # model states whose quick scores are remembered (undo/redo)
-KNOWN_CACHE_VERSION = 1   # bump when the known pass (prompts, generation, ROUGE) changes its numbers
+KNOWN_CACHE_VERSION = 2   # bump when the known pass (prompts, generation, ROUGE) changes its numbers
 
 
 def _items_key(items: Sequence) -> str:
@@ -1039,34 +1047,120 @@ def known_cache_dir() -> Path:
     return cache_dir() / "known"
 
 
-def known_cache_file(handle: ModelHandle, items: Sequence, settings: EvalSettings) -> Path:
-    """Where the known scores of ``items`` on the unedited ``handle`` are cached (a versioned key)."""
+def known_cache_key(handle: ModelHandle, settings: EvalSettings) -> str:
+    """Names the unedited ``handle`` for the known scores: its fingerprint, name, dtype, prompt format
+    (the tokens of a template question) and the evaluation settings that change the numbers."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": KNOWN_CACHE_VERSION, "model": handle.fingerprint, "name": handle.name,
-                         "dtype": str(handle.dtype), "max_new_tokens": settings.max_new_tokens}).encode())
-    for it in items:   # the exact tokens the model sees, and the text ROUGE compares
-        h.update(json.dumps([it.id, handle.prompt_ids(it.question), it.answer]).encode())
-    return known_cache_dir() / f"known-{h.hexdigest()[:24]}.json"
+                         "dtype": str(handle.dtype), "max_new_tokens": settings.max_new_tokens,
+                         "prompt": handle.prompt_ids("{question}")}).encode())
+    return h.hexdigest()[:24]
 
 
-def _read_known(path: Path, items: Sequence) -> dict[str, float] | None:
+def known_cache_item_key(item: Any) -> str:
+    """Names one item for the known scores: the text the model is asked and the text ROUGE compares."""
+    return hashlib.sha256(json.dumps([item.id, item.question, item.answer]).encode()).hexdigest()[:20]
+
+
+def known_cache_file(handle: ModelHandle, items: Sequence = (), settings: EvalSettings | None = None) -> Path:
+    """The file of the known scores on the unedited ``handle`` (one per model, every item in it; ``items``
+    is accepted for older callers and does not change it)."""
+    return known_cache_dir() / f"known-{known_cache_key(handle, settings or EvalSettings())}.json"
+
+
+def known_cache_identity(session: Any) -> str | None:
+    """A cheap identity of the session's model, known *before* it loads: the ``[model]`` spec, with the size
+    and modification time of its files (a GGUF file, a model folder's config and weights), and the
+    ``[finetune]`` table.  The index maps it to the :func:`known_cache_key` seen at the last load."""
+    try:
+        spec = session.model
+        ident: dict[str, Any] = {"name": spec.name, "device": spec.device, "dtype": spec.dtype,
+                                 "revision": spec.revision}
+        if not str(spec.name).startswith("tiny:"):
+            from .model import resolve
+
+            kind, where = resolve(spec.name, session.base_dir())
+            ident["kind"] = kind
+            if kind in ("gguf", "dir"):
+                p = Path(where)
+                files = [p] if p.is_file() else sorted(
+                    f for f in p.iterdir() if f.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model"))
+                ident["files"] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+                ident["path"] = str(p)
+        ft = getattr(session, "finetune", None)
+        if ft is not None:
+            ident["finetune"] = json.dumps(asdict(ft), sort_keys=True, default=str)
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    except Exception:   # no identity (a model that is not there): no scores before the load, nothing else
+        return None
+
+
+def _known_index_file() -> Path:
+    return known_cache_dir() / "index.json"
+
+
+def known_cache_remember(identity: str | None, key: str) -> None:
+    """Record that the model named ``identity`` loaded as ``key`` (read back at the next launch)."""
+    if identity is None:
+        return
+    path = _known_index_file()
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}
+    if index.get(identity) == key:
+        return
+    index[identity] = key
+    _write_json(path, index)
+
+
+def known_cache_before_load(session: Any, items: Sequence) -> tuple[str | None, dict[str, float]]:
+    """(the key the session's model had at its last load, the known scores of ``items`` cached for it),
+    read without loading the model; (None, {}) when the model was never loaded or its files changed.
+    Once the model is loaded, the caller compares :func:`known_cache_key` and drops the scores if it differs."""
+    identity = known_cache_identity(session)
+    if identity is None:
+        return None, {}
+    try:
+        key = json.loads(_known_index_file().read_text(encoding="utf-8")).get(identity)
+    except (OSError, ValueError, AttributeError):
+        return None, {}
+    if not isinstance(key, str):
+        return None, {}
+    stored = _read_known(known_cache_dir() / f"known-{key}.json") or {}
+    return key, {it.id: stored[k] for it in items if (k := known_cache_item_key(it)) in stored}
+
+
+def _read_known(path: Path, items: Sequence | None = None) -> dict[str, float] | None:
+    """The stored scores (item key -> ROUGE-1), or with ``items`` theirs by id (None unless all are there);
+    None for a missing or damaged file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         scores = {str(k): float(v) for k, v in data["scores"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if data.get("version") != KNOWN_CACHE_VERSION or set(scores) != {it.id for it in items}:
+    if data.get("version") != KNOWN_CACHE_VERSION:
         return None
-    return scores
+    if items is None:
+        return scores
+    keys = {it.id: known_cache_item_key(it) for it in items}
+    if not all(k in scores for k in keys.values()):
+        return None
+    return {i: scores[k] for i, k in keys.items()}
 
 
 def _write_known(path: Path, scores: dict[str, float]) -> None:
     """Written atomically; a cache we cannot write is not an error."""
+    _write_json(path, {"version": KNOWN_CACHE_VERSION, "scores": scores})
+
+
+def _write_json(path: Path, obj: Any) -> None:
     from .fileio import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps({"version": KNOWN_CACHE_VERSION, "scores": scores}))
+        atomic_write(path, json.dumps(obj))
     except OSError:
         pass
 

@@ -100,6 +100,9 @@ class UnlearnApp(App):
         self.model_state = "loading"       # the header's note while the model is not ready: or "not loaded"
         self.quitting = False              # quit asked while a job runs: leave once it stopped
         self.router = EngineRouter(self)        # jobs in, engine messages out (tui/routing.py)
+        from .known import KnownScorer
+
+        self.known = KnownScorer(self)          # known scores of the rows on screen, in the background
         self.file_actions = FileActions(self)   # open/save/import dialogs, autosave, quit (tui/file_actions.py)
         self.user_keymap: dict[str, str] = {}
         self.first_frame: float | None = None          # seconds from module import to the first frame
@@ -168,6 +171,7 @@ class UnlearnApp(App):
         self.set_interval(1.0, self.router.tick)   # elapsed and ETA move between the engine's events
         if self.autostart:
             self.start_startup(first=True)             # ahead of what was pressed meanwhile (queued after it)
+            self.start_steps(first=True)               # then the session's recorded [[steps]], if any
         else:
             self.router.next_job()
 
@@ -223,6 +227,12 @@ class UnlearnApp(App):
         if dirty:
             self.file_actions.schedule_autosave()
         self.refresh_panes()
+        if aspects & {"selection", "items", "baseline"}:
+            self.known.kick()           # a newly selected item is scored next (when the engine is idle)
+
+    def on_forget_set_pane_viewed(self, m: Any) -> None:
+        """The Forget set table scrolled or its cursor moved: the rows now on screen are scored next."""
+        self.known.kick()
 
     def update_title(self) -> None:
         ws = self.workspace
@@ -238,6 +248,15 @@ class UnlearnApp(App):
     def on_screen_requested(self, m: Any) -> None:
         """A pane's dialog (the Results pane's column chooser and A/B view)."""
         self.push_screen(m.screen, m.callback)
+
+    def on_results_pane_columns_chosen(self, m: Any) -> None:
+        """The column chooser's answer is a user setting: kept in settings.toml, shown again next launch."""
+        from .settings import save_value
+
+        self.settings.results_columns = list(m.keys)
+        error = save_value("results_columns", list(m.keys))
+        if error:
+            self.notify(quiet(error), severity="warning", timeout=6)
 
     def on_forget_set_pane_toggled(self, m: Any) -> None:
         self.workspace.toggle_item(m.item_id, m.which)
@@ -277,17 +296,29 @@ class UnlearnApp(App):
     def start_startup(self, reload_model: bool = True, name: str = "startup", first: bool = False) -> None:
         def make() -> jobs.Job:
             post = self.post_message
-            limit = self.settings.baseline_limit if self.settings.baseline_on_load else 0
 
             def on_items(items: Any, error: Any) -> None:
                 post(msg.EngineNote(name, "data", items, error))
 
-            return jobs.startup_job(self.workspace, reload_model, limit, on_items, name)
+            def on_cached(key: Any, scores: dict) -> None:     # (worker thread: before the model loads)
+                post(msg.EngineNote(name, "known_cached", (key, scores)))
 
+            return jobs.startup_job(self.workspace, reload_model, on_items, name,
+                                    on_cached if self.settings.baseline_on_load else None, self.known.loaded)
+
+        self.known.reset()
         if reload_model and not self.model_ready:
             self.model_state = "loading"
             self.update_title()
         self.router.submit(make, name, first=first)
+
+    def start_steps(self, first: bool = False) -> None:
+        """A session with ``[[steps]]`` opens on its edited model: the recorded steps are applied after the
+        start-up (in the worker: progress, cancel), the state lands in Results as a step row."""
+        if not self.workspace.session.steps:
+            return
+        self.router.submit(lambda: jobs.steps_job(self.workspace, self.router.steps_applied,
+                                                  self.known.before_steps()), "steps", first=first)
 
     @on(msg.EngineMessage)
     def _engine_message(self, m: msg.EngineMessage) -> None:
@@ -447,6 +478,12 @@ class UnlearnApp(App):
         # leaving for any reason: stop the engine at its next cancellation point (weights roll back)
         if self.bridge is not None:
             self.bridge.request_cancel()
+
+    def model_device(self) -> str | None:
+        """The device the model runs on: the loaded model's, else the session's ``[model] device``."""
+        handle = getattr(getattr(self.bridge, "workbench", None), "handle", None)
+        device = getattr(handle, "device", None) or self.workspace.session.model.device
+        return str(device) if device is not None else None
 
     def remote_code_refusal(self, session: Any = None) -> str | None:
         """The one-line error when ``session`` (default: the app's) may not load its model, else None.

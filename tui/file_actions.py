@@ -136,9 +136,65 @@ class FileActions:
         if refusal:                    # not opened: the current session (and model) stay
             self._error(quiet(refusal))
             return False
+        offer = self.newer_autosave(s)
+        if offer is not None:          # unsaved changes of that session, newer than its file: asked first
+            self.app.push_screen(self._restore_dialog(offer),
+                                 lambda choice: self._opened_with(s, offer, choice, path))
+            return True
         self.replace_session(s)
         self.app.notify(f"opened {path}", timeout=3)
         return True
+
+    def newer_autosave(self, s: Any) -> Any:
+        """The autosave of session ``s`` (its own, keyed by its path) when it is newer than the file, else None."""
+        if s.path is None:
+            return None
+        offer, problems = files.find_autosave(s.path, self.app.instance)
+        for p in problems:
+            self.app.notify(quiet(p), severity="warning", timeout=8)
+        if offer is None or offer.session.path is None or self.app.remote_code_refusal(offer.session):
+            return None
+        try:
+            mtime = Path(s.path).stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        return offer if (offer.saved_at or 0.0) > mtime else None
+
+    def _restore_dialog(self, offer: Any) -> Any:
+        from .screens.confirm import RestoreAutosave
+
+        return RestoreAutosave(offer, later="Open the saved file (esc)")
+
+    def _opened_with(self, s: Any, offer: Any, choice: str | None, path: Any) -> None:
+        """The answer about an opened session's autosave: restore it, or open the saved file (discarding it
+        with "discard", keeping it for later with esc)."""
+        if choice == "restore":
+            self.replace_session(offer.session)      # (drops the autosave file: written again just below)
+            ws = self.workspace
+            ws.dirty = True
+            ws.changed(dirty=True)
+            self.autosave()
+            self.app.update_title()
+            self.app.notify(f"opened {path} with its unsaved changes restored (autosaved {offer.age()})",
+                            timeout=6)
+            return
+        if choice == "discard":
+            files.drop_autosave(offer.file)
+            self.replace_session(s)
+            self.app.notify(f"opened {path}; its autosave was discarded", timeout=4)
+            return
+        # "Open the saved file": the autosave stays (replace_session would drop this instance's key for it)
+        keep = offer.file.read_bytes() if offer.file.is_file() else None
+        self.replace_session(s)
+        if keep is not None and not offer.file.exists():
+            from unlearn_tui.backends.fileio import atomic_write
+
+            try:
+                atomic_write(offer.file, keep)
+            except OSError:
+                pass
+        self.app.notify(f"opened {path} as saved; the autosave was kept ({offer.file.name}), offered again "
+                        "next time", timeout=5)
 
     def new_session(self) -> None:
         from unlearn_tui import sessions
@@ -153,6 +209,7 @@ class FileActions:
         self.drop_autosave()
         self.app.update_title()
         self.app.start_startup(reload_model=reload_model, name="reload")
+        self.app.start_steps()       # a session with [[steps]] opens on its edited model
 
     # ---- EasyEdit hyper-parameters
     def ask_import_yaml(self) -> None:

@@ -22,9 +22,10 @@ from unlearn_tui.backends.errors import UserError
 from .workspace import Snapshot, quiet
 
 # jobs that change the weights: the Run pane's loss chart and status start afresh
-EDITING_JOBS = frozenset({"run", "replay", "step", "undo", "redo", "self-improve"})
+EDITING_JOBS = frozenset({"run", "replay", "step", "undo", "redo", "self-improve", "steps"})
 # jobs that change the weights (a cancel or a failure rolls them back); the others change none
-WEIGHT_JOBS = frozenset({"run", "replay", "step", "undo", "redo"})
+WEIGHT_JOBS = frozenset({"run", "replay", "step", "undo", "redo", "steps"})
+STEPS_STAGE = "apply recorded steps"
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,32 @@ def _job(ws: Any, name: str, call: Callable[[Any], Any], on_done: Callable[[Any]
     return Job(name, call, ws.snapshot(), on_done=on_done)
 
 
-def startup_job(ws: Any, reload_model: bool, baseline_limit: int, on_items: Callable[[Any, Any], None],
-                name: str = "startup") -> Job:
-    """Load the data (``on_items(items, error)`` as soon as they are read), the model, the baseline."""
-    return _job(ws, name, lambda wb: wb.startup(reload_model, baseline_limit, on_items), ws.set_baseline)
+def startup_job(ws: Any, reload_model: bool, on_items: Callable[[Any, Any], None],
+                name: str = "startup", on_cached: Callable[[Any, dict], None] | None = None,
+                on_done: Callable[[Any], None] | None = None) -> Job:
+    """Load the data (``on_items(items, error)`` as soon as they are read), then the model.
+
+    With ``on_cached``, right after the items are read (before the model loads) it gets the key of the
+    model the known-score cache index remembers for the session's ``[model]`` and the known scores cached
+    for it (:func:`backends.runner.known_cache_before_load`).  The job returns the loaded model's known-cache
+    key (recorded in that index), None when no unedited model is loaded; ``on_done`` gets it."""
+    def call(wb: Any) -> Any:
+        from unlearn_tui.backends import runner
+
+        def items_read(items: Any, error: Any) -> None:
+            on_items(items, error)
+            if items and on_cached is not None:
+                on_cached(*runner.known_cache_before_load(wb.session, items))
+
+        wb.startup(reload_model, 0, items_read)
+        h = wb.handle
+        if h is None or wb.undo_stack or h.wrappers:
+            return None
+        key = runner.known_cache_key(h, wb.settings)
+        runner.known_cache_remember(runner.known_cache_identity(wb.session), key)
+        return key
+
+    return _job(ws, name, call, on_done)
 
 
 def run_job(ws: Any, on_done: Callable[[Any], None], name: str = "run") -> Job:
@@ -165,3 +188,45 @@ def self_improve_job(ws: Any, item_ids: list[str], on_done: Callable[[list], Non
     """Have the model write targets for ``item_ids``; ``on_done(records)``."""
     ids = list(item_ids)
     return _job(ws, "self-improve", lambda wb: wb.write_targets(ids), on_done)
+
+
+def steps_job(ws: Any, on_done: Callable[[Any], None], before: Callable[[Any], Any] | None = None) -> Job:
+    """Apply the session's recorded ``[[steps]]`` (a session opened on its edited model), kept, then score
+    that state; ``on_done((StepResult, what before returned))``.  Kept edits already on the model (another
+    session's) are undone first; a cancel or a failure undoes the steps this job applied.
+
+    ``before(wb)`` runs first in the worker (the known scores of the rows on screen: they are the unedited
+    model's, so they come before its edits)."""
+    from unlearn_tui.backends.events import Tracker
+
+    steps = list(ws.session.steps)
+    if not steps:
+        raise UserError("the session records no [[steps]]")
+
+    def call(wb: Any) -> Any:
+        from unlearn_tui.backends.runner import StepResult
+
+        while wb.undo():           # edits another session kept on this model are not this session's
+            pass
+        wb.redo_stack.clear()
+        extra = before(wb) if before is not None else None
+        start = len(wb.undo_stack)
+        tracker = Tracker(wb.on_event, wb.cancel, STEPS_STAGE, len(steps), detail=f"{len(steps)} step(s)")
+        try:
+            for i, st in enumerate(steps):
+                try:
+                    wb.replay_steps([st])
+                except UserError as exc:
+                    raise UserError(exc.message, f"steps[{i}].items") from None
+                tracker.step(detail=f"{st.method} on {', '.join(st.items)}")
+        except BaseException:
+            while len(wb.undo_stack) > start:       # back to the model as it was before this job
+                wb.undo()
+            wb.redo_stack.clear()
+            raise
+        wb.redo_stack.clear()
+        quick = wb.quick_scores()
+        p = wb.prepare(paraphrases=False)
+        return StepResult(len(wb.undo_stack), len(p.requests), quick), extra
+
+    return _job(ws, "steps", call, on_done)

@@ -34,6 +34,9 @@ class EngineRouter:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.clock = ProgressClock()     # the current stage, read by the one-second tick (tui/progress.py)
+        from .sampling_rate import Observer
+
+        self.sampling = Observer()       # measures the statistics sampling rate (the method form's "≈ N s")
 
     def _run_pane(self) -> Any:
         return self.app.pane("run")
@@ -80,9 +83,12 @@ class EngineRouter:
                 self.report_error(m.error)
             if warning:
                 app.notify(warning, severity="warning")
+        elif m.kind == "known_cached":
+            app.known.cached(*m.value)
         elif m.kind == "model":
             app.model_ready = True
             app.workspace.model_name = str(m.value)
+            app.workspace.model_device = app.model_device()
             app.update_title()
             app.notify(f"model ready: {m.value}", timeout=3)
 
@@ -90,7 +96,13 @@ class EngineRouter:
         self.clock.start_job()
         self.strip(f"{m.job}: started")
 
+    def _measured(self) -> None:
+        """A sampling stage ended: its tokens per second are remembered for the method form's cost line."""
+        if self.sampling.best is not None:
+            self.sampling.finish(self.app.workspace.model_name, self.app.model_device())
+
     def on_stage_changed(self, m: msg.StageChanged) -> None:
+        self._measured()
         self.clock.stage_started(m.stage, m.total, m.detail)
         run = self._run_pane()
         if run is not None:
@@ -100,6 +112,7 @@ class EngineRouter:
 
     def on_progress_update(self, m: msg.ProgressUpdate) -> None:
         self.clock.update(m.stage, m.done, m.total, m.eta_s, m.elapsed_s, m.detail)
+        self.sampling.progress(m.stage, m.done, m.elapsed_s)
         run = self._run_pane()
         if run is not None:
             run.progress(m)
@@ -137,6 +150,7 @@ class EngineRouter:
 
     def _ended(self, text: str) -> None:
         """A job ended: the clock stops; the Run pane and the strip go idle (no stale bar or ETA)."""
+        self._measured()
         self.clock.stop()
         app = self.app
         if not app.model_ready and app.model_state != "not loaded":
@@ -158,6 +172,7 @@ class EngineRouter:
         if app.quit_when_idle():
             return
         self.next_job()
+        app.known.kick()          # idle: the known scores of the rows on screen, a small batch at a time
 
     def on_job_failed(self, m: msg.JobFailed) -> None:
         app = self.app
@@ -183,11 +198,16 @@ class EngineRouter:
             if run is not None:
                 run.status(f"[b red]{m.job} failed[/]: {m.message}" +
                            (f"; {what}" if m.rolled_back and m.job in WEIGHT_JOBS else ""))
-        if app.workspace.baseline_pending:
-            app.workspace.set_baseline(None)
+        if m.job == "known":
+            app.known.failed_batch()
+        elif m.job in ("startup", "reload"):
+            app.known.started = app.model_ready      # a failed data file: the loaded model still scores
+            if app.workspace.baseline_pending and not app.model_ready:
+                app.workspace.set_baseline(None)
         if app.quit_when_idle():
             return
         self.next_job()
+        app.known.kick()
 
     # ---- what a finished job shows
     def run_finished(self, result: Any) -> None:
@@ -211,6 +231,24 @@ class EngineRouter:
         if run is not None:
             run.status(text)
         self.app.notify(text, timeout=3)
+
+    def steps_applied(self, value: Any) -> None:
+        """``on_done`` of the steps job: the session's recorded ``[[steps]]`` are on the model now."""
+        step, known = value
+        ws = self.app.workspace
+        if known:
+            ws.add_known(known)
+        methods = list(dict.fromkeys(st.method for st in ws.session.steps)) or ["?"]
+        text = ws.step_finished("recorded", step, method=", ".join(methods))
+        self.app.file_actions.save_results()
+        text = (f"opened on the edited model: {step.k} recorded step(s) ([[steps]], {', '.join(methods)}) "
+                f"applied · {text.split(' · ', 1)[1] if ' · ' in text else text}")
+        ws.probe_note = text
+        run = self._run_pane()
+        if run is not None:
+            run.status(text)
+            run.log_line(text)
+        self.app.notify(text, timeout=6)
 
     def export_finished(self, delta: bool, kept: int, folder: Any) -> None:
         """``on_done`` of an export job."""

@@ -84,6 +84,7 @@ class Workspace:
     def _set_session(self, session: Any) -> None:
         self.session = session
         self.model_name = session.model.name
+        self.model_device: str | None = session.model.device   # the loaded model's device once it is loaded
         self.items: list | None = None
         self.params: dict[str, dict] = {r.method: dict(r.params or {}) for r in session.runs}
         self.param_errors: dict[tuple[str, str], str] = {}
@@ -201,6 +202,12 @@ class Workspace:
         d.forget = [i for i in d.forget if i in known]
         d.retain = [i for i in d.retain if i in known and i not in d.forget]
         return warning
+
+    def add_known(self, scores: dict) -> None:
+        """Known scores of some items (a background batch, or the cache): merged into the others."""
+        if scores:
+            self.baseline_scores = {**self.baseline_scores, **scores}
+        self.changed("baseline", dirty=False)
 
     def set_baseline(self, scores: dict | None) -> None:
         self.baseline_pending = False
@@ -426,8 +433,11 @@ class Workspace:
             self.changed("session")
         self.store_generated(result.new_targets, result.new_paraphrases)
 
-    def step_finished(self, what: str, step: Any) -> str:
-        """Step mode moved (:class:`backends.runner.StepResult`); returns the one-line status."""
+    def step_finished(self, what: str, step: Any, method: str | None = None) -> str:
+        """Step mode moved (:class:`backends.runner.StepResult`); returns the one-line status.
+
+        ``what``: "step", "undo", "redo", or "recorded" (the session's ``[[steps]]`` applied on opening it;
+        ``method`` names their methods)."""
         self.step_position = step.k
         if step.n is not None:
             self.step_total = step.n
@@ -440,7 +450,7 @@ class Workspace:
         self.probe_note = text
         from .results_store import StepRow
 
-        method = self.session.runs[0].method if self.session.runs else "?"
+        method = method or (self.session.runs[0].method if self.session.runs else "?")
         self.step_rows.append(StepRow.from_step(what, step, method))   # a Results row per step-mode state
         self.changed("probe", "results", dirty=False)
         if self.record_step(what, step):

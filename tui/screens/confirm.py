@@ -45,9 +45,9 @@ class RestoreAutosave(ModalScreen[str]):
                 Binding("r", "choose('restore')", "Restore", id="unlearn.restore_yes"),
                 Binding("d", "choose('discard')", "Discard", id="unlearn.restore_discard")]
 
-    def __init__(self, offer) -> None:
+    def __init__(self, offer, later: str = "Not now (esc)") -> None:
         super().__init__()
-        self.offer = offer
+        self.offer, self.later = offer, later     # ``later``: the esc button's label (Ctrl+O: open the file)
 
     def compose(self) -> ComposeResult:
         from rich.markup import escape
@@ -60,7 +60,7 @@ class RestoreAutosave(ModalScreen[str]):
             with Horizontal(classes="buttons"):
                 yield Button("Restore (r)", id="restore", variant="primary")
                 yield Button("Discard (d)", id="discard", variant="error")
-                yield Button("Not now (esc)", id="later")
+                yield Button(self.later, id="later")
 
     def on_mount(self) -> None:
         self.query_one("#restore", Button).focus()

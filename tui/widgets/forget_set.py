@@ -56,6 +56,9 @@ class ForgetSetPane(Vertical):
             super().__init__()
             self.item_id, self.which = item_id, which
 
+    class Viewed(Message):
+        """The rows on screen changed (scrolled, cursor moved): the App scores the unknown ones next."""
+
     def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
         self.ws = workspace
@@ -78,7 +81,24 @@ class ForgetSetPane(Vertical):
         for key, width in (("set", 3), ("id", 8), ("question", 36), ("answer", 14), ("known", 5)):
             t.add_column(Text(key), key=key, width=width)
         self.refresh_from(self.ws)
+        self.watch(t, "scroll_y", self._viewport_moved, init=False)
         self.ready = True
+
+    def _viewport_moved(self, *_: object) -> None:
+        self.post_message(self.Viewed())
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "fs-table":
+            self.post_message(self.Viewed())
+
+    def rows_on_screen(self) -> list[str]:
+        """Ids of the rows the table shows now, top to bottom (the first 20 while it has no size yet)."""
+        t = self.query_one("#fs-table", DataTable)
+        height = t.scrollable_content_region.height - (t.header_height if t.show_header else 0)
+        if height <= 0:
+            height = 20
+        top = max(0, int(t.scroll_y))
+        return [it.id for it in self.visible_items()[top:top + height]]
 
     def refresh_from(self, ws) -> None:
         """Redraw what changed in the workspace: the rows (new data), else the marks and known scores."""

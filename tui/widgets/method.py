@@ -25,16 +25,21 @@ from . import ActionRequested, Revisions
 QUICK_BUDGET = 2048   # tokens: the method form's quick statistics budget (the params' minimum is 256)
 
 
-def stats_hint(budget: Any) -> str:
-    """What the statistics budget costs, in the model's own generated tokens (the time follows them)."""
+def stats_hint(budget: Any, model: str = "", device: str | None = None) -> str:
+    """What the statistics budget costs: the model's own generated tokens, and the time they take
+    (≈, from the sampling rate measured on this model and device, else an estimate: tui/sampling_rate.py)."""
+    from .. import sampling_rate
+
     try:
         n = int(budget)
     except (TypeError, ValueError):
         return "key statistics: sampled from the model once per model and budget, then cached"
     share = f"{QUICK_BUDGET / max(n, 1):.0%} of that" if n > QUICK_BUDGET else "the budget now set"
-    return (f"key statistics: the model generates {n:,} tokens once per model and budget (on a CPU the longest "
-            f"step of a first ROME/MEMIT/AlphaEdit run), then they are cached; the quick budget "
-            f"({QUICK_BUDGET:,} tokens) costs {share}, with a noisier covariance")
+    quick = sampling_rate.duration(QUICK_BUDGET / sampling_rate.rate(model, device)[0])
+    return (f"key statistics: the model generates {n:,} tokens once per model and budget, "
+            f"{sampling_rate.cost(n, model, device)} (on a CPU the longest step of a first ROME/MEMIT/AlphaEdit "
+            f"run), then they are cached; the quick budget ({QUICK_BUDGET:,} tokens, ≈ {quick}) costs {share}, "
+            f"with a noisier covariance")
 
 
 def parse_text(text: str) -> Any:
@@ -195,6 +200,10 @@ class MethodPane(Vertical):
         if not self._building and event.selection.value != self._method:
             self.show_form(event.selection.value)
 
+    def _model_device(self) -> tuple[str, str | None]:
+        """The model's name and the device it runs on (the loaded model's, else the session's ``[model]``)."""
+        return self.ws.model_name, getattr(self.ws, "model_device", None)
+
     def show_form(self, name: str | None) -> None:
         from unlearn_tui.backends.params import describe
 
@@ -216,7 +225,7 @@ class MethodPane(Vertical):
         if any(f.name == "token_budget" for f in fields):
             budget = current.get("token_budget", next(f.default for f in fields if f.name == "token_budget"))
             rows.append(Vertical(
-                Static(escape(stats_hint(budget)), classes="hint", id=f"me-stats{g}"),
+                Static(escape(stats_hint(budget, *self._model_device())), classes="hint", id=f"me-stats{g}"),
                 Button(f"Quick statistics ({QUICK_BUDGET:,} tokens)", id="me-quick-stats", compact=True),
                 classes="param"))
         for f in fields:
@@ -286,6 +295,10 @@ class MethodPane(Vertical):
             self.post_message(self.ParamInvalid(self._method, field, str(exc)))
             return
         err.update("")
+        if field == "token_budget" and coerced is not None:    # the cost line follows the budget typed
+            hint = self.query(f"#me-stats{self._gen}")
+            if hint:
+                hint.first().update(escape(stats_hint(coerced, *self._model_device())))
         self.post_message(self.ParamChanged(self._method, field, coerced))
 
     def _field(self, wid: str | None) -> str | None:
@@ -317,7 +330,8 @@ class MethodPane(Vertical):
             event.stop()
             # through the field's own input, so the form, its checks and the workspace stay one path
             self.query_one(f"#mp{self._gen}-token_budget", Input).value = str(QUICK_BUDGET)
-            self.query_one(f"#me-stats{self._gen}", Static).update(escape(stats_hint(QUICK_BUDGET)))
+            self.query_one(f"#me-stats{self._gen}", Static).update(
+                escape(stats_hint(QUICK_BUDGET, *self._model_device())))
             return
         if event.button.id == "me-yaml":
             self.post_message(ActionRequested("import_yaml"))

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.message import Message
 from textual.widgets import ContentSwitcher, DataTable, Static
 
 from ..actions import BY_ID, pane_bindings
@@ -67,12 +68,21 @@ def _key(action: str) -> str:
 class ResultsPane(Vertical):
     BINDINGS = pane_bindings("results")
 
+    class ColumnsChosen(Message):
+        """The user chose the columns ``keys`` (the App keeps the choice in the settings: next launch too)."""
+
+        def __init__(self, keys: list[str]) -> None:
+            super().__init__()
+            self.keys = keys
+
     def __init__(self, workspace, **kw) -> None:
         super().__init__(**kw)
         self.ws = workspace
         self.ready = False
         self._revs = Revisions()
-        self.choice: list[str] | None = None     # the columns the user chose (None: the defaults)
+        saved = getattr(getattr(workspace, "settings", None), "results_columns", None)
+        # the columns the user chose (None: the defaults); the last choice is in the settings
+        self.choice: list[str] | None = [k for k in saved if k in BY_KEY] if saved is not None else None
         self.deltas = False                      # cells as differences from the baseline
         self.items: list = []                    # the rows (tui.results_store.Entry), as last drawn
         self.current: str | None = None          # key of the row the drill-down shows
@@ -194,6 +204,7 @@ class ResultsPane(Vertical):
             return
         self.choice = [k for k in keys if k in BY_KEY]
         self.refresh_rows()
+        self.post_message(self.ColumnsChosen(list(self.choice)))
 
     # ---------------------------------------------------------------- the drill-down
     def _build_detail_columns(self) -> None:
