@@ -53,7 +53,8 @@ def session_text(a: argparse.Namespace, ids: list[str]) -> str:
             f'[data]\npath = {json.dumps(str(a.data))}\nformat = "pistol"\nforget = {q(forget)}\n'
             f'retain = {q(retain)}\nrephrase = false\n'
             f'[targets]\nmode = "idk"\n'
-            f'[eval]\nextra = {q(EXTRAS)}\nholdout = {q(holdout)}\nutility_items = {a.utility_items}\n'
+            f'[eval]\nmax_new_tokens = {a.max_new_tokens}\nextra = {q(EXTRAS)}\nholdout = {q(holdout)}\n'
+            f'utility_items = {a.utility_items}\n'
             f'[finetune]\ndata = "forget+retain"\n'
             f'[[runs]]\nmethod = "none"\n')
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retain", type=int, default=60)
     p.add_argument("--holdout", type=int, default=20)
     p.add_argument("--utility-items", type=int, default=40, help="items per TOFU model-utility set")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="greedy tokens per answer (PISTOL's answers are dates, names and amounts of <= 10 tokens)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", type=Path, default=Path("/tmp/unlearn-tui-field"))
     p.add_argument("--fresh", action="store_true")
