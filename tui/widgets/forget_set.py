@@ -78,7 +78,8 @@ class ForgetSetPane(Vertical):
         t = self.query_one("#fs-table", DataTable)
         # Text labels, not str: a str label is parsed as markup, which loads Rich's emoji table before the
         # first frame (this pane is the only one built for it)
-        for key, width in (("set", 3), ("id", 8), ("question", 36), ("answer", 14), ("known", 5)):
+        # known before the question: a pane narrower than every column still shows it (no scrolling)
+        for key, width in (("set", 3), ("id", 8), ("known", 5), ("question", 36), ("answer", 14)):
             t.add_column(Text(key), key=key, width=width)
         self.refresh_from(self.ws)
         self.watch(t, "scroll_y", self._viewport_moved, init=False)
@@ -138,8 +139,8 @@ class ForgetSetPane(Vertical):
         pending = self.ws.baseline_pending
         shown = self.visible_items()
         for it in shown:
-            t.add_row(self._mark(it.id), it.id, it.question, it.answer,
-                      known_cell(self.ws.baseline_scores.get(it.id), pending), key=it.id)
+            t.add_row(self._mark(it.id), it.id, known_cell(self.ws.baseline_scores.get(it.id), pending),
+                      it.question, it.answer, key=it.id)
         if t.row_count:
             # the cursor stays on its item while the filter changes (a toggle then hits the row it shows)
             ids = [it.id for it in shown]
