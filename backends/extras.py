@@ -10,7 +10,8 @@ sweep's ``results.jsonl``):
     items (members) against the *holdout* items (non-members: data items the
     session neither forgets nor retains, ``[eval] holdout``), and MUSE's
     PrivLeak, the Min-K% AUC relative to the retain-only model's (see
-    :mod:`backends.field_metrics` for every formula).
+    :mod:`backends.field_metrics` for every formula); the per-item scores
+    behind them in ``mia_items``.
 ``forget_quality``
     TOFU's forget quality: the p-value of the two-sample KS test between the
     forget items' truth ratios under this model and under the *retain-only*
@@ -131,12 +132,17 @@ def truth_ratios(handle: ModelHandle, items: Sequence[Any], settings: EvalSettin
 
 
 def mia_aucs(handle: ModelHandle, members: Sequence[Any], nonmembers: Sequence[Any], settings: EvalSettings,
-             tracker: Tracker | None = None) -> dict[str, float | None]:
+             tracker: Tracker | None = None, items: dict | None = None) -> dict[str, float | None]:
+    """The four membership AUCs of ``members`` against ``nonmembers``; ``items``, when given, receives
+    the per-item scores (``{"forget": [{"id", "loss", "zlib", "mink", "minkpp"}, ...], "holdout": [...]}``)."""
     from . import field_metrics, mia
 
     on_batch = tracker.step if tracker is not None else None
     m = mia.item_scores(handle, members, settings.batch_size, on_batch=on_batch)
     n = mia.item_scores(handle, nonmembers, settings.batch_size, on_batch=on_batch)
+    if items is not None:
+        items["forget"] = [{"id": it.id, **sc} for it, sc in zip(members, m)]
+        items["holdout"] = [{"id": it.id, **sc} for it, sc in zip(nonmembers, n)]
     return dict(field_metrics.mia_aucs(m, n))
 
 
@@ -174,7 +180,9 @@ def compute(handle: ModelHandle, wanted: Sequence[str], inp: Inputs, settings: E
             if inp.holdout:
                 tr = Tracker(on_event, cancel, "extras: membership inference", len(inp.forget) + len(inp.holdout),
                              detail=f"{len(inp.forget)} forget vs {len(inp.holdout)} holdout")
-                block.update(mia_aucs(handle, inp.forget, inp.holdout, settings, tr))
+                per_item: dict = {}
+                block.update(mia_aucs(handle, inp.forget, inp.holdout, settings, tr, per_item))
+                out["mia_items"] = per_item     # per item: the scores behind the AUCs
             else:
                 on_event(Log("extras: no holdout items (every data item is selected or trained on): "
                              "membership inference is null", "warning"))

@@ -83,6 +83,9 @@ def test_mia_auc_is_the_membership_scores_of_forget_vs_holdout(tmp_path):
     nonmembers = mia.item_scores(wb.handle, inp.holdout)
     expect = field_metrics.mia_aucs(members, nonmembers)
     got = result.baseline.extra["mia"]
+    per_item = result.baseline.extra["mia_items"]
+    assert [x["id"] for x in per_item["forget"]] == [it.id for it in inp.forget]
+    assert [x["loss"] for x in per_item["holdout"]] == pytest.approx([x["loss"] for x in nonmembers])
     assert got["loss_auc"] == pytest.approx(expect["loss_auc"])
     assert got["minkpp_auc"] == pytest.approx(expect["minkpp_auc"])
     assert got["privleak"] == pytest.approx(field_metrics.privleak(got["mink_auc"], inp.reference.mia["mink_auc"]))
