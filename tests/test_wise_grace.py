@@ -629,3 +629,20 @@ def test_easyedit_hparams_map_onto_our_params(name, tmp_path):
     from unlearn_tui.backends.methods import make
 
     make(name, params)   # the imported values validate
+
+
+def test_grace_keys_every_question_of_a_merged_request(llama_handle):
+    """Query merging: a merged request's questions, each asked alone, hit the codebook (one entry each)."""
+    from unlearn_tui.backends.editing.grace_codebook import GraceCodebook
+
+    items = _requests(4)
+    merged = [Request(prompt=" ".join(r.prompt for r in pair), target=pair[0].target, subject=None,
+                      item_ids=[i for r in pair for i in r.item_ids], questions=[r.prompt for r in pair],
+                      targets=[r.target for r in pair]) for pair in (items[:2], items[2:])]
+    _, report = _apply(llama_handle, "grace", GRACE_FAST, merged)
+    cb = llama_handle.find_wrapper(GraceCodebook)
+    assert report["edits"] == 2 and all(e["members"] == 2 for e in report["per_edit"])
+    for r in items:
+        assert cb.describe_query(llama_handle, r.prompt)["grace_hit"] == 1.0, r.prompt
+    # the merged prompt itself is not what was keyed: an unrelated question still misses
+    assert cb.describe_query(llama_handle, "What colour is the sky on a clear day?")["grace_hit"] == 0.0

@@ -116,10 +116,21 @@ class GraceMethod(OneLayerAdaptor):
             eps = cache[key]
         cfg = settings_view(GraceConfig, p, eps=eps, seed=int(ctx.seed))
         runner = ValueRunner(handle, layer)
-        per_edit = self.edit_each(
-            requests, ctx, p.n_iter,
-            lambda r, on_step: add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step),
-            lambda info: info["action"])
+        def train(r: Request, on_step: Any) -> dict:
+            # a merged request (query merging) keys EACH of its questions: a codebook key is one prompt's
+            # last-token activation, so an entry keyed on the merged prompt is never hit by a question asked
+            # alone; each member gets its own entry with its own target (the group's when it has none)
+            if len(r.questions) <= 1:
+                return add_edit(cb, handle, runner, r.prompt, r.target, r.item_ids, cfg, on_step)
+            targets = r.targets if len(r.targets) == len(r.questions) else [r.target] * len(r.questions)
+            infos = [add_edit(cb, handle, runner, q, t, r.item_ids, cfg, on_step)
+                     for q, t in zip(r.questions, targets)]
+            info = dict(infos[-1])
+            info["action"] = "+".join(i["action"] for i in infos)
+            info["members"] = len(infos)
+            return info
+
+        per_edit = self.edit_each(requests, ctx, p.n_iter, train, lambda info: info["action"])
         self.finish(cb, runner, save_path, ctx)
         return {"edits": len(requests), "entries": len(cb), "layer": layer, "eps": eps,
                 "actions": {a: cb.log.count(a) for a in ("add", "expand", "split")}, "per_edit": per_edit}
