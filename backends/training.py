@@ -473,6 +473,32 @@ class LossBatch:
         return -token_logprobs(r_logits, rp).mean()
 
 
+def checked_step(loss: torch.Tensor, params: list, opt: Any, max_grad_norm: float, name: str,
+                 step: int) -> tuple[float, float]:
+    """Backward and one optimiser step, refusing non-finite numbers: ``(loss, gradient norm)``.
+
+    The gradient is clipped to ``max_grad_norm`` (0: not clipped, its norm still measured).  A
+    non-finite loss or gradient raises :class:`NonFiniteError` before the step (the caller's
+    transaction restores the weights)."""
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise NonFiniteError(f"{name}: the loss became {lv} at step {step + 1}; the run was rolled back "
+                             "(lower lr or max_grad_norm)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        gnorm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+    gn = float(gnorm)
+    if not math.isfinite(gn):
+        raise NonFiniteError(f"{name}: a gradient became non-finite at step {step + 1}; the run was rolled "
+                             "back (lower lr)")
+    opt.step()
+    return lv, gn
+
+
 def step_loss(objective: FineTune, model: Any, pad_id: int, forget: list[ForgetExample], retain: list[Example],
               f_idx: list[int], r_idx: list[int], reference: Any, device: Any = "cpu") -> tuple[torch.Tensor, dict]:
     """The objective on one mini-batch; returns (loss, parts as floats)."""
@@ -528,22 +554,7 @@ def train(handle: ModelHandle, objective: FineTune, cfg: TrainConfig, params: li
                         r_idx.append(r_order[r_pos])
                         r_pos += 1
                 loss, parts = step_loss(objective, model, pad_id, forget, retain, f_idx, r_idx, reference, device)
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise NonFiniteError(f"{name}: the loss became {lv} at step {step + 1}; the run was "
-                                         "rolled back (lower lr or max_grad_norm)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                else:
-                    gnorm = torch.linalg.vector_norm(torch.stack(
-                        [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
-                gn = float(gnorm)
-                if not math.isfinite(gn):
-                    raise NonFiniteError(f"{name}: a gradient became non-finite at step {step + 1}; the "
-                                         "run was rolled back (lower lr)")
-                opt.step()
+                lv, gn = checked_step(loss, params, opt, cfg.max_grad_norm, name, step)
                 sched.step()
                 step += 1
                 rec = {"step": step, "epoch": epoch + 1, "loss": lv, "grad_norm": gn,
