@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import NonFiniteError, UserError
+from ..errors import UserError
 from ..events import Tracker
 from ..params import param
 from . import register
@@ -251,22 +251,7 @@ class RMU(MethodBase):
                     r_idx.append(r_order[r_pos])
                     r_pos += 1
             loss, parts = self.loss(runner, forget, retain, f_idx, r_idx, reference, target)
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise NonFiniteError(f"{self.name}: the loss became {lv} at step {step + 1}; the run was rolled "
-                                     "back (lower lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.max_grad_norm > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-            else:
-                gnorm = torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(t.grad) for t in params if t.grad is not None]))
-            gn = float(gnorm)
-            if not math.isfinite(gn):
-                raise NonFiniteError(f"{self.name}: a gradient became non-finite at step {step + 1}; the run was "
-                                     "rolled back (lower lr)")
-            opt.step()
+            lv, gn = training.checked_step(loss, params, opt, p.max_grad_norm, self.name, step)
             epoch = step // steps_per_epoch + 1
             res.history.append({"step": step + 1, "epoch": epoch, "loss": lv, "grad_norm": gn, "lr": p.lr, **parts})
             res.steps = step + 1
