@@ -60,6 +60,7 @@ import itertools
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -630,8 +631,58 @@ def execute_trial(text: str, path: str | None, label: str, on_event: Any = ignor
     return _finite(out)
 
 
-def _ray_trial(text: str, path: str | None, label: str, threads: int) -> dict[str, Any]:
-    """The Ray task: :func:`execute_trial` in a worker process (torch on ``threads`` threads)."""
+# Cancelling a Ray sweep.  ``ray.cancel(force=True)`` of a task whose reply is already on its way crashes the
+# driver in Ray 2.60 (a failed internal check, "Tried to complete task that was not pending", and the process
+# aborts: the app or the CLI dies, and pytest died silently in CI).  So a sweep is cancelled cooperatively: the
+# driver creates a named actor (:class:`CancelFlag`, no CPU; its existence is the flag, so a sweep that is not
+# cancelled starts no extra process), each trial's watcher thread looks it up every CANCEL_POLL_S seconds and
+# cancels the trial's own token, and the trial stops at its next progress step with its weights restored (as
+# a cancel in the app does).  Only a trial that has not stopped after CANCEL_GRACE_S seconds (stuck in one
+# long call) is force-cancelled, and its worker is not reused.
+CANCEL_POLL_S = 0.25
+CANCEL_GRACE_S = 30.0
+
+
+class CancelFlag:
+    """The sweep's cancel flag: a Ray actor named after the sweep, created when the sweep is cancelled."""
+
+    def ping(self) -> bool:
+        return True
+
+
+def _flag_is_set(ray: Any, name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:   # no such actor: not cancelled
+        return False
+    return True
+
+
+def _watch(name: str, token: CancelToken, stop: threading.Event) -> None:
+    """Cancel ``token`` once the sweep's flag ``name`` exists (or cannot be looked up: the driver is gone)."""
+    import ray
+
+    while not stop.wait(CANCEL_POLL_S):
+        try:
+            if not _flag_is_set(ray, name):
+                continue
+        except Exception:
+            pass
+        token.cancel()
+        return
+
+
+def _ray_trial(text: str, path: str | None, label: str, threads: int, flag: str | None = None) -> dict[str, Any]:
+    """The Ray task: :func:`execute_trial` in a worker process (torch on ``threads`` threads), cancelled
+    through the sweep's flag named ``flag`` (:class:`CancelFlag`)."""
+    cancel = CancelToken()
+    stop = threading.Event()
+    if flag is not None:
+        import ray
+
+        if _flag_is_set(ray, flag):
+            raise Cancelled("the sweep was cancelled")
+        threading.Thread(target=_watch, args=(flag, cancel, stop), daemon=True, name="sweep-cancel").start()
     try:
         import torch
 
@@ -640,7 +691,10 @@ def _ray_trial(text: str, path: str | None, label: str, threads: int) -> dict[st
     except Exception:   # torch is only a speed setting here
         pass
     _quiet()
-    return execute_trial(text, path, label)
+    try:
+        return execute_trial(text, path, label, cancel=cancel)
+    finally:
+        stop.set()
 
 
 def _quiet() -> None:
@@ -802,38 +856,82 @@ def run_sweep(sweep: Sweep, out_dir: Path | str | None = None, on_event: Callabl
     return [results[t.hash] for t in trials if t.hash in results]
 
 
+def _is_cancelled(exc: BaseException) -> bool:
+    """Whether a Ray task's error is a trial stopped by the sweep's cancel (ours or Ray's own)."""
+    text = f"{type(exc).__name__} {exc}"
+    return "Cancelled" in text or "TaskCancelledError" in text
+
+
+def _stop_trials(ray: Any, name: str, refs: dict, collect: Callable[..., None]) -> Any:
+    """Set the cancel flag (create the actor ``name``), let the trials in flight stop (or finish: their
+    results are kept) for up to :data:`CANCEL_GRACE_S` seconds, and force-cancel only those still running
+    then.  Returns the flag's actor handle (None if it could not be created) for the caller to kill."""
+    flag = None
+    try:
+        flag = ray.remote(num_cpus=0)(CancelFlag).options(name=name).remote()
+    except Exception:
+        pass
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while refs and time.monotonic() < deadline:
+        try:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+        except BaseException:   # a second interrupt: stop waiting
+            break
+        for ref in ready:
+            try:
+                collect(ref, stopping=True)
+            except BaseException:   # recording a late result must not hide why the sweep stopped
+                refs.pop(ref, None)
+    for ref in list(refs):   # stuck in one long call: force (the worker is not used again)
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:
+            pass
+    return flag
+
+
 def _run_ray(ray: Any, sweep: Sweep, pending: Sequence[Trial], finish: Callable[[TrialResult], None],
              cancel: CancelToken, address: str | None, num_cpus: int | None) -> None:
     started = not ray.is_initialized()
     if started:
         init_ray(num_cpus, address)
+    import uuid
+
+    name, flag = f"unlearn-tui-sweep-cancel-{uuid.uuid4().hex}", None
     try:
         task = ray.remote(_ray_trial).options(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial,
                                                max_retries=0)
         threads = max(1, int(sweep.cpus_per_trial))
         refs = {task.remote(t.toml(), str(t.session.path) if t.session.path else None,
-                            f"{sweep.label} (trial {t.index + 1})", threads): t for t in pending}
+                            f"{sweep.label} (trial {t.index + 1})", threads, name): t for t in pending}
+
+        def collect(ref: Any, stopping: bool = False) -> None:
+            t = refs.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except Exception as exc:   # the worker died (out of memory, a crash): the trial failed
+                if stopping and _is_cancelled(exc):   # stopped by the cancel: not a result
+                    return
+                rec = {"status": "error", "error": "the Ray task failed: " + _one_line(exc).split("\n")[0],
+                       "seconds": 0.0}
+            finish(_from_dict(t, rec))
+
         try:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
                 if cancel.cancelled:
                     raise Cancelled("cancelled by the user")
                 for ref in ready:
-                    t = refs.pop(ref)
-                    try:
-                        rec = ray.get(ref)
-                    except Exception as exc:   # the worker died (out of memory, a crash): the trial failed
-                        rec = {"status": "error", "error": "the Ray task failed: " + _one_line(exc).split("\n")[0],
-                               "seconds": 0.0}
-                    finish(_from_dict(t, rec))
+                    collect(ref)
         except BaseException:   # cancelled or interrupted: the trials still running are stopped
-            for ref in refs:   # force: a worker interrupted half-way (in an import, say) is not used again
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
+            flag = _stop_trials(ray, name, refs, collect)
             raise
     finally:
+        if flag is not None:
+            try:
+                ray.kill(flag)
+            except Exception:
+                pass
         if started:
             ray.shutdown()
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -302,8 +303,10 @@ def test_a_2x3_sweep_on_local_ray_is_interrupted_and_resumed_without_rerunning(l
 
     sw.init_ray(num_cpus=2)
     try:
+        t0 = time.monotonic()
         with pytest.raises(sw.Cancelled):      # interrupted: the trials in flight are stopped
             sw.run_sweep(spec, out, stop_after_two, cancel=cancel, num_cpus=2)
+        assert time.monotonic() - t0 < sw.CANCEL_GRACE_S      # they stopped themselves (no forced cancel)
         finished = {p.stem for p in (out / sw.TRIALS_DIR).glob("*.json")}
         assert 2 <= len(finished) < 6
         again = sw.run_sweep(spec, out, num_cpus=2)
@@ -326,3 +329,89 @@ def test_sweep_help_and_loading_import_neither_torch_textual_nor_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--address" in proc.stdout and "--out" in proc.stdout
+
+
+class _FakeRay:
+    """What the cancel path uses of ``ray``: named actors (the flag), ``wait`` and ``cancel``."""
+
+    def __init__(self, flag_after: float | None = None, done_at: dict | None = None):
+        self.t0, self.flag_after, self.done_at = time.monotonic(), flag_after, done_at or {}
+        self.lookups, self.cancelled, self.actors = 0, [], {}
+
+    def get_actor(self, name):
+        self.lookups += 1
+        if name in self.actors or (self.flag_after is not None and time.monotonic() - self.t0 >= self.flag_after):
+            return object()
+        raise ValueError(f"Failed to look up actor with name '{name}'")
+
+    def remote(self, num_cpus=None):
+        fake = self
+
+        class Actor:
+            def options(self, name):
+                class Handle:
+                    def remote(self):
+                        fake.actors[name] = True
+                        return name
+                return Handle()
+        return lambda cls: Actor()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        time.sleep(0.05)
+        now = time.monotonic() - self.t0
+        return [r for r in refs if self.done_at.get(r) is not None and now >= self.done_at[r]][:num_returns], []
+
+    def cancel(self, ref, force=False):
+        self.cancelled.append((ref, force))
+
+
+def test_a_trial_watches_the_sweeps_cancel_flag(monkeypatch):
+    """The cooperative cancel: the watcher cancels the trial's own token soon after the flag actor exists
+    (and when it cannot be looked up); a trial whose flag is already set never starts."""
+    import threading
+
+    fake = _FakeRay(flag_after=0.3)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    token, stop = sw.CancelToken(), threading.Event()
+    watcher = threading.Thread(target=sw._watch, args=("f", token, stop))
+    watcher.start()
+    watcher.join(timeout=5)
+    assert token.cancelled and not watcher.is_alive() and fake.lookups >= 1
+    quiet = _FakeRay(flag_after=None)
+    monkeypatch.setitem(sys.modules, "ray", quiet)
+    token, stop = sw.CancelToken(), threading.Event()
+    watcher = threading.Thread(target=sw._watch, args=("f", token, stop))
+    watcher.start()
+    time.sleep(4 * sw.CANCEL_POLL_S)
+    stop.set()
+    watcher.join(timeout=5)
+    assert not token.cancelled and quiet.lookups >= 2 and not watcher.is_alive()
+
+    def unreadable(name):
+        raise ConnectionError("the driver is gone")
+
+    quiet.get_actor = unreadable
+    token = sw.CancelToken()
+    sw._watch("f", token, threading.Event())
+    assert token.cancelled
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay(flag_after=0.0))
+    monkeypatch.setattr(sw, "execute_trial", lambda *a, **k: pytest.fail("a cancelled sweep started a trial"))
+    with pytest.raises(sw.Cancelled):
+        sw._ray_trial("", None, "t", 1, "f")
+
+
+def test_stopping_trials_waits_for_them_and_forces_only_the_stuck(monkeypatch):
+    """Stopping creates the flag actor; trials that return (stopped, or finished: kept) are collected; only
+    one still running after the grace period is force-cancelled."""
+    monkeypatch.setattr(sw, "CANCEL_GRACE_S", 1.0)
+    fake = _FakeRay(done_at={"stops": 0.2, "finishes": 0.4, "stuck": None})
+    refs = {"stops": 1, "finishes": 2, "stuck": 3}
+    collected = []
+
+    def collect(ref, stopping=False):
+        collected.append((refs.pop(ref), stopping))
+
+    flag = sw._stop_trials(fake, "the-flag", refs, collect)
+    assert flag == "the-flag" and sw._flag_is_set(fake, "the-flag") and not sw._flag_is_set(fake, "other")
+    assert sorted(collected) == [(1, True), (2, True)]
+    assert fake.cancelled == [("stuck", True)] and time.monotonic() - fake.t0 >= 1.0
