@@ -13,8 +13,9 @@ same code serves metrics, targets (self-improvement) and the probe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .batching import pad_left, pad_right
 from .model import ModelHandle
@@ -42,14 +43,18 @@ def _batches(n: int, size: int):
 
 def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: int = 32, batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None, sample: bool = False, seed: int = 0,
-             temperature: float = 0.7) -> list[str]:
+             temperature: float = 0.7, banned: Sequence[Collection[int]] | None = None) -> list[str]:
     """Greedy (or seeded sampled) continuations, decoded without special tokens.
 
     Greedy decoding goes through :func:`shared_prefix.greedy` (shared tokens
     encoded once) where :func:`shared_prefix.verified` says it agrees with
     this model's own ``generate``; otherwise, and for sampling, through
-    :func:`plain_generate`.
+    :func:`plain_generate`.  ``banned`` (one set of token ids per prompt) keeps
+    those tokens out of that prompt's continuation (:class:`BanTokens`; plain path).
     """
+    if banned is not None and any(banned):
+        return plain_generate(handle, prompts, max_new_tokens, batch_size, on_batch, sample, seed, temperature,
+                              banned=banned)
     if not sample and prompts and max_new_tokens > 0:
         from . import shared_prefix
 
@@ -63,7 +68,8 @@ def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: 
 
 def plain_generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: int = 32,
                    batch_size: int = 16, on_batch: Callable[[int], None] | None = None, sample: bool = False,
-                   seed: int = 0, temperature: float = 0.7) -> list[str]:
+                   seed: int = 0, temperature: float = 0.7,
+                   banned: Sequence[Collection[int]] | None = None) -> list[str]:
     """:func:`generate` through the model's own ``generate`` (left-padded batches in input order)."""
     import torch
 
@@ -82,6 +88,10 @@ def plain_generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_to
             kwargs.update(do_sample=True, temperature=temperature, top_p=0.95, top_k=50)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if banned is not None and any(banned[i] for i in idx):
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([ban_tokens([banned[i] for i in idx])])
         with torch.no_grad():
             dev = handle.input_device
             gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
@@ -90,6 +100,30 @@ def plain_generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_to
         if on_batch:
             on_batch(len(seqs))
     return out
+
+
+def ban_tokens(rows: Sequence[Collection[int]]) -> Any:
+    """A ``transformers`` logits processor that gives row ``r``'s tokens ``rows[r]`` a score of -inf at every
+    step (a per-row ``bad_words_ids`` of single tokens; the library's own applies one list to every row).
+    With sampling it runs before temperature and top-p, so a banned token is never drawn."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class BanTokens(LogitsProcessor):
+        def __init__(self) -> None:
+            self.index: torch.Tensor | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if self.index is None:
+                mask = torch.zeros(scores.shape, dtype=torch.bool)
+                for r, toks in enumerate(rows):
+                    ok = [t for t in toks if 0 <= t < scores.shape[1]]
+                    if ok:
+                        mask[r, ok] = True
+                self.index = mask.to(scores.device)
+            return scores.masked_fill(self.index, float("-inf"))
+
+    return BanTokens()
 
 
 def _order_and_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

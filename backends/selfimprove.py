@@ -658,16 +658,68 @@ def builtin_paraphrase(item: Any) -> str | None:
 # --------------------------------------------------------------------------- generated paraphrases
 
 
+def reworded_words(item: Any) -> list[str]:
+    """The question's words a paraphrase must say differently: its content words (not
+    :data:`PARAPHRASE_STOPWORDS`) outside the subject, minus names (capitalised words after the
+    first), numbers, quoted titles and the question's frame (auxiliaries, question words, "many").
+    "Who wrote 'Pride and Prejudice'?" -> ``["wrote"]``;
+    "What is the capital city of Australia?" -> ``["capital", "city"]``."""
+    import re
+
+    question = getattr(item, "question", "") or ""
+    subject = set(paraphrase_tokens(subject_of(item) or ""))
+    unquoted = re.sub(r"(?<![A-Za-z])['\"\u2018\u201c][^'\"\u2018\u2019\u201c\u201d]+['\"\u2019\u201d](?![A-Za-z])",
+                      " ", question)
+    out: list[str] = []
+    for n, w in enumerate(re.findall(r"[A-Za-z][A-Za-z\-]*", unquoted)):
+        if (n > 0 and w[0].isupper()) or len(w) < 3 or w.lower() in _KEEP_WORDS:
+            continue
+        toks = paraphrase_tokens(w)
+        if not toks or any(t in PARAPHRASE_STOPWORDS or t in subject or t in _NUMBER_WORDS.values() for t in toks):
+            continue
+        if w.lower() not in out:
+            out.append(w.lower())
+    return out
+
+
+_KEEP_WORDS = _AUXILIARIES | _QUESTION_WORDS | {"many", "much"}   # the question's frame ("How many ... does")
+MIN_BANNED_PIECE = 3   # a word's first token is banned only when it carries >= 3 letters of the word
+
+
+def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str]) -> set[int]:
+    """Token ids that start ``words`` (lower case and capitalised, with and without a leading space), for
+    :func:`backends.generation.ban_tokens`.  A first token that carries fewer than
+    :data:`MIN_BANNED_PIECE` letters of a longer word (" c" of " cuneiform") is left alone: banning it
+    would ban every word that starts that way."""
+    tok = handle.tokenizer
+    out: set[int] = set()
+    for w in words:
+        for form in {w, w.capitalize()}:
+            for text in (" " + form, form):
+                ids = tok.encode(text, add_special_tokens=False)
+                if not ids:
+                    continue
+                piece = tok.decode(ids[:1]).strip()
+                if len(ids) == 1 or len(piece) >= min(MIN_BANNED_PIECE, len(form)):
+                    out.add(int(ids[0]))
+    return out
+
+
 def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 0, on_event: EventCallback = ignore,
                          cancel: CancelToken | None = None, max_tries: int = PARAPHRASE_TRIES,
                          batch_size: int = BATCH_SIZE, max_new_tokens: int = 32,
-                         failures: dict[str, dict] | None = None) -> dict[str, tuple[str, str, bool | None]]:
+                         failures: dict[str, dict] | None = None,
+                         reword: bool = True) -> dict[str, tuple[str, str, bool | None]]:
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
     The first try is greedy with the question type's first opener; each regeneration samples
-    (another seed) after another opener.  ``failures``, when given, receives item id -> the
-    verdict of the last try and every try's text (``{"verdict", "texts"}``) for the absent items.
+    (another seed) after another opener.  ``reword`` (default): the words of :func:`reworded_words`
+    cannot be generated (their first tokens are banned, :func:`banned_first_tokens`), so the model
+    must say them differently; a small model asked to rewrite a question otherwise mostly copies it
+    (the ``near-copy`` check; measured in ``benchmarks/bench_paraphrases.py``).  The subject, names and
+    question words stay free.  ``failures``, when given, receives item id -> the verdict of the last
+    try and every try's text (``{"verdict", "texts"}``) for the absent items.
     """
     from .generation import generate
 
@@ -689,8 +741,10 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                            else options[_hash(seed, it.id, "opener", attempt) % len(options)])
         prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener)
                    for it, opener in zip(pending, openers)]
+        banned = [banned_first_tokens(handle, reworded_words(it)) for it in pending] if reword else None
         gens = generate(handle, prompts, max_new_tokens, batch_size, on_batch=tracker.step,
-                        sample=attempt > 0, seed=seed * 1013 + attempt * 7919, temperature=SAMPLE_TEMPERATURE)
+                        sample=attempt > 0, seed=seed * 1013 + attempt * 7919, temperature=SAMPLE_TEMPERATURE,
+                        banned=banned)
         still = []
         for it, opener, raw in zip(pending, openers, gens):
             text = clean(opener + " " + raw.strip(), max_sentences=1)

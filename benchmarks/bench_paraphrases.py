@@ -6,12 +6,14 @@ so every question goes through generation — and each try is judged by
 :func:`backends.selfimprove.paraphrase_verdict` (a question; names the same
 subject; no token of the gold answer; not a near-copy).  Printed: the share
 that passed on the first (greedy) try, within the try budget, how many were
-left out, the failure reasons counted over every failed try, and a few
-examples of each kind.  The bar is >= 90% passing.
+left out, the failure reasons of the left-out items, and examples; for
+generation as it is (the question's own words banned, so the model must
+reword it: ``generate_paraphrases(reword=True)``) and without the ban, side by
+side in one run (``--mode both``).  The bar is >= 90% passing.
 
 Usage::
 
-    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 3] [--seed 0]
+    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 3] [--seed 0] [--mode both]
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=217)
     ap.add_argument("--tries", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=("both", "reworded", "plain"), default="both",
+                    help="generation with the question's words banned (the default), without, or both side by side")
+    ap.add_argument("--show", type=int, default=12, help="passed examples printed per mode")
     a = ap.parse_args(argv)
+    a.modes = {"both": (False, True), "reworded": (True,), "plain": (False,)}[a.mode]
     files = [TOFU / "real_authors_perturbed.json", TOFU / "world_facts_perturbed.json"]
     if not all(f.is_file() for f in files):
         print(f"skipped: the TOFU files are not in {TOFU}")
@@ -52,37 +58,41 @@ def main(argv: list[str] | None = None) -> int:
     items = items[: a.items]
     print(machine_line())
     handle = load(ModelSpec(name=a.model))
-    first: dict = {}
-
-    greedy_failures: dict = {}
-    t0 = time.perf_counter()
-    first = selfimprove.generate_paraphrases(handle, items, a.seed, max_tries=1, failures=greedy_failures)
-    t1 = time.perf_counter()
-    failures: dict = {}
-    made = selfimprove.generate_paraphrases(handle, items, a.seed, max_tries=a.tries, failures=failures)
-    t2 = time.perf_counter()
     n = len(items)
-    print(f"{n} questions: passed on the first (greedy) try {len(first)} ({len(first) / n:.1%}, {t1 - t0:.0f} s); "
-          f"within {a.tries} tries {len(made)} ({len(made) / n:.1%}, {t2 - t1:.0f} s); left out {n - len(made)}")
-    for label, fails in (("greedy try", greedy_failures), ("left out (last try)", failures)):
+    passed: dict = {}
+    for reword in a.modes:
+        failures: dict = {}
+        t0 = time.perf_counter()
+        made = selfimprove.generate_paraphrases(handle, items, a.seed, max_tries=a.tries, failures=failures,
+                                                reword=reword)
+        dt = time.perf_counter() - t0
+        passed[reword] = made
+        first = sum(1 for v in made.values() if v[1] == "generated")
+        label = "reworded (question words banned)" if reword else "plain (no ban)"
+        print(f"{label}: {n} questions: passed on the first (greedy) try {first} ({first / n:.1%}); "
+              f"within {a.tries} tries {len(made)} ({len(made) / n:.1%}); left out {n - len(made)}; {dt:.0f} s")
         reasons: collections.Counter = collections.Counter()
         examples: dict = {}
         for it in items:
-            f = fails.get(it.id)
+            f = failures.get(it.id)
             if not f:
                 continue
             texts = f.get("texts") or []
             for r in (f.get("verdict") or {}).get("reasons") or []:
                 reasons[r] += 1
                 examples.setdefault(r, []).append((it.question, texts[-1] if texts else "?"))
-        print(f"failure reasons, {label}:", dict(reasons) or "none")
+        print("  failure reasons of the left-out items (last try):", dict(reasons) or "none")
         for r, ex in examples.items():
             for q, t in ex[:3]:
-                print(f"  [{r}] {q} -> {t}")
-    print("passed examples:")
-    for it in items[:: max(1, n // 8)]:
-        if it.id in made:
-            print(f"  {it.question} -> {made[it.id][0]} [{made[it.id][1]}]")
+                print(f"    [{r}] {q} -> {t}")
+        print(f"  passed examples (every {max(1, n // a.show)}-th item):")
+        for it in items[:: max(1, n // a.show)]:
+            if it.id in made:
+                print(f"    {it.question} -> {made[it.id][0]} [{made[it.id][1]}]")
+    if len(a.modes) == 2:
+        both = set(passed[True]) | set(passed[False])
+        print(f"pass rate reworded / plain: {len(passed[True]) / n:.1%} / {len(passed[False]) / n:.1%} "
+              f"({len(passed[True]) / max(1, len(passed[False])):.2f}x); passing with either: {len(both)}")
     return 0
 
 

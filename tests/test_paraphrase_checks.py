@@ -294,3 +294,71 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     calls.clear()
     recs, written = ensure_paraphrases(llama_handle, [fail, later], seed=3)
     assert [r["id"] for r in recs] == ["m"] and written == recs
+
+
+@pytest.mark.parametrize("question,words", [
+    ("Who wrote 'Pride and Prejudice'?", ["wrote"]),
+    ("What is the capital city of Australia?", ["capital", "city"]),
+    ("Which author's novel 'Emma' was published in 1815?", ["author", "novel", "published"]),
+    ("How many legs does a spider have?", ["legs"]),
+    ("Which dystopian novel did George Orwell write in 1949?", ["dystopian", "novel", "write"]),
+])
+def test_reworded_words_leave_the_subject_names_and_the_frame_free(question, words):
+    assert selfimprove.reworded_words(item(question, "x")) == words
+
+
+def test_banned_tokens_are_never_generated_and_change_nothing_else(llama_handle):
+    """A per-row ban: each row's greedy continuation avoids its own banned tokens (only), and an empty ban
+    changes nothing; sampling respects it too."""
+    import torch
+
+    from unlearn_tui.backends import generation
+
+    h = llama_handle
+    prompts = [h.encode_prompt("Question: what is the capital of Peru?"), h.encode_prompt("Question: who am I?")]
+    plain = generation.plain_generate(h, prompts, 6, batch_size=2)
+    assert generation.plain_generate(h, prompts, 6, batch_size=2, banned=[set(), set()]) == plain
+
+    def ids(text):
+        return h.tokenizer.encode(text, add_special_tokens=False)
+
+    first = ids(plain[0])[:2]
+    assert first
+    banned = generation.plain_generate(h, prompts, 6, batch_size=2, banned=[set(first), set()])
+    assert not set(ids(banned[0])) & set(first) and banned[0] != plain[0]
+    assert banned[1] == plain[1]                                   # the other row's ban is its own
+    proc = generation.ban_tokens([{1, 2}, set()])
+    scores = proc(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 5))
+    assert scores[0, 1] == float("-inf") and scores[0, 2] == float("-inf") and torch.isfinite(scores[1]).all()
+    drawn = generation.plain_generate(h, prompts, 6, batch_size=2, sample=True, seed=1, banned=[set(first), set()])
+    assert not set(ids(drawn[0])) & set(first)
+
+
+def test_banned_first_tokens_start_each_word_in_both_cases(llama_handle):
+    tok = llama_handle.tokenizer
+    got = selfimprove.banned_first_tokens(llama_handle, ["wrote", "capital"])
+    for w in ("wrote", "Wrote", "capital", "Capital"):
+        ids = tok.encode(" " + w, add_special_tokens=False)
+        if len(ids) == 1 or len(tok.decode(ids[:1]).strip()) >= selfimprove.MIN_BANNED_PIECE:
+            assert ids[0] in got
+    assert selfimprove.banned_first_tokens(llama_handle, []) == set()
+
+
+def test_generation_is_asked_to_avoid_the_reworded_words(llama_handle, monkeypatch):
+    from unlearn_tui.backends import generation
+
+    seen = []
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, on_batch=None, sample=False, seed=0,
+                      banned=None, **kw):
+        seen.append(banned)
+        return ["penned 'Pride and Prejudice'?"] * len(prompts)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    it = item("Who wrote 'Pride and Prejudice'?", "Jane Austen", id="p", subject="Pride and Prejudice")
+    out = selfimprove.generate_paraphrases(llama_handle, [it])
+    assert seen[0] == [selfimprove.banned_first_tokens(llama_handle, ["wrote"])] and seen[0][0]
+    assert out["p"][0] == "Which person penned 'Pride and Prejudice'?"
+    seen.clear()
+    selfimprove.generate_paraphrases(llama_handle, [it], reword=False)
+    assert seen[0] is None
