@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/bench_field_metrics.py --out /tmp/field         # the embedded model, every method
     python benchmarks/bench_field_metrics.py --methods none,rome,npo   # a subset
+    python benchmarks/bench_field_metrics.py --methods "rmu,rmu@alpha=100@lr=1e-3" --extras none  # params, no extras
     python benchmarks/bench_field_metrics.py --model tiny:llama --retain 8 --holdout 4 --forget 4  # smoke test
 """
 
@@ -53,7 +54,7 @@ def session_text(a: argparse.Namespace, ids: list[str]) -> str:
             f'[data]\npath = {json.dumps(str(a.data))}\nformat = "pistol"\nforget = {q(forget)}\n'
             f'retain = {q(retain)}\nrephrase = false\n'
             f'[targets]\nmode = "idk"\n'
-            f'[eval]\nmax_new_tokens = {a.max_new_tokens}\nextra = {q(EXTRAS)}\nholdout = {q(holdout)}\n'
+            f'[eval]\nmax_new_tokens = {a.max_new_tokens}\nextra = {q(a.extras)}\nholdout = {q(holdout)}\n'
             f'utility_items = {a.utility_items}\n'
             f'[finetune]\ndata = "forget+retain"\n'
             f'[[runs]]\nmethod = "none"\n')
@@ -71,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utility-items", type=int, default=40, help="items per TOFU model-utility set")
     p.add_argument("--max-new-tokens", type=int, default=16,
                    help="greedy tokens per answer (PISTOL's answers are dates, names and amounts of <= 10 tokens)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated; METHOD@KEY=VALUE@... sets hyper-parameters (values as TOML), "
+                        "the whole string names the row")
+    p.add_argument("--extras", default=",".join(EXTRAS), help='comma-separated extras, or "none"')
     p.add_argument("--out", type=Path, default=Path("/tmp/unlearn-tui-field"))
     p.add_argument("--fresh", action="store_true")
     a = p.parse_args(argv)
+    a.extras = [] if a.extras.strip() == "none" else [x.strip() for x in a.extras.split(",") if x.strip()]
     if not a.data.is_file():
         print(f"skipped: {a.data} not found (the shared PISTOL data)")
         return 0
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if runs_file.exists() else {}
     print(machine_line())
     print(f"data {a.data.name}: forget {a.forget} (ids {ids[0]}..{ids[a.forget - 1]}), retain {a.retain}, "
-          f"holdout {a.holdout}; utility sets {a.utility_items} items each; extras {', '.join(EXTRAS)}")
+          f"holdout {a.holdout}; utility sets {a.utility_items} items each; extras {', '.join(a.extras) or 'none'}")
 
     last = [0.0]
 
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"run {m} ...", flush=True)
         try:
-            r = wb.run_one(i, RunConfig(m, {}, m), len(METHODS))
+            method, params = parse_method(m)
+            r = wb.run_one(i, RunConfig(method, params, m), len(METHODS))
         except Exception as exc:   # one method's failure is a row, not the end of the benchmark
             print(f"  {m} failed: {type(exc).__name__}: {exc}")
             continue
@@ -145,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s this call")
     print_table(list(done.values()))
     return 0
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"rmu@alpha=100@lr=1e-3"`` -> ``("rmu", {"alpha": 100, "lr": 0.001})`` (values read as TOML)."""
+    from unlearn_tui.backends.compat import tomllib
+
+    method, *pairs = spec.split("@")
+    params = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        params[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return method.strip(), params
 
 
 def _f(v, fmt: str = "{:.3f}") -> str:
