@@ -175,7 +175,6 @@ _LABELS = ("refusal:", "answer:", "wrong answer:", "rewritten question:", "quest
 
 def clean(text: str, max_sentences: int = 2) -> str:
     """The first line of a generation, without labels or quotes, at most ``max_sentences`` sentences."""
-    import re
 
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     t = lines[0] if lines else ""
@@ -186,9 +185,31 @@ def clean(text: str, max_sentences: int = 2) -> str:
             if t.lower().startswith(lab):
                 t, changed = t[len(lab):].strip(), True
     t = t.strip().strip('"').strip("\u201c\u201d").strip()
-    parts = re.split(r"(?<=[.!?])\s+", t)
-    t = " ".join(parts[:max_sentences]).strip()
+    t = " ".join(sentences(t)[:max_sentences]).strip()
     return t[:400].strip()
+
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "vs", "no", "prof", "gen", "col", "lt", "ft"}
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after ``.``, ``!`` or ``?`` + space, but not after an initial or an abbreviation
+    ("the U.S. state of Georgia", "C.S. Lewis", "J. Alfred Prufrock", "Mt. Everest")."""
+    import re
+
+    out, start = [], 0
+    for m in re.finditer(r"[.!?](?=\s+)", text):
+        if m.group() == ".":
+            word = re.search(r"[\w.]*$", text[start:m.start()])
+            w = word.group() if word else ""
+            if re.fullmatch(r"(?:[A-Z]\.)*[A-Z]", w) or w.lower() in _ABBREVIATIONS:
+                continue
+        out.append(text[start:m.end()].strip())
+        start = m.end()
+    rest = text[start:].strip()
+    if rest:
+        out.append(rest)
+    return out
 
 
 # --------------------------------------------------------------------------- checks

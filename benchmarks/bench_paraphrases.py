@@ -13,7 +13,7 @@ side in one run (``--mode both``).  The bar is >= 90% passing.
 
 Usage::
 
-    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 3] [--seed 0] [--mode both]
+    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 4] [--seed 0] [--mode both]
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--items", type=int, default=217)
-    ap.add_argument("--tries", type=int, default=3)
+    ap.add_argument("--tries", type=int, default=None, help="tries per question (default: what the tool uses)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", choices=("both", "reworded", "plain"), default="both",
                     help="generation with the question's words banned (the default), without, or both side by side")
     ap.add_argument("--show", type=int, default=12, help="passed examples printed per mode")
     a = ap.parse_args(argv)
+    from unlearn_tui.backends import selfimprove as _si
+
+    a.tries = a.tries or _si.PARAPHRASE_TRIES
     a.modes = {"both": (False, True), "reworded": (True,), "plain": (False,)}[a.mode]
     files = [TOFU / "real_authors_perturbed.json", TOFU / "world_facts_perturbed.json"]
     if not all(f.is_file() for f in files):

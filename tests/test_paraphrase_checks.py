@@ -362,3 +362,15 @@ def test_generation_is_asked_to_avoid_the_reworded_words(llama_handle, monkeypat
     seen.clear()
     selfimprove.generate_paraphrases(llama_handle, [it], reword=False)
     assert seen[0] is None
+
+
+@pytest.mark.parametrize("text,first", [
+    ("Can you name the capital of the U.S. state of Georgia? Yes.", "Can you name the capital of the U.S. state of Georgia?"),
+    ("Who wrote The Love Song of J. Alfred Prufrock? It was", "Who wrote The Love Song of J. Alfred Prufrock?"),
+    ("Where was C.S. Lewis born? Belfast.", "Where was C.S. Lewis born?"),
+    ("How tall is Mt. Everest? Very.", "How tall is Mt. Everest?"),
+    ("I can't help with that. Sorry!", "I can't help with that."),
+])
+def test_the_first_sentence_is_not_cut_at_an_initial_or_abbreviation(text, first):
+    assert selfimprove.clean(text, max_sentences=1) == first
+    assert selfimprove.sentences("One. Two! Three? four") == ["One.", "Two!", "Three?", "four"]
