@@ -315,8 +315,11 @@ async def test_tab_switch_with_focus_in_a_pane_does_not_ping_pong(tmp_path):
     app.workspace.normalize_selection()
     activated: list[str] = []
     async with app.run_test(size=(100, 30)) as pilot:
-        while app.pane("targets") is None:
+        for _ in range(3000):              # 30 s at most
+            if app.pane("targets") is not None:
+                break
             await pilot.pause(0.01)
+        assert app.pane("targets") is not None, "the targets pane never mounted"
         app.refresh_panes()
         await pilot.pause()
         tabs = app.screen.query_one("#tabs", TabbedContent)

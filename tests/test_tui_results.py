@@ -65,8 +65,11 @@ def make_app(tmp_path, base_forget: float = 1.0, session=None):
 
 async def results_pane(pilot):
     app = pilot.app
-    while app.pane("results") is None:
+    for _ in range(1500):                  # 30 s: a pane that never mounts fails the test instead of hanging
+        if app.pane("results") is not None:
+            break
         await pilot.pause(0.02)
+    assert app.pane("results") is not None, "the results pane never mounted"
     app.refresh_panes()
     app.action_show_tab("results")
     await pilot.pause()
