@@ -130,6 +130,7 @@ class PaperConfig:
     pistol_data: Path | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    extra: tuple[str, ...] = ()                    # [eval] extra of every run (the field's metrics)
 
     def scaled(self, n: int) -> int:
         return max(1, n // QUICK_SCALE) if self.quick else n
@@ -428,6 +429,8 @@ def group_text(cfg: PaperConfig, prep: Prepared, n: int, points: Sequence[Point]
              f"forget = {_tv(forget)}", f"retain = {_tv(retain)}", "rephrase = true",
              "[targets]", f"mode = {_tv(cfg.mode)}", f"seed = {cfg.seed}",
              "[eval]", f"max_new_tokens = {cfg.eval_tokens()}"]
+    if cfg.extra:
+        lines.append(f"extra = {_tv(list(cfg.extra))}")
     if prep.setting == "pistol":
         lines.append("[finetune]")
         lines += [f"{k} = {_tv(v)}" for k, v in _finetune_table(cfg).items()]
@@ -558,6 +561,30 @@ def _cells(run: dict | None, splits: Sequence[str]) -> dict[str, float | None]:
     return out
 
 
+# the field's metrics (``--extra``) shown beside Table 1: column -> how it is read from a run's fields
+EXTRA_COLUMNS: tuple[tuple[str, str, Callable[[dict], Any]], ...] = (
+    ("FQ ↑", "forget_quality", lambda r: r.get("forget_quality")),
+    ("MU ↑", "model_utility", lambda r: r.get("model_utility")),
+    ("PrivLeak", "mia", lambda r: (r.get("mia") or {}).get("privleak")),
+    ("Min-K% AUC", "mia", lambda r: (r.get("mia") or {}).get("mink_auc")),
+    ("relearn before", "relearn", lambda r: (r.get("relearn") or {}).get("before")),
+    ("relearn after ↓", "relearn", lambda r: (r.get("relearn") or {}).get("after")),
+    ("MCQ acc ↓", "mcq", lambda r: (r.get("mcq") or {}).get("top_hit")),
+    ("ICL R1 ↓", "in_context", lambda r: (r.get("in_context") or {}).get("rouge1")),
+    ("ppl", "perplexity", lambda r: r.get("perplexity")),
+)
+
+
+def extra_cells(cfg: PaperConfig, run: dict | None) -> dict[str, float | None]:
+    """The ``--extra`` metrics of one run (or baseline), by column; only the columns of the extras asked for."""
+    out: dict[str, float | None] = {}
+    for col, extra, read in EXTRA_COLUMNS:
+        if extra in cfg.extra:
+            v = read(run or {})
+            out[col] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return out
+
+
 def _index(res: PaperResult) -> dict[tuple, Any]:
     return {res.by_hash[r.trial.hash].key: r for r in res.results if r.trial.hash in res.by_hash}
 
@@ -597,9 +624,17 @@ def tables(cfg: PaperConfig, res: PaperResult) -> dict[str, dict[str, Any]]:
                 if r is None:
                     continue
                 cells = _cells(r.run if r.ok else None, splits)
-                rows.append({"method": m, **{c: cells.get(c) for c in cols[1:]}, "status": r.status,
-                             "error": r.error, "refused": _split(r.run, "forget", "refused")})
-            out[f"table{t}"][setting] = {"info": _group_info(cfg, res, setting, n, found), "rows": rows}
+                row = {"method": m, **{c: cells.get(c) for c in cols[1:]}, "status": r.status,
+                       "error": r.error, "refused": _split(r.run, "forget", "refused")}
+                if cfg.extra and t == 1:
+                    row["extra"] = extra_cells(cfg, r.run if r.ok else None)
+                rows.append(row)
+            info = _group_info(cfg, res, setting, n, found)
+            if cfg.extra and t == 1:
+                base = next((r.baseline for (s_, f_, _, _), r in found.items()
+                             if s_ == setting and f_ == n and r.ok and r.baseline), None)
+                info["baseline_extra"] = extra_cells(cfg, base) if base else None
+            out[f"table{t}"][setting] = {"info": info, "rows": rows}
     return out
 
 
@@ -694,6 +729,13 @@ def markdown(cfg: PaperConfig, res: PaperResult, tabs: dict, figs: dict) -> str:
             rows += [[r["method"] if r["status"] == "ok" else f"{r['method']} (failed: {r['error']})",
                       *(r.get(c) for c in cols[1:])] for r in t["rows"]]
             lines += _md_table([_head(c) for c in cols], rows) + [""]
+            if tname == "table1" and cfg.extra:
+                ecols = [c for c, e, _ in EXTRA_COLUMNS if e in cfg.extra]
+                lines += [f"### The field's metrics ({setting} setting): {', '.join(cfg.extra)}", ""]
+                be = info.get("baseline_extra") or {}
+                erows = [["*unedited (baseline)*", *(be.get(c) for c in ecols)]]
+                erows += [[r["method"], *((r.get("extra") or {}).get(c) for c in ecols)] for r in t["rows"]]
+                lines += _md_table(["Method", *ecols], erows) + [""]
     for fname, fig in figs.items():
         title = ("Figure 4: composite by number of forget samples" if fname == "figure4"
                  else "Figure 6: composite by merge factor")

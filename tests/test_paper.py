@@ -86,6 +86,8 @@ def test_dry_run_prints_the_runs_and_counts(tmp_path, capsys):
     (["--forget-sizes", "10,x"], "--forget-sizes: expected integers >= 1"),
     (["--merge-factors", "0"], "--merge-factors: expected integers >= 1"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--extra", "mia,bogus"], "--extra: expected one of mia, forget_quality"),
+    (["--extra", ","], "--extra: expected extras"),
     (["--tables", "none", "--figures", "none"], "nothing to run"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says):
@@ -187,3 +189,30 @@ def test_a_second_run_is_resumed_from_the_kept_trials(quick_run):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")} == stamps
     assert all(p.cached for p in res.preps.values())                          # known pass and fine-tune kept
     assert res.report["trials"] == {"total": 7, "ran": 0, "cached": 7, "failed": 0}
+
+
+def test_extra_metrics_are_run_and_tabled_beside_table_1(tmp_path):
+    """``--extra``: every run's session asks for them, and a table of them follows Table 1 (baseline first)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    a, w, p = write_data(tmp_path)
+    out = tmp_path / "res"
+    args = ["paper", "--model", "tiny:llama", "--quick", "--methods", "gd", "--known", "0", "--tables", "1",
+            "--figures", "none", "--settings", "factual", "--factual-data", f"{a},{w}", "--extra",
+            "perplexity,relearn", "--local", "--quiet", "--out", str(out)]
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0, buf.getvalue()
+    md = (out / "paper.md").read_text()
+    assert "### The field's metrics (factual setting): perplexity, relearn" in md
+    table = md.split("### The field's metrics")[1]
+    head = next(line for line in table.splitlines() if line.startswith("| Method"))
+    assert "ppl" in head and "relearn after" in head and "FQ" not in head and "PrivLeak" not in head
+    report = json.loads((out / "paper.json").read_text())
+    t = report["tables"]["table1"]["factual"]
+    row = t["rows"][0]
+    assert row["method"] == "gd" and row["extra"]["ppl"] > 0 and 0 <= row["extra"]["relearn after ↓"] <= 1
+    assert t["info"]["baseline_extra"]["ppl"] > 0
+    assert row["extra"]["ppl"] != t["info"]["baseline_extra"]["ppl"]          # gd changed the model
+    assert "| *unedited (baseline)* |" in table

@@ -48,6 +48,10 @@ def paper_parser() -> argparse.ArgumentParser:
     p.add_argument("--known", type=float, default=pp.KNOWN_R1, metavar="R1",
                    help="factual: an item is known when the unedited model's answer has ROUGE-1 recall >= this "
                         "(default %(default)s; 0 keeps every item)")
+    p.add_argument("--extra", metavar="LIST",
+                   help="the field's metrics for every run, as [eval] extra (comma-separated: "
+                        "mia, forget_quality, model_utility, perplexity, relearn, mcq, in_context, or all); "
+                        "a table beside Table 1. Each costs model time")
     p.add_argument("--mode", default="idk", help="target mode (idk, self-improve, dummy, ...); default idk")
     p.add_argument("--seed", type=int, default=0, help="seed of the forget sample, targets and methods")
     p.add_argument("--quick", action="store_true",
@@ -119,6 +123,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 methods.get(m)
             except UserError as e:
                 raise UserError(e.message, "--methods") from None
+    extra: tuple[str, ...] = ()
+    if args.extra is not None:
+        from unlearn_tui.backends.spec import EVAL_EXTRAS
+
+        names = [x.strip().lower() for x in args.extra.split(",") if x.strip()]
+        extra = EVAL_EXTRAS if names == ["all"] else tuple(dict.fromkeys(names))
+        if not extra:
+            raise UserError("expected extras, comma-separated, got none", "--extra")
+        for x in extra:
+            if x not in EVAL_EXTRAS:
+                raise UserError(f"expected one of {', '.join(EVAL_EXTRAS)} or all, got {x!r}", "--extra")
     if not (0.0 <= args.known <= 1.0):
         raise UserError(f"expected a ROUGE-1 recall between 0 and 1, got {args.known:g}", "--known")
     if args.mode not in TARGET_MODES:
@@ -152,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         merge_factors=_ints(args.merge_factors, "--merge-factors") if args.merge_factors is not None
         else pp.MERGE_FACTORS,
         known=args.known, quick=args.quick, mode=args.mode, seed=args.seed, factual_data=factual,
-        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial)
+        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra)
 
 
 def dry_run(cfg: Any, out: Path) -> int:
