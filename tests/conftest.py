@@ -28,6 +28,18 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_model_kept_between_tests():
+    """A sweep or paper run in this process keeps its model for its next trials (``sweep._HANDLE``); a
+    test must not hand it to the next one (that test would see no model load of its own)."""
+    import sys
+
+    yield
+    sweep = sys.modules.get("unlearn_tui.sessions.sweep")
+    if sweep is not None:
+        sweep._HANDLE.clear()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models are faster on one thread, and the suite does not fight itself for cores."""
