@@ -50,7 +50,7 @@ def generate(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: 
     encoded once) where :func:`shared_prefix.verified` says it agrees with
     this model's own ``generate``; otherwise, and for sampling, through
     :func:`plain_generate`.  ``banned`` (one set of token ids per prompt) keeps
-    those tokens out of that prompt's continuation (:class:`BanTokens`; plain path).
+    those tokens out of that prompt's continuation (:func:`ban_tokens`; plain path).
     """
     if banned is not None and any(banned):
         return plain_generate(handle, prompts, max_new_tokens, batch_size, on_batch, sample, seed, temperature,
