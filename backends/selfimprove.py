@@ -175,7 +175,6 @@ _LABELS = ("refusal:", "answer:", "wrong answer:", "rewritten question:", "quest
 
 def clean(text: str, max_sentences: int = 2) -> str:
     """The first line of a generation, without labels or quotes, at most ``max_sentences`` sentences."""
-
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     t = lines[0] if lines else ""
     changed = True
@@ -749,6 +748,7 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     texts: dict[str, list[str]] = {}
     last: dict[str, dict] = {}
     pending = list(items)
+    ban = {it.id: banned_first_tokens(handle, reworded_words(it)) for it in pending} if reword else {}
     for attempt in range(max_tries):
         if not pending:
             break
@@ -762,7 +762,7 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                            else options[_hash(seed, it.id, "opener", attempt) % len(options)])
         prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener)
                    for it, opener in zip(pending, openers)]
-        banned = [banned_first_tokens(handle, reworded_words(it)) for it in pending] if reword else None
+        banned = [ban[it.id] for it in pending] if reword else None
         gens = generate(handle, prompts, max_new_tokens, batch_size, on_batch=tracker.step,
                         sample=attempt > 0, seed=seed * 1013 + attempt * 7919, temperature=SAMPLE_TEMPERATURE,
                         banned=banned)

@@ -589,10 +589,15 @@ def _index(res: PaperResult) -> dict[tuple, Any]:
     return {res.by_hash[r.trial.hash].key: r for r in res.results if r.trial.hash in res.by_hash}
 
 
+def _group_baseline(found: dict, setting: str, n: int) -> dict | None:
+    """The unedited model's baseline of a (setting, forget size) group: any finished trial's."""
+    return next((r.baseline for (s, f, _, _), r in found.items() if s == setting and f == n and r.ok and r.baseline),
+                None)
+
+
 def _group_info(cfg: PaperConfig, res: PaperResult, setting: str, n: int, found: dict) -> dict[str, Any]:
     """The unedited model's baseline of a (setting, forget size) group, and its sizes."""
-    base = next((r.baseline for (s, f, _, _), r in found.items() if s == setting and f == n and r.ok and r.baseline),
-                None)
+    base = _group_baseline(found, setting, n)
     prep = res.preps.get(setting)
     sel = selection(cfg, prep, n) if prep is not None else None
     info = {"setting": setting, "forget": n, "retain": len(sel[1]) if sel else None,
@@ -631,8 +636,7 @@ def tables(cfg: PaperConfig, res: PaperResult) -> dict[str, dict[str, Any]]:
                 rows.append(row)
             info = _group_info(cfg, res, setting, n, found)
             if cfg.extra and t == 1:
-                base = next((r.baseline for (s_, f_, _, _), r in found.items()
-                             if s_ == setting and f_ == n and r.ok and r.baseline), None)
+                base = _group_baseline(found, setting, n)
                 info["baseline_extra"] = extra_cells(cfg, base) if base else None
             out[f"table{t}"][setting] = {"info": info, "rows": rows}
     return out
