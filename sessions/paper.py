@@ -131,6 +131,12 @@ class PaperConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     extra: tuple[str, ...] = ()                    # [eval] extra of every run (the field's metrics)
+    # Tables 1-2: a method's rows at these merge factors instead of merge 1 (``--table-merge rome=1/5``)
+    table_merge: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def table_merges(self, method: str) -> tuple[int, ...]:
+        """The merge factors of ``method``'s Table 1-2 rows (default: merge 1 only)."""
+        return dict(self.table_merge).get(method, (1,))
 
     def scaled(self, n: int) -> int:
         return max(1, n // QUICK_SCALE) if self.quick else n
@@ -201,7 +207,8 @@ def plan(cfg: PaperConfig) -> list[Point]:
     for setting in cfg.settings:
         for table in cfg.tables:
             for m in cfg.method_list(PAPER_METHODS):
-                add(setting, m, cfg.table_forget(setting), 1, f"table{table}")
+                for k in cfg.table_merges(m):
+                    add(setting, m, cfg.table_forget(setting), k, f"table{table}")
     if 4 in cfg.figures:
         for m in cfg.method_list(FIG4_METHODS):
             for n in cfg.fig4_sizes():
@@ -624,13 +631,14 @@ def tables(cfg: PaperConfig, res: PaperResult) -> dict[str, dict[str, Any]]:
                 continue
             n = cfg.table_forget(setting)
             rows = []
-            for m in cfg.method_list(PAPER_METHODS):
-                r = found.get((setting, n, m, 1))
+            for m, k in ((m, k) for m in cfg.method_list(PAPER_METHODS) for k in cfg.table_merges(m)):
+                r = found.get((setting, n, m, k))
                 if r is None:
                     continue
                 cells = _cells(r.run if r.ok else None, splits)
-                row = {"method": m, **{c: cells.get(c) for c in cols[1:]}, "status": r.status,
-                       "error": r.error, "refused": _split(r.run, "forget", "refused")}
+                row = {"method": m if k == 1 else f"{m}+merge (m={k})", **{c: cells.get(c) for c in cols[1:]},
+                       "merge_factor": k, "status": r.status, "error": r.error,
+                       "refused": _split(r.run, "forget", "refused")}
                 if cfg.extra and t == 1:
                     row["extra"] = extra_cells(cfg, r.run if r.ok else None)
                 rows.append(row)

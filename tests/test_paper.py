@@ -89,6 +89,10 @@ def test_dry_run_prints_the_runs_and_counts(tmp_path, capsys):
     (["--extra", "mia,bogus"], "--extra: expected one of mia, forget_quality"),
     (["--extra", ","], "--extra: expected extras"),
     (["--tables", "none", "--figures", "none"], "nothing to run"),
+    (["--table-merge", "rome"], "--table-merge: expected METHOD=M[/M...]"),
+    (["--table-merge", "rome=0"], "--table-merge: expected merge factors >= 1"),
+    (["--table-merge", "rome=2/x"], "--table-merge: expected merge factors (integers >= 1"),
+    (["--table-merge", "romee=2"], "--table-merge: unknown method"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says):
     try:
@@ -216,3 +220,29 @@ def test_extra_metrics_are_run_and_tabled_beside_table_1(tmp_path):
     assert t["info"]["baseline_extra"]["ppl"] > 0
     assert row["extra"]["ppl"] != t["info"]["baseline_extra"]["ppl"]          # gd changed the model
     assert "| *unedited (baseline)* |" in table
+
+
+def test_table_merge_puts_a_method_in_the_tables_at_chosen_merge_factors(tmp_path):
+    """``--table-merge rome=1/2``: Tables 1-2 get a row per merge factor, each from its own run."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    cfg = pp.PaperConfig(tables=(1, 2), figures=(), settings=("factual",), methods=("rome", "gd"),
+                         table_merge=(("rome", (1, 2)),))
+    assert sorted(p.key for p in pp.plan(cfg)) == [("factual", 40, "gd", 1), ("factual", 40, "rome", 1),
+                                                   ("factual", 40, "rome", 2)]
+    a, w, _ = write_data(tmp_path)
+    out = tmp_path / "res"
+    args = ["paper", "--model", "tiny:llama", "--quick", "--methods", "rome", "--known", "0", "--tables", "1",
+            "--figures", "none", "--settings", "factual", "--factual-data", f"{a},{w}", "--table-merge", "rome=1/2",
+            "--local", "--quiet", "--out", str(out)]
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0, buf.getvalue()
+    report = json.loads((out / "paper.json").read_text())
+    rows = report["tables"]["table1"]["factual"]["rows"]
+    assert [(r["method"], r["merge_factor"]) for r in rows] == [("rome", 1), ("rome+merge (m=2)", 2)]
+    assert all(r["status"] == "ok" for r in rows)
+    sessions = [p.read_text() for p in (out / "sessions").rglob("*.toml")]
+    assert any("merge_factor = 2" in s for s in sessions) and any("merge_factor = 1" in s for s in sessions)
+    assert "| rome+merge (m=2) |" in (out / "paper.md").read_text()

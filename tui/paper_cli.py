@@ -45,6 +45,9 @@ def paper_parser() -> argparse.ArgumentParser:
                                      + ",".join(pp.PAPER_METHODS) + ")")
     p.add_argument("--forget-sizes", help="Figure 4's forget sizes (default 10,20,40,80; --quick: 1,2,4,8)")
     p.add_argument("--merge-factors", help="Figure 6's merge factors (default 1,2,5,10,16)")
+    p.add_argument("--table-merge", metavar="METHOD=M[/M...],...",
+                   help="Tables 1-2: these methods' rows at these merge factors instead of merge 1, e.g. "
+                        "rome=5,memit=1/5 (query merging per run)")
     p.add_argument("--known", type=float, default=pp.KNOWN_R1, metavar="R1",
                    help="factual: an item is known when the unedited model's answer has ROUGE-1 recall >= this "
                         "(default %(default)s; 0 keeps every item)")
@@ -161,13 +164,42 @@ def config_from_args(args: argparse.Namespace) -> Any:
         pistol = Path(args.pistol_data).expanduser().absolute()
         if not pistol.is_file():
             raise UserError(f"{pistol} not found", "--pistol-data")
+    table_merge = _table_merge(args.table_merge) if args.table_merge is not None else ()
     return pp.PaperConfig(
         model=args.model, device=args.device, tables=tables, figures=figures, settings=settings, methods=chosen,
         forget_sizes=_ints(args.forget_sizes, "--forget-sizes") if args.forget_sizes is not None else None,
         merge_factors=_ints(args.merge_factors, "--merge-factors") if args.merge_factors is not None
         else pp.MERGE_FACTORS,
         known=args.known, quick=args.quick, mode=args.mode, seed=args.seed, factual_data=factual,
-        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra)
+        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra, table_merge=table_merge)
+
+
+def _table_merge(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``rome=5,memit=1/5`` -> ``(("rome", (5,)), ("memit", (1, 5)))`` (UserError naming ``--table-merge``)."""
+    from unlearn_tui.backends import methods
+    from unlearn_tui.backends.errors import UserError
+
+    out: dict[str, tuple[int, ...]] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, factors = part.partition("=")
+        name = name.strip().lower()
+        if not eq or not name:
+            raise UserError(f"expected METHOD=M[/M...], got {part!r}", "--table-merge")
+        try:
+            methods.get(name)
+        except UserError as e:
+            raise UserError(e.message, "--table-merge") from None
+        try:
+            ks = tuple(dict.fromkeys(int(k) for k in factors.split("/")))
+        except ValueError:
+            raise UserError(f"expected merge factors (integers >= 1, '/'-separated), got {factors!r}",
+                            "--table-merge") from None
+        if not ks or min(ks) < 1:
+            raise UserError(f"expected merge factors >= 1, got {factors!r}", "--table-merge")
+        out[name] = ks
+    if not out:
+        raise UserError("expected METHOD=M[/M...], got nothing", "--table-merge")
+    return tuple(out.items())
 
 
 def dry_run(cfg: Any, out: Path) -> int:
