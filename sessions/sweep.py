@@ -78,7 +78,7 @@ from .loader import format_value, parse
 from .schema import to_plain
 
 __all__ = ["SWEEP_FORMAT", "GRID_KEYS", "SWEEP_KEYS", "TRIAL_KEYS", "Sweep", "Trial", "TrialResult", "SweepStarted",
-           "TrialFinished", "load_sweep", "loads_sweep", "run_sweep", "execute_trial", "init_ray", "ray_init_kwargs",
+           "TrialFinished", "TrialEvent", "load_sweep", "loads_sweep", "run_sweep", "execute_trial", "init_ray", "ray_init_kwargs",
            "results_jsonl", "results_csv", "RESULTS_JSONL", "RESULTS_CSV", "TRIALS_DIR"]
 
 SWEEP_FORMAT = 1            # bump when a trial's session plain form or its record changes meaning (new hashes)
@@ -217,6 +217,22 @@ class TrialFinished:
     result: TrialResult
     done: int
     total: int
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """A progress event (``StageStarted``/``Progress``) of the trial ``index`` running in this process
+    (``backend="local"``): the trial's own stages (model load, baseline, edits, evaluation) with their
+    done/total and ETA.  :meth:`labelled` is the event with its stage named after the trial."""
+
+    index: int
+    total: int
+    event: Any
+
+    def labelled(self) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(self.event, stage=f"trial {self.index + 1}/{self.total}: {self.event.stage}")
 
 
 # ===================================================================== loading
@@ -787,7 +803,8 @@ def run_sweep(sweep: Sweep, out_dir: Path | str | None = None, on_event: Callabl
     already initialised in this process is used as it is and left running); without Ray installed, the trials
     run one after another in this process, and a warning (:class:`~backends.events.Log`) says so.
     ``backend="local"``: that, always.  Events: :class:`SweepStarted`, ``StageStarted``/``Progress`` of the
-    stage ``"sweep"`` (done/total, ETA), :class:`TrialFinished` per trial.  Raises :class:`Cancelled` when
+    stage ``"sweep"`` (done/total, ETA), :class:`TrialFinished` per trial, and for trials run in this
+    process their own stages wrapped in :class:`TrialEvent`.  Raises :class:`Cancelled` when
     ``cancel`` is set (the finished trials are kept under ``out_dir``).
     """
     if backend not in ("ray", "local"):
@@ -845,8 +862,13 @@ def run_sweep(sweep: Sweep, out_dir: Path | str | None = None, on_event: Callabl
         else:
             for t in pending:
                 cancel.check()
+
+                def inner(e: Any, t: Trial = t) -> None:   # the trial's own stages, for the caller's progress
+                    if isinstance(e, (StageStarted, Progress)):
+                        on_event(TrialEvent(t.index, len(trials), e))
+
                 rec = execute_trial(t.toml(), str(t.session.path) if t.session.path else None,
-                                    f"{sweep.label} (trial {t.index + 1})", cancel=cancel)
+                                    f"{sweep.label} (trial {t.index + 1})", on_event=inner, cancel=cancel)
                 finish(_from_dict(t, rec))
     finally:
         if out is not None:

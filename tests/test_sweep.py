@@ -166,6 +166,12 @@ def test_trials_equal_sequential_replays_and_out_has_the_documented_fields(local
     assert isinstance(events[0], sw.SweepStarted) and events[0].backend == "local"
     progress = [e for e in events if type(e).__name__ == "Progress"]
     assert [e.done for e in progress] == [1, 2, 3, 4] and progress[-1].eta_s == 0.0
+    # each trial's own stages come wrapped, so a long trial shows its progress (paper/sweep --local)
+    inner = [e for e in events if isinstance(e, sw.TrialEvent)]
+    assert {e.index for e in inner} == {0, 1, 2, 3} and all(e.total == 4 for e in inner)
+    assert any(type(e.event).__name__ == "Progress" and e.event.total for e in inner)
+    first = inner[0].labelled()
+    assert first.stage == f"trial 1/4: {inner[0].event.stage}" and type(first) is type(inner[0].event)
 
     for t, r in zip(spec.trials(), results):   # `replay` of each trial's own session file: the same run
         session = write(tmp_path, t.toml(), f"trial{t.index}.toml")

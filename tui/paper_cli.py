@@ -267,6 +267,8 @@ def paper(args: argparse.Namespace) -> int:
             r = e.result
             what = f"composite {r.composite:.3f}" if r.ok and r.composite is not None else f"failed: {r.error}"
             print(f"unlearn-tui: run {e.done}/{e.total} {r.trial.label}: {one_line(what)}", file=sys.stderr)
+        if isinstance(e, sw.TrialEvent):   # a trial running in this process: its own stages
+            e = e.labelled()
         if plain is not None and isinstance(e, (ev.StageStarted, ev.Progress)):
             plain(e)
 

@@ -186,6 +186,11 @@ def sweep(args: argparse.Namespace) -> int:
                 say(line)
             if bar is not None and task is not None:
                 bar.update(task, completed=e.done)
+        if isinstance(e, sw.TrialEvent):   # a trial running in this process: its own stages
+            e = e.labelled()
+            if bar is not None and task is not None and isinstance(e, ev.Progress):
+                of = f" {e.done}/{e.total}" if e.total else ""
+                bar.update(task, description=f"sweep · {e.stage}{of}")
         if plain is not None and isinstance(e, (ev.StageStarted, ev.Progress)):
             plain(e)
 
