@@ -631,7 +631,7 @@ def tables(cfg: PaperConfig, res: PaperResult) -> dict[str, dict[str, Any]]:
                 continue
             n = cfg.table_forget(setting)
             rows = []
-            for m, k in ((m, k) for m in cfg.method_list(PAPER_METHODS) for k in cfg.table_merges(m)):
+            for m, k in [(name, k) for name in cfg.method_list(PAPER_METHODS) for k in cfg.table_merges(name)]:
                 r = found.get((setting, n, m, k))
                 if r is None:
                     continue

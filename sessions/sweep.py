@@ -78,8 +78,8 @@ from .loader import format_value, parse
 from .schema import to_plain
 
 __all__ = ["SWEEP_FORMAT", "GRID_KEYS", "SWEEP_KEYS", "TRIAL_KEYS", "Sweep", "Trial", "TrialResult", "SweepStarted",
-           "TrialFinished", "TrialEvent", "load_sweep", "loads_sweep", "run_sweep", "execute_trial", "init_ray", "ray_init_kwargs",
-           "results_jsonl", "results_csv", "RESULTS_JSONL", "RESULTS_CSV", "TRIALS_DIR"]
+           "TrialFinished", "TrialEvent", "load_sweep", "loads_sweep", "run_sweep", "execute_trial", "init_ray",
+           "ray_init_kwargs", "results_jsonl", "results_csv", "RESULTS_JSONL", "RESULTS_CSV", "TRIALS_DIR"]
 
 SWEEP_FORMAT = 1            # bump when a trial's session plain form or its record changes meaning (new hashes)
 GRID_KEYS = ("method", "mode", "merge_factor", "forget", "seed")
