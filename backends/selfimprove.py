@@ -131,7 +131,7 @@ _SPECS = {
     "incorrect": _Spec(INCORRECT_SYSTEM, INCORRECT_EXEMPLARS, "Wrong answer"),
     "paraphrase": _Spec(PARAPHRASE_SYSTEM, PARAPHRASE_EXEMPLARS, "Rewritten question"),
 }
-from .spec import GENERATED_MODES  # noqa: E402  (stated once, in the spec)
+from .spec import GENERATED_MODES, PARAPHRASE_LEFT_OUT  # noqa: E402  (stated once, in the spec)
 
 
 def _hash(*parts: Any) -> int:
@@ -348,7 +348,8 @@ def generate_targets(handle: ModelHandle, mode: str, items: Sequence[Any], pool:
 
 # --------------------------------------------------------------------------- paraphrases
 
-GENERATED_PARAPHRASE_SOURCES = ("generated", "regenerated", "template")
+LEFT_OUT = PARAPHRASE_LEFT_OUT   # a stored record's source: every try failed the checks (question ""; not retried)
+GENERATED_PARAPHRASE_SOURCES = ("generated", "regenerated", "template", LEFT_OUT)
 BUILTIN_PARAPHRASE_FILE = "paraphrases_factual.json"   # in backends/builtin/ (our own wording, see below)
 PARAPHRASE_TRIES = 4       # first (greedy) try + sampled regenerations, each with another opener and seed
 NEAR_COPY_JACCARD = 0.5    # content-token Jaccard at or above which a paraphrase is a near-copy (see below)
@@ -815,13 +816,16 @@ def paraphrases_to_generate(forget_items: Sequence[Any], stored: Sequence[Any] =
 def _choose(item: Any, have: dict, regenerate: bool) -> tuple[str, str] | None:
     """(paraphrase, source) without the model, or ``None`` when the model must write it."""
     rec = have.get(item.id)
-    if rec is not None and not (regenerate and rec.source in GENERATED_PARAPHRASE_SOURCES):
+    redo = rec is not None and regenerate and rec.source in GENERATED_PARAPHRASE_SOURCES
+    if rec is not None and not redo and rec.source != LEFT_OUT:
         return rec.question, rec.source
     if rec is None and item.paraphrased_question:
         return item.paraphrased_question, "dataset"
     text = builtin_paraphrase(item)
     if text:
         return text, "builtin"
+    if rec is not None and not redo:       # left out before: every try failed; not asked again
+        return "", LEFT_OUT
     return None
 
 
@@ -835,13 +839,16 @@ def ensure_paraphrases_report(handle: ModelHandle | Any, forget_items: Sequence[
     have = {p.id: p for p in stored}
     todo = []
     chosen: dict[str, tuple[str, str]] = {}        # id -> (paraphrase, source)
+    report = ParaphraseReport()
+    kept_out = []                                  # left out by an earlier run (a stored LEFT_OUT record)
     for it in forget_items:
         pick = _choose(it, have, regenerate)
         if pick is None:
             todo.append(it)
+        elif pick[1] == LEFT_OUT:
+            kept_out.append(it.id)
         else:
             chosen[it.id] = pick
-    report = ParaphraseReport()
     if todo:
         if callable(handle) and not hasattr(handle, "tokenizer"):
             handle = handle()
@@ -858,16 +865,24 @@ def ensure_paraphrases_report(handle: ModelHandle | Any, forget_items: Sequence[
                 report.reasons[it.id] = list(v.get("reasons") or [])
                 report.tries[it.id] = list((failures.get(it.id) or {}).get("texts") or [])
     report.records = [_paraphrase_record(it, *chosen[it.id]) for it in forget_items if it.id in chosen]
-    # written: what the model wrote, and a built-in one that replaces a stored one (``regenerate``)
+    # written: what the model wrote, a built-in one that replaces a stored one (``regenerate``), and a
+    # LEFT_OUT record per item that failed every try now (so the caller's next run does not try again)
     new = {it.id for it in todo} | {i for i, (_, src) in chosen.items() if src == "builtin" and i in have}
-    report.written = [r for r in report.records if r["id"] in new]
+    failed_now = list(report.left_out)
+    report.written = [r for r in report.records if r["id"] in new] + [
+        {"id": it.id, "question": it.question, "paraphrase": "", "source": LEFT_OUT, "mentions_subject": None}
+        for it in forget_items if it.id in set(failed_now)]
+    for i in kept_out:
+        report.left_out.append(i)
+        report.reasons[i] = [LEFT_OUT]
     for r in report.records:
         report.sources[r["source"]] = report.sources.get(r["source"], 0) + 1
     n_builtin = report.sources.get("builtin", 0)
-    if todo or n_builtin:
-        on_event(Log(f"paraphrases: {n_builtin} from the built-in set, {len(todo) - len(report.left_out)} "
+    if todo or n_builtin or kept_out:
+        before = f"; {len(kept_out)} of them in an earlier run, not tried again" if kept_out else ""
+        on_event(Log(f"paraphrases: {n_builtin} from the built-in set, {len(todo) - len(failed_now)} "
                      f"written by the model, {len(report.left_out)} left out of the rephrase split "
-                     f"(failed the checks in all {max_tries} tries)"
+                     f"(failed the checks in all {max_tries} tries{before})"
                      + (f": {', '.join(report.left_out[:10])}{' ...' if len(report.left_out) > 10 else ''}"
                         if report.left_out else ""), level="warning" if report.left_out else "info"))
     return report

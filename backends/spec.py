@@ -103,10 +103,13 @@ class ModelConfig:
                                            factory=dict, omit_empty=True)
 
 
+PARAPHRASE_LEFT_OUT = "left-out"   # a paraphrase record's source: every model-written try failed the checks
+
+
 @dataclass
 class Paraphrase:
     id: str = key()
-    question: str = key()
+    question: str = key()          # "" when source is PARAPHRASE_LEFT_OUT (the item has no rephrase)
     source: str = key("custom")
 
 

@@ -28,6 +28,7 @@ from unlearn_tui.backends.spec import (
     MEMORY_DEVICE_PATTERN,
     MEMORY_SIZE_PATTERN,
     MISSING,
+    PARAPHRASE_LEFT_OUT,
     SUPPORTED_VERSIONS,
     DataConfig,
     EvalConfig,
@@ -413,10 +414,12 @@ def _data(c: _Checker, root: dict) -> DataConfig:
     for i, raw in enumerate(c.array_of_tables(raw_paraphrases, pkp, "data.paraphrases")):
         ikp = pkp + (i,)
         c.table(raw, ikp, "paraphrase")
+        source = c.string(raw, ikp, "source", _default(Paraphrase, "source"))
         paraphrases.append(Paraphrase(
             id=c.string(raw, ikp, "id", expected="an item id (string)"),
-            question=c.string(raw, ikp, "question"),
-            source=c.string(raw, ikp, "source", _default(Paraphrase, "source")),
+            # "left-out": every model-written try failed the checks; the question is "" (not tried again)
+            question=c.string(raw, ikp, "question", allow_empty=source == PARAPHRASE_LEFT_OUT),
+            source=source,
         ))
     return DataConfig(path=path, format=fmt, forget=forget, retain=retain, rephrase=rephrase,
                       subjects=subjects, paraphrases=paraphrases)

@@ -57,7 +57,7 @@ from xml.sax.saxutils import escape
 
 from unlearn_tui.backends.errors import UserError
 from unlearn_tui.backends.events import CancelToken, Log, ignore
-from unlearn_tui.backends.spec import DEFAULT_MODEL
+from unlearn_tui.backends.spec import DEFAULT_MODEL, PARAPHRASE_LEFT_OUT
 
 __all__ = ["PaperConfig", "Point", "PaperResult", "plan", "plan_counts", "check_data", "prepare_setting",
            "build_sweep", "run_paper", "write_outputs", "tables", "figures", "SETTINGS", "TABLES", "FIGURES",
@@ -446,6 +446,8 @@ def group_text(cfg: PaperConfig, prep: Prepared, n: int, points: Sequence[Point]
             p = prep.paraphrases[i]
             lines += ["[[data.paraphrases]]", f"id = {_tv(i)}", f"question = {_tv(p['question'])}",
                       f"source = {_tv(p['source'])}"]
+        elif i in prep.left_out:   # every try failed in the preparation: no trial asks the model again
+            lines += ["[[data.paraphrases]]", f"id = {_tv(i)}", 'question = ""', f"source = {_tv(PARAPHRASE_LEFT_OUT)}"]
     for m in dict.fromkeys(pt.method for pt in points):
         lines += ["[[runs]]", f"method = {_tv(m)}", f"params = {_tv(QUICK_PARAMS.get(m, {}) if cfg.quick else {})}"]
     lines += ["[sweep]", f"cpus_per_trial = {_tv(float(cfg.cpus_per_trial))}",

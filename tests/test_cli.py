@@ -207,6 +207,15 @@ def test_replay_leaves_out_items_whose_paraphrases_fail_the_checks(tmp_path):
     assert res["paraphrases"] == [] and sorted(res["paraphrases_left_out"]) == ["f0", "f1", "f2"]
     assert "3 left out of the rephrase split" in p1.stderr
     assert "rephrase" not in res["baseline"]
+    # the sidecar remembers the failures, so the next replay does not ask the model again
+    from unlearn_tui.tui.cli import sidecar_path
+
+    assert sidecar_path(s).read_text().count('source = "left-out"') == 3
+    p2 = run_cli("replay", str(s), "--out", str(tmp_path / "2.json"))
+    assert p2.returncode == 0, p2.stderr
+    assert "3 of them in an earlier run, not tried again" in p2.stderr and "paraphrases (try" not in p2.stderr
+    res2 = json.loads((tmp_path / "2.json").read_text())
+    assert sorted(res2["paraphrases_left_out"]) == ["f0", "f1", "f2"] and "rephrase" not in res2["baseline"]
 
 
 # ----------------------------------------------------------------- issue 16: the session file stays the user's own

@@ -279,7 +279,10 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     report = ensure_paraphrases_report(llama_handle, [fail, later], seed=3, on_event=events.append)
     by_id = {r["id"]: r for r in report.records}
     assert report.left_out == ["f"] and "f" not in by_id
-    assert by_id["m"]["source"] == "regenerated" and report.written == [by_id["m"]]
+    # written: the kept paraphrase, and a left-out record for the failure (so the next run does not retry)
+    assert by_id["m"]["source"] == "regenerated" and report.written[0] == by_id["m"]
+    assert report.written[1:] == [{"id": "f", "question": fail.question, "paraphrase": "",
+                                   "source": selfimprove.LEFT_OUT, "mentions_subject": None}]
     assert report.reasons["f"] and len(report.tries["f"]) == selfimprove.PARAPHRASE_TRIES
     assert len(calls) == selfimprove.PARAPHRASE_TRIES and not calls[0][1] and all(c[1] for c in calls[1:])
     assert len({c[2] for c in calls}) == len(calls)                     # another seed each try
@@ -293,7 +296,18 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     # the two-value API is unchanged
     calls.clear()
     recs, written = ensure_paraphrases(llama_handle, [fail, later], seed=3)
-    assert [r["id"] for r in recs] == ["m"] and written == recs
+    assert [r["id"] for r in recs] == ["m"] and written[:1] == recs and [w["id"] for w in written] == ["m", "f"]
+
+    # stored as the session keeps them, the left-out item is not tried again; --regenerate tries it
+    stored = [Paraphrase(w["id"], w["paraphrase"], w["source"]) for w in written]
+    calls.clear()
+    events.clear()
+    again = ensure_paraphrases_report(llama_handle, [fail, later], stored, seed=3, on_event=events.append)
+    assert calls == [] and again.left_out == ["f"] and again.reasons["f"] == [selfimprove.LEFT_OUT]
+    assert [r["id"] for r in again.records] == ["m"] and again.written == []
+    assert any("1 of them in an earlier run, not tried again" in getattr(e, "message", "") for e in events)
+    redo = ensure_paraphrases_report(llama_handle, [fail, later], stored, seed=3, regenerate=True)
+    assert len(calls) == selfimprove.PARAPHRASE_TRIES and redo.left_out == ["f"]
 
 
 @pytest.mark.parametrize("question,words", [

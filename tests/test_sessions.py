@@ -280,6 +280,8 @@ ERRORS = [
     ("subjects-type", BASE + "[data.subjects]\nwf-001 = 3\n", 5, ['data.subjects.wf-001', "3"]),
     ("paraphrase-missing-question", BASE + '[[data.paraphrases]]\nid = "wf-001"\n', 4,
      ["data.paraphrases[0]", 'missing key "question"']),
+    ("paraphrase-empty-question", BASE + '[[data.paraphrases]]\nid = "wf-001"\nquestion = ""\n', 6,
+     ["data.paraphrases[0].question", '""', "non-empty"]),
     ("targets-mode", 'version = 1\n[targets]\nmode = "refuse"\n', 3,
      ["targets.mode", '"refuse"', "idk"]),
     ("merge-factor-zero", 'version = 1\n[targets]\nmerge_factor = 0\n', 3,
@@ -619,3 +621,12 @@ def test_asdict_has_no_private_state(folder):
     d = dataclasses.asdict(s)
     assert "_doc" not in d and "_baseline" not in d
     json.dumps(sessions.to_plain(s))
+
+
+def test_a_left_out_paraphrase_record_has_an_empty_question():
+    """``source = "left-out"``: every model-written try failed the checks; the record keeps the item from
+    being tried again, so its question may be empty (any other source needs the paraphrase)."""
+    s = sessions.loads('version = 1\n[[data.paraphrases]]\nid = "wf-001"\nquestion = ""\nsource = "left-out"\n')
+    (p,) = s.data.paraphrases
+    assert (p.id, p.question, p.source) == ("wf-001", "", "left-out")
+    assert sessions.loads(sessions.dumps(s)).data.paraphrases == s.data.paraphrases
