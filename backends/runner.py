@@ -34,6 +34,7 @@ after evaluation) so rows are comparable.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -520,6 +521,35 @@ class Workbench:
                        paraphrases=tuple(report.records), new_paraphrases=tuple(report.written), paraphrased=True,
                        paraphrases_left_out=tuple(report.left_out))
 
+    def evaluate_baseline(self, p: Prepared | None = None) -> EvalResult:
+        """:meth:`evaluate` of the unedited model, remembered on the handle: a sweep or ``paper`` trial on the
+        same model, splits, targets and settings as an earlier one (its runs are undone exactly) gets that
+        evaluation back instead of running it again.  Keyed by the model's fingerprint (a fine-tune has its
+        own), dtype and device, the evaluation settings, every split's items as evaluated (every field), the
+        targets, and the session's ``[data]``/``[eval]``/``[finetune]``
+        (what the ``[eval] extra`` metrics read).  Only with no kept edit and no wrapper installed."""
+        p = p or self._need_prepared()
+        handle = self._model()
+        if self.undo_stack or handle.wrappers:
+            return self.evaluate(p)
+        s = self.session
+        content = hashlib.sha256(json.dumps(
+            [[name, [asdict(it) for it in items]] for name, items in p.splits().items()]
+            + [sorted((k, t.text) for k, t in p.targets.items())], default=str).encode()).hexdigest()
+        key = (handle.fingerprint, str(getattr(handle, "dtype", "")), str(getattr(handle, "device", "")),
+               repr(self.settings), content, repr(getattr(s, "data", None)), repr(getattr(s, "eval", None)),
+               repr(getattr(s, "finetune", None)))
+        memo = handle.__dict__.setdefault("baseline_memo", {})
+        if key in memo:
+            self.on_event(Log("baseline: the same model, splits and settings as an earlier run in this process: "
+                              "its evaluation reused (not evaluated again)"))
+            return copy.deepcopy(memo[key])
+        result = self.evaluate(p)
+        if len(memo) >= BASELINE_MEMORY:
+            memo.pop(next(iter(memo)))
+        memo[key] = copy.deepcopy(result)
+        return result
+
     def _model_targets(self, mode: str, items: list, pool: list[str]) -> dict[str, Target]:
         """Targets the model writes itself (self-improve, avoidant, generated incorrect)."""
         from . import selfimprove
@@ -793,7 +823,7 @@ class Workbench:
             self.make_method(r, i)
         p = self.prepare()
         self._model()
-        result = SessionResult(self.evaluate(p), undone=undone)
+        result = SessionResult(self.evaluate_baseline(p), undone=undone)
         info = self.finetune_info
         result.finetune = info.to_json() if info is not None else None
         for i, r in enumerate(runs):
@@ -1031,6 +1061,7 @@ def result_row(r: RunResult) -> dict[str, Any]:
 
 _SERIALS = itertools.count(1)   # one per kept transaction and handle: with the stack, names a model state
 QUICK_MEMORY = 64          # model states whose quick scores are remembered (undo/redo)
+BASELINE_MEMORY = 8        # baseline evaluations remembered per loaded model (sweep/paper trials)
 KNOWN_CACHE_VERSION = 2   # bump when the known pass (prompts, generation, ROUGE) changes its numbers
 
 

@@ -74,3 +74,38 @@ def test_undo_and_redo_restore_remembered_quick_scores(tmp_path, monkeypatch, sc
     assert len(calls) == 3
     wb._quick.clear()
     assert wb.quick_scores() == remembered and len(calls) == 4
+
+
+def test_a_second_session_run_on_the_same_model_reuses_its_baseline(tmp_path, monkeypatch, scribble):  # noqa: F811
+    """Sweep and paper trials run one session after another on one loaded model: the unedited model's
+    evaluation of the same splits, targets and settings is not run again; anything that changes it is."""
+    from unlearn_tui.backends.events import Log
+    from unlearn_tui.backends.runner import run
+
+    calls = _counting(monkeypatch)
+    s = make_session(tmp_path, [{"method": "_scribble", "params": {"scale": 2.0}}])
+    wb = Workbench(s)
+    wb.load_data()
+    handle = wb._model()
+    before = state_hash(handle.model)
+    calls.clear()
+    a = run(s, handle=handle)                       # baseline + the scribble run
+    assert len(calls) == 2
+    events: list = []
+    b = run(dataclasses.replace(s, runs=[dataclasses.replace(s.runs[0], label="again")]), events.append,
+            handle=handle)
+    assert len(calls) == 3                          # only the run: the baseline was remembered
+    assert any(isinstance(e, Log) and "baseline" in e.message and "reused" in e.message for e in events)
+    assert b.baseline.summary() == a.baseline.summary() and b.baseline is not a.baseline
+    assert b.runs[0].eval.summary() == a.runs[0].eval.summary()
+    assert state_hash(handle.model) == before       # the runs were undone: the remembered state is the model's
+    # other settings, or other splits, are evaluated again
+    other = dataclasses.replace(s, eval=dataclasses.replace(s.eval, max_new_tokens=4))
+    run(other, handle=handle)
+    assert len(calls) == 5
+    run(make_session(tmp_path, s.runs, forget=2), handle=handle)
+    assert len(calls) == 7
+    # a changed model (another fingerprint) is evaluated again
+    handle._fingerprint = "another-model"
+    run(s, handle=handle)
+    assert len(calls) == 9
