@@ -4,7 +4,7 @@
     python3 dev.py run [ARGS...]    create .venv, install, start the app on the embedded default model
     python3 dev.py test [ARGS...]   create .venv, install, run the whole test suite
     python3 dev.py install          just create/refresh .venv
-    python3 dev.py lint             ruff on the engine, sessions and the CLI; mypy on the typed modules
+    python3 dev.py lint             ruff on the engine, sessions and the app; mypy on the typed modules
     python3 dev.py wheel-check      build the wheel, install it without extras into a fresh venv, and
                                     run `unlearn-tui --help` and a two-fact replay of the embedded model
     python3 dev.py lock             re-resolve every dependency to its newest allowed version and
@@ -219,7 +219,7 @@ def main(argv: list[str]) -> int:
     if cmd == "run":
         return subprocess.call([str(vbin(VENV, "unlearn-tui")), *argv[1:]])
     if cmd == "lint":   # the paths and settings live in pyproject.toml ([tool.ruff], [tool.mypy])
-        rc = subprocess.call([str(vbin(VENV, "ruff")), "check", "backends", "sessions", "tui/cli.py"], cwd=ROOT)
+        rc = subprocess.call([str(vbin(VENV, "ruff")), "check", "backends", "sessions", "tui"], cwd=ROOT)
         return rc or subprocess.call([str(vbin(VENV, "mypy"))], cwd=ROOT)
     return subprocess.call([str(vpython()), "-m", "pytest", "-q", *argv[1:]], cwd=ROOT)
 

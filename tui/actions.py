@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from unlearn_tui.backends.compat import tomllib
-
 from textual.binding import Binding
+
+from unlearn_tui.backends.compat import tomllib
 
 PREFIX = "unlearn."
 
@@ -66,6 +66,7 @@ ACTIONS: tuple[ActionSpec, ...] = (
     ActionSpec("export_model", "ctrl+x", "export_model", "Export edited model…", "session", show=False),
     ActionSpec("export_delta", "ctrl+shift+x", "export_model(True)", "Export edited model as a delta…", "session",
                show=False),
+    ActionSpec("paper_results", "f10", "paper_results", "Paper results…", "session", show=False),
     ActionSpec("quit", "ctrl+q", "quit", "Quit", "app", priority=True),
     # pane actions (bound on the pane; active while focus is inside it)
     ActionSpec("toggle_forget", "space", "toggle_forget", "Forget", "forget", scope="forget"),

@@ -444,6 +444,30 @@ class UnlearnApp(App):
                         ws.snapshot(), label="export", on_done=functools.partial(self.router.export_finished,
                                                                                  delta, kept))
 
+    # ================================================================ actions: the paper's results
+    def action_paper_results(self) -> None:
+        """Ask for a ``paper --out`` folder (or its paper.json) and show its tables and plots
+        (:class:`tui.screens.paper.PaperScreen`); a file that is not such a report is one error line."""
+        from unlearn_tui.backends.errors import UserError
+
+        from .paper_cli import DEFAULT_OUT
+        from .screens.dialogs import PathDialog
+        from .screens.paper import PaperScreen, load_paper_report
+
+        def chosen(path: str | None) -> None:
+            if not path:
+                return
+            try:
+                report = load_paper_report(path)
+            except UserError as exc:
+                self.router.report_error(quiet(exc))
+                return
+            self.push_screen(PaperScreen(path, report))
+
+        value = DEFAULT_OUT if (Path.cwd() / DEFAULT_OUT).is_dir() else ""
+        self.push_screen(PathDialog("Open paper results (a paper --out folder or its paper.json)", value=value),
+                         chosen)
+
     # ================================================================ actions: data and session files
     def action_open_data(self) -> None:
         self.file_actions.ask_open_data()

@@ -7,7 +7,8 @@ table and figure without loading a model, otherwise every run not finished in
 ``--out`` yet is run (Ray tasks, or one after another with ``--local`` or
 without Ray) and the tables are printed with terminal bars of the composite.
 Exit codes: 0 all runs finished, 1 some failed, 2 bad input, 130 interrupted
-(the finished runs are kept; the same command resumes).  Never imports Textual.
+(the finished runs are kept; the same command resumes).  ``--view`` runs nothing: it opens
+``--out``'s ``paper.json`` in a small Textual app (tui/screens/paper.py); otherwise Textual is never imported.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def paper_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="Ray GPUs per trial")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their counts; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--view", action="store_true",
+                   help="run nothing: show the tables and plots of --out's paper.json in the terminal app "
+                        "(F10 in the app opens them too)")
     return p
 
 
@@ -235,7 +239,25 @@ def _bars(title: str, labels: list[str], values: list, baseline: float | None, w
     return "\n".join(lines)
 
 
+def view(out: str) -> int:
+    """``--view``: the results already in ``out`` (a folder or its paper.json), in :class:`PaperApp`."""
+    from unlearn_tui.backends.errors import UserError
+
+    try:
+        from .screens.paper import PaperApp, load_paper_report
+    except ImportError as exc:   # the app is optional for headless installs
+        return fail(f"the interactive app is not available ({exc}); read {Path(out) / 'paper.md'} instead")
+    try:
+        report = load_paper_report(out)
+    except UserError as exc:
+        return fail(str(exc))
+    result = PaperApp(out, report).run()
+    return result if isinstance(result, int) else 0
+
+
 def paper(args: argparse.Namespace) -> int:
+    if args.view:
+        return view(args.out)
     from unlearn_tui.backends import events as ev
     from unlearn_tui.backends.errors import Cancelled, UserError
     from unlearn_tui.sessions import paper as pp
@@ -303,4 +325,4 @@ def paper(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["paper_parser", "paper", "config_from_args", "dry_run", "DEFAULT_OUT", "EXIT_TRIALS_FAILED"]
+__all__ = ["paper_parser", "paper", "view", "config_from_args", "dry_run", "DEFAULT_OUT", "EXIT_TRIALS_FAILED"]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unlearn_tui.backends.compat import tomllib
-
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
+from unlearn_tui.backends.compat import tomllib
 from unlearn_tui.backends.errors import UserError
 
 COLOR_KEYS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "boost",

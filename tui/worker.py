@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from unlearn_tui.backends import events as ev
 from unlearn_tui.backends.errors import Cancelled, NonFiniteError, UserError

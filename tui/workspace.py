@@ -15,8 +15,9 @@ engine's records) enter a session: the app's jobs and ``replay`` both use it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from unlearn_tui.backends.errors import UserError
 

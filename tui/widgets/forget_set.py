@@ -13,7 +13,6 @@ from textual.widgets import Button, DataTable, Input, Static
 from ..actions import pane_bindings
 from . import ActionRequested, Revisions
 
-
 HINT = "space forget · r retain (then ↓) · / search · known: ROUGE-1 of the answer"
 
 

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from unlearn_tui.backends.compat import tomllib
-
 from rich.markup import escape
 from rich.segment import Segment
 from rich.style import Style as RichStyle
 from textual.app import ComposeResult
-from textual.strip import Strip
-from textual.widgets import OptionList
-from textual.widgets.option_list import OptionDoesNotExist
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Button, Checkbox, Input, Label, Select, SelectionList, Static
+from textual.strip import Strip
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, SelectionList, Static
+from textual.widgets.option_list import OptionDoesNotExist
 
+from unlearn_tui.backends.compat import tomllib
 from unlearn_tui.backends.errors import UserError
 
 from . import ActionRequested, Revisions
-
 
 QUICK_BUDGET = 2048   # tokens: the method form's quick statistics budget (the params' minimum is 256)
 

@@ -9,7 +9,6 @@ from textual.widgets import Button, ProgressBar, RichLog, Sparkline, Static
 
 from . import ActionRequested
 
-
 BAR_STEPS = 1000   # the bar's total: it shows a weighted fraction (tui/progress.py), not a count
 
 

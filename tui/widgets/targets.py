@@ -8,11 +8,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static, TextArea
 
-from ..actions import pane_bindings
-from . import Revisions
-
 from unlearn_tui.backends.leak import leak_flag  # noqa: E402  (the engine's leak rule; torch-free)
 from unlearn_tui.backends.spec import TARGET_MODES as MODES  # noqa: E402  (the one list of target modes)
+
+from ..actions import pane_bindings
+from . import Revisions
 
 
 def warnings_for(item, text: str | None, flags: dict | None = None) -> list[str]:
