@@ -133,6 +133,12 @@ class PaperConfig:
     extra: tuple[str, ...] = ()                    # [eval] extra of every run (the field's metrics)
     # Tables 1-2: a method's rows at these merge factors instead of merge 1 (``--table-merge rome=1/5``)
     table_merge: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # hyper-parameters of every run of a method, over its defaults (``--set alphaedit.l2=30``)
+    params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def method_params(self, method: str) -> dict[str, Any]:
+        """The ``[[runs]] params`` of ``method``: ``--quick``'s fewest steps, then the ``--set`` values."""
+        return {**(QUICK_PARAMS.get(method, {}) if self.quick else {}), **dict(dict(self.params).get(method, ()))}
 
     def table_merges(self, method: str) -> tuple[int, ...]:
         """The merge factors of ``method``'s Table 1-2 rows (default: merge 1 only)."""
@@ -449,7 +455,7 @@ def group_text(cfg: PaperConfig, prep: Prepared, n: int, points: Sequence[Point]
         elif i in prep.left_out:   # every try failed in the preparation: no trial asks the model again
             lines += ["[[data.paraphrases]]", f"id = {_tv(i)}", 'question = ""', f"source = {_tv(PARAPHRASE_LEFT_OUT)}"]
     for m in dict.fromkeys(pt.method for pt in points):
-        lines += ["[[runs]]", f"method = {_tv(m)}", f"params = {_tv(QUICK_PARAMS.get(m, {}) if cfg.quick else {})}"]
+        lines += ["[[runs]]", f"method = {_tv(m)}", f"params = {_tv(cfg.method_params(m))}"]
     lines += ["[sweep]", f"cpus_per_trial = {_tv(float(cfg.cpus_per_trial))}",
               f"gpus_per_trial = {_tv(float(cfg.gpus_per_trial))}"]
     for pt in points:

@@ -93,6 +93,10 @@ def test_dry_run_prints_the_runs_and_counts(tmp_path, capsys):
     (["--table-merge", "rome=0"], "--table-merge: expected merge factors >= 1"),
     (["--table-merge", "rome=2/x"], "--table-merge: expected merge factors (integers >= 1"),
     (["--table-merge", "romee=2"], "--table-merge: unknown method"),
+    (["--set", "alphaedit.l3=2"], '--set alphaedit.l3: unknown key "l3"'),
+    (["--set", "alphaedit.l2=-1"], "--set alphaedit.l2: expected a value >= 1e-09"),
+    (["--set", "rome.merge_update=magic"], "--set rome.merge_update: expected one of 'exact'"),
+    (["--set", "alphaedit=1"], "--set: expected METHOD.KEY=VALUE"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says):
     try:
@@ -246,3 +250,24 @@ def test_table_merge_puts_a_method_in_the_tables_at_chosen_merge_factors(tmp_pat
     sessions = [p.read_text() for p in (out / "sessions").rglob("*.toml")]
     assert any("merge_factor = 2" in s for s in sessions) and any("merge_factor = 1" in s for s in sessions)
     assert "| rome+merge (m=2) |" in (out / "paper.md").read_text()
+
+
+def test_set_gives_every_run_of_a_method_its_hyper_parameters(tmp_path, capsys):
+    """``--set METHOD.KEY=VALUE``: checked against the method's Params, written into every run of it (so its
+    trials are new runs, cached apart from the defaults), shown by --dry-run."""
+    from unlearn_tui.tui.paper_cli import _method_sets
+
+    sets = _method_sets(["alphaedit.l2=30", "alphaedit.layers=[4, 5]", "rome.merge_update=mean-key"])
+    assert sets == (("alphaedit", (("l2", 30.0), ("layers", [4, 5]))), ("rome", (("merge_update", "mean-key"),)))
+    cfg = pp.PaperConfig(params=sets, quick=True)
+    assert cfg.method_params("alphaedit") == {**pp.QUICK_PARAMS.get("alphaedit", {}), "l2": 30.0, "layers": [4, 5]}
+    assert cfg.method_params("gd") == pp.QUICK_PARAMS.get("gd", {})
+    rc = cli.main(["paper", "--dry-run", "--tables", "1", "--figures", "none", "--settings", "factual",
+                   "--methods", "alphaedit", "--set", "alphaedit.l2=30", "--out", str(tmp_path / "res")])
+    assert rc == 0 and "alphaedit runs with l2 = 30.0 (--set)" in capsys.readouterr().out
+    a, w, _ = write_data(tmp_path)
+    prep = pp.Prepared("factual", a, "auto", 14, ["author-001", "author-002"], ["author-001", "author-002"],
+                       None, {}, [], None)
+    plain = pp.group_text(pp.PaperConfig(), prep, 1, [pp.Point("factual", "alphaedit", 1)])
+    tuned = pp.group_text(pp.PaperConfig(params=sets), prep, 1, [pp.Point("factual", "alphaedit", 1)])
+    assert 'params = {}' in plain and 'params = { "l2" = 30.0, "layers" = [4, 5] }' in tuned

@@ -46,6 +46,9 @@ def paper_parser() -> argparse.ArgumentParser:
                                      + ",".join(pp.PAPER_METHODS) + ")")
     p.add_argument("--forget-sizes", help="Figure 4's forget sizes (default 10,20,40,80; --quick: 1,2,4,8)")
     p.add_argument("--merge-factors", help="Figure 6's merge factors (default 1,2,5,10,16)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a hyper-parameter of every run of METHOD (a TOML value; repeatable), e.g. "
+                        "--set alphaedit.l2=30 --set wise.mask_ratio=0.1")
     p.add_argument("--table-merge", metavar="METHOD=M[/M...],...",
                    help="Tables 1-2: these methods' rows at these merge factors instead of merge 1, e.g. "
                         "rome=5,memit=1/5 (query merging per run)")
@@ -169,13 +172,42 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if not pistol.is_file():
             raise UserError(f"{pistol} not found", "--pistol-data")
     table_merge = _table_merge(args.table_merge) if args.table_merge is not None else ()
+    params = _method_sets(args.set)
     return pp.PaperConfig(
         model=args.model, device=args.device, tables=tables, figures=figures, settings=settings, methods=chosen,
         forget_sizes=_ints(args.forget_sizes, "--forget-sizes") if args.forget_sizes is not None else None,
         merge_factors=_ints(args.merge_factors, "--merge-factors") if args.merge_factors is not None
         else pp.MERGE_FACTORS,
         known=args.known, quick=args.quick, mode=args.mode, seed=args.seed, factual_data=factual,
-        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra, table_merge=table_merge)
+        pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra, table_merge=table_merge,
+        params=params)
+
+
+def _method_sets(sets: list[str]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """``["alphaedit.l2=30", ...]`` -> ``(("alphaedit", (("l2", 30.0),)), ...)``, each value checked against the
+    method's Params (type, bounds, choices); UserError naming ``--set``."""
+    from unlearn_tui.backends import methods
+    from unlearn_tui.backends.compat import tomllib
+    from unlearn_tui.backends.errors import UserError
+    from unlearn_tui.backends.params import coerce_value
+
+    out: dict[str, dict[str, Any]] = {}
+    for text in sets:
+        lhs, eq, raw = text.partition("=")
+        name, dot, key = lhs.strip().partition(".")
+        name, key = name.strip().lower(), key.strip()
+        if not eq or not dot or not name or not key:
+            raise UserError(f"expected METHOD.KEY=VALUE, got {text!r}", "--set")
+        try:
+            cls = methods.get(name)
+        except UserError as e:
+            raise UserError(e.message, "--set") from None
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()          # a bare word: a string
+        out.setdefault(name, {})[key] = coerce_value(cls.Params, key, value, f"--set {name}.{key}")
+    return tuple((m, tuple(kv.items())) for m, kv in out.items())
 
 
 def _table_merge(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -218,6 +250,8 @@ def dry_run(cfg: Any, out: Path) -> int:
     print(f"{'#':>3}  {'setting':<8} {'method':<10} {'forget':>6} {'merge':>5}  used by")
     for i, p in enumerate(points, 1):
         print(f"{i:>3}  {p.setting:<8} {p.method:<10} {p.forget:>6} {p.merge_factor:>5}  {', '.join(p.uses)}")
+    for m, kv in cfg.params:
+        print(f"{m} runs with " + ", ".join(f"{k} = {v!r}" for k, v in kv) + " (--set)")
     counts = pp.plan_counts(points)
     parts = [f"{k} {v}" for k, v in counts.items() if k != "total"]
     print(f"runs per table/figure: {', '.join(parts) or 'none'}; distinct runs: {counts['total']} "
