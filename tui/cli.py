@@ -30,7 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
-SUBCOMMANDS = ("replay", "sweep", "paper", "export")
+SUBCOMMANDS = ("replay", "sweep", "paper", "export", "cache")
 
 
 def version() -> str:
@@ -51,7 +51,8 @@ def _app_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unlearn-tui",
         description="A terminal workbench for making LLMs forget facts by knowledge editing.",
-        epilog="Headless: unlearn-tui replay SESSION.toml [--out results.json]  (see 'unlearn-tui replay --help')")
+        epilog="Headless: unlearn-tui replay SESSION.toml [--out results.json]  (see 'unlearn-tui replay --help'). "
+               "Caches: unlearn-tui cache [list | prune KIND...]  (see 'unlearn-tui cache --help')")
     p.add_argument("session", nargs="?", help="session TOML to open in the app")
     p.add_argument("--model", help="model to open (built-in name, hub id, folder, .gguf, or tiny:llama)")
     p.add_argument("--device", help="device override: auto, cpu, cuda, cuda:N, mps")
@@ -567,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         from .paper_cli import paper, paper_parser
 
         return paper(paper_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "cache":   # see and prune the on-disk caches (tui/cache_cli.py)
+        from .cache_cli import cache
+
+        return cache(argv[1:])
     if argv:
         guess = misspelt_subcommand(argv[0])
         if guess is not None:
