@@ -352,6 +352,8 @@ LEFT_OUT = PARAPHRASE_LEFT_OUT   # a stored record's source: every try failed th
 GENERATED_PARAPHRASE_SOURCES = ("generated", "regenerated", "template", LEFT_OUT)
 BUILTIN_PARAPHRASE_FILE = "paraphrases_factual.json"   # in backends/builtin/ (our own wording, see below)
 PARAPHRASE_TRIES = 4       # first (greedy) try + sampled regenerations, each with another opener and seed
+MEANING_R1 = 0.5           # the meaning check: a known item's paraphrase is answered with at least this ROUGE-1
+MEANING_TOKENS = 24        # new tokens of the meaning check's answers
 NEAR_COPY_JACCARD = 0.5    # content-token Jaccard at or above which a paraphrase is a near-copy (see below)
 
 # Checks of a paraphrase (:func:`paraphrase_verdict`).  A rephrase item must ask for the SAME fact in
@@ -726,11 +728,18 @@ def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str]) -> set[
     return out
 
 
+def _answers(handle: ModelHandle, questions: Sequence[str], batch_size: int) -> list[str]:
+    """The model's greedy answers to ``questions`` asked as the evaluation asks them."""
+    from .generation import generate
+
+    return generate(handle, [handle.prompt_ids(q) for q in questions], MEANING_TOKENS, batch_size)
+
+
 def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 0, on_event: EventCallback = ignore,
                          cancel: CancelToken | None = None, max_tries: int = PARAPHRASE_TRIES,
                          batch_size: int = BATCH_SIZE, max_new_tokens: int = 32,
                          failures: dict[str, dict] | None = None,
-                         reword: bool = True) -> dict[str, tuple[str, str, bool | None]]:
+                         reword: bool = True, meaning: bool = True) -> dict[str, tuple[str, str, bool | None]]:
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
@@ -739,10 +748,17 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     cannot be generated (their first tokens are banned, :func:`banned_first_tokens`), so the model
     must say them differently; a small model asked to rewrite a question otherwise mostly copies it
     (the ``near-copy`` check; measured in ``benchmarks/bench_paraphrases.py``).  The subject, names and
-    question words stay free.  ``failures``, when given, receives item id -> the verdict of the last
-    try and every try's text (``{"verdict", "texts"}``) for the absent items.
+    question words stay free.  ``meaning`` (default): for an item the model answers right when asked
+    the original question (ROUGE-1 recall of the gold answer >= :data:`MEANING_R1`), a paraphrase that
+    passed the text checks must get a right answer too, else it fails with the reason ``meaning``: a
+    paraphrase that drifted ("In which country is the Taj Mahal?" -> "Which city is Taj Mahal?")
+    asks something else, and one the unedited model cannot answer tests nothing about forgetting
+    (the model is the unedited one: paraphrases are made before any edit).  ``failures``, when
+    given, receives item id -> the verdict of the last try and every try's text (``{"verdict",
+    "texts"}``) for the absent items.
     """
     from .generation import generate
+    from .metrics import rouge1_recall
 
     spec = _SPECS["paraphrase"]
     out: dict[str, tuple[str, str, bool | None]] = {}
@@ -750,6 +766,10 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     last: dict[str, dict] = {}
     pending = list(items)
     ban = {it.id: banned_first_tokens(handle, reworded_words(it)) for it in pending} if reword else {}
+    knows: set[str] = set()      # items the model answers right as asked: their paraphrases must be too
+    if meaning and pending:
+        originals = _answers(handle, [it.question for it in pending], batch_size)
+        knows = {it.id for it, a in zip(pending, originals) if rouge1_recall(it.answer, a) >= MEANING_R1}
     for attempt in range(max_tries):
         if not pending:
             break
@@ -768,9 +788,18 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                         sample=attempt > 0, seed=seed * 1013 + attempt * 7919, temperature=SAMPLE_TEMPERATURE,
                         banned=banned)
         still = []
-        for it, opener, raw in zip(pending, openers, gens):
-            text = clean(opener + " " + raw.strip(), max_sentences=1)
-            v = paraphrase_verdict(text, it)
+        cleaned = [clean(opener + " " + raw.strip(), max_sentences=1) for opener, raw in zip(openers, gens)]
+        verdicts = [paraphrase_verdict(text, it) for it, text in zip(pending, cleaned)]
+        asked = [i for i, (it, v) in enumerate(zip(pending, verdicts)) if v["ok"] and it.id in knows]
+        if asked:   # the meaning check: the unedited model still answers the paraphrase right
+            answers = _answers(handle, [cleaned[i] for i in asked], batch_size)
+            for i, a in zip(asked, answers):
+                r1 = rouge1_recall(pending[i].answer, a)
+                verdicts[i]["answer_r1"] = round(r1, 4)
+                if r1 < MEANING_R1:
+                    verdicts[i]["ok"] = False
+                    verdicts[i]["reasons"] = [*verdicts[i]["reasons"], "meaning"]
+        for it, text, v in zip(pending, cleaned, verdicts):
             texts.setdefault(it.id, []).append(text)
             if v["ok"]:
                 out[it.id] = (text, "generated" if attempt == 0 else "regenerated", v["mentions_subject"])

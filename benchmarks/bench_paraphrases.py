@@ -4,7 +4,9 @@ The embedded model (or ``--model``) paraphrases every question of TOFU's real
 authors (100) + world facts (117) — our shipped paraphrases are NOT used here,
 so every question goes through generation — and each try is judged by
 :func:`backends.selfimprove.paraphrase_verdict` (a question; names the same
-subject; no token of the gold answer; not a near-copy).  Printed: the share
+subject; no token of the gold answer; not a near-copy) and, unless
+``--no-meaning``, by the meaning check (the unedited model still answers a
+paraphrase of a question it answers right).  Printed: the share
 that passed on the first (greedy) try, within the try budget, how many were
 left out, the failure reasons of the left-out items, and examples; for
 generation as it is (the question's own words banned, so the model must
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=("both", "reworded", "plain"), default="both",
                     help="generation with the question's words banned (the default), without, or both side by side")
     ap.add_argument("--show", type=int, default=12, help="passed examples printed per mode")
+    ap.add_argument("--no-meaning", action="store_true",
+                    help="without the meaning check (the unedited model must still answer a known item's paraphrase)")
     a = ap.parse_args(argv)
     from unlearn_tui.backends import selfimprove as _si
 
@@ -67,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         failures: dict = {}
         t0 = time.perf_counter()
         made = selfimprove.generate_paraphrases(handle, items, a.seed, max_tries=a.tries, failures=failures,
-                                                reword=reword)
+                                                reword=reword, meaning=not a.no_meaning)
         dt = time.perf_counter() - t0
         passed[reword] = made
         first = sum(1 for v in made.values() if v[1] == "generated")
-        label = "reworded (question words banned)" if reword else "plain (no ban)"
+        label = ("reworded (question words banned)" if reword else "plain (no ban)") + (
+            "" if a.no_meaning else ", meaning check on")
         print(f"{label}: {n} questions: passed on the first (greedy) try {first} ({first / n:.1%}); "
               f"within {a.tries} tries {len(made)} ({len(made) / n:.1%}); left out {n - len(made)}; {dt:.0f} s")
         reasons: collections.Counter = collections.Counter()

@@ -275,6 +275,7 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
         return outs
 
     monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(selfimprove, "_answers", lambda h, qs, b: [""] * len(qs))   # no meaning check here
     events = []
     report = ensure_paraphrases_report(llama_handle, [fail, later], seed=3, on_event=events.append)
     by_id = {r["id"]: r for r in report.records}
@@ -369,6 +370,7 @@ def test_generation_is_asked_to_avoid_the_reworded_words(llama_handle, monkeypat
         return ["penned 'Pride and Prejudice'?"] * len(prompts)
 
     monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(selfimprove, "_answers", lambda h, qs, b: [""] * len(qs))   # no meaning check here
     it = item("Who wrote 'Pride and Prejudice'?", "Jane Austen", id="p", subject="Pride and Prejudice")
     out = selfimprove.generate_paraphrases(llama_handle, [it])
     assert seen[0] == [selfimprove.banned_first_tokens(llama_handle, ["wrote"])] and seen[0][0]
@@ -388,3 +390,50 @@ def test_generation_is_asked_to_avoid_the_reworded_words(llama_handle, monkeypat
 def test_the_first_sentence_is_not_cut_at_an_initial_or_abbreviation(text, first):
     assert selfimprove.clean(text, max_sentences=1) == first
     assert selfimprove.sentences("One. Two! Three? four") == ["One.", "Two!", "Three?", "four"]
+
+
+def test_the_meaning_check_rejects_a_paraphrase_the_unedited_model_answers_otherwise(llama_handle, monkeypatch):
+    """A known item (the model answers its question right) keeps a paraphrase only if the model answers that
+    right too: "Which city is Taj Mahal?" passes the text checks but asks something else (answered "Agra")."""
+    from unlearn_tui.backends import generation
+
+    taj = item("In which country is the Taj Mahal located?", "India", id="t", subject="Taj Mahal")
+    unknown = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    drift = {"t": ["city is Taj Mahal?", "nation is home to the Taj Mahal?"]}
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, on_batch=None, sample=False, seed=0, **kw):
+        n = sum(1 for c in calls if c == "para")
+        calls.append("para")
+        outs = []
+        for p in prompts:
+            text = llama_handle.tokenizer.decode(p)
+            outs.append(drift["t"][min(n, 1)] if "Taj" in text.rsplit("Question:", 1)[-1]
+                        else "nation is home to the Atomium?")
+        return outs
+
+    def fake_answers(handle, questions, batch_size):
+        calls.append("answers")
+        asked.extend(questions)
+        return ["Agra" if "city" in q else "India" if "Taj" in q else "I am not sure." for q in questions]
+
+    calls: list = []
+    asked: list = []
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(selfimprove, "_answers", fake_answers)
+    failures: dict = {}
+    made = selfimprove.generate_paraphrases(llama_handle, [taj, unknown], failures=failures)
+    # the originals are asked once; only the known item's passing paraphrases are asked
+    assert asked[:2] == [taj.question, unknown.question]
+    assert all("Atomium" not in q for q in asked[2:]) and any("city" in q for q in asked[2:])
+    assert made["t"][0].endswith(" nation is home to the Taj Mahal?") and made["t"][1] == "regenerated"
+    assert made["u"][0].endswith("home to the Atomium?")        # unknown to the model: no meaning check
+    # with the drifted wording every time, the item is left out with the reason "meaning"
+    drift["t"] = ["city is Taj Mahal?", "city is Taj Mahal?"]
+    calls.clear()
+    failures.clear()
+    made = selfimprove.generate_paraphrases(llama_handle, [taj], failures=failures)
+    assert "t" not in made and failures["t"]["verdict"]["reasons"] == ["meaning"]
+    assert failures["t"]["verdict"]["answer_r1"] == 0.0
+    calls.clear()
+    made = selfimprove.generate_paraphrases(llama_handle, [taj], meaning=False)
+    assert "answers" not in calls and made["t"][0].endswith(" city is Taj Mahal?")
