@@ -325,8 +325,69 @@ def greedy(handle: ModelHandle, prompts: Sequence[list[int]], max_new_tokens: in
 _CHECKED = "_shared_prefix_ok"
 
 
+PROBE_CACHE_VERSION = 1   # bump when the probe or the fast path changes what a passed probe means
+
+
+def _probe_key(handle: ModelHandle) -> str:
+    """What a passed probe holds for: the model (fingerprint, class), its dtype and device, the library
+    versions and this module's probe version; a hash of them."""
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    model = handle.model
+    try:
+        device = str(next(model.parameters()).device)
+    except (StopIteration, AttributeError):
+        device = "?"
+    parts = [PROBE_CACHE_VERSION, handle.fingerprint, type(model).__name__, str(handle.dtype), device,
+             torch.__version__, transformers.__version__]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def _probe_file() -> Any:
+    from .paths import cache_dir
+
+    return cache_dir() / "probes" / "shared_prefix.json"
+
+
+def _passed_before(handle: ModelHandle) -> bool:
+    """Whether this model, dtype, device and library versions passed the probe in an earlier process."""
+    import json
+
+    try:
+        return bool(json.loads(_probe_file().read_text()).get(_probe_key(handle)))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def _remember_passed(handle: ModelHandle) -> None:
+    import json
+
+    from .fileio import atomic_write
+
+    path = _probe_file()
+    try:
+        try:
+            seen = json.loads(path.read_text())
+            seen = seen if isinstance(seen, dict) else {}
+        except (OSError, ValueError):
+            seen = {}
+        seen[_probe_key(handle)] = True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(seen, indent=1, sort_keys=True) + "\n")
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass   # a cache that cannot be written: the probe runs again next time
+
+
 def verified(handle: ModelHandle, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]] = ()) -> bool:
     """Whether the shared-prefix path agrees with the plain one on this model (checked once per model).
+
+    A passed probe is remembered on disk (``cache_dir()/probes``) for the model's fingerprint, class,
+    dtype, device and the torch/transformers versions (:func:`_probe_key`), so a later process on the
+    same model skips it; a failed one is not remembered (it runs again, and the plain path is used).
 
     The probe is up to three of the caller's prompts plus the first one
     shortened by a token (so rows of different lengths leave holes in the
@@ -342,6 +403,12 @@ def verified(handle: ModelHandle, prompts: Sequence[Sequence[int]], answers: Seq
     state = getattr(model, _CHECKED, None)
     if state is not None:
         return bool(state)
+    if _passed_before(handle):
+        try:
+            setattr(model, _CHECKED, True)
+        except AttributeError:  # pragma: no cover - a model that refuses attributes
+            pass
+        return True
     import torch
 
     from . import generation
@@ -367,6 +434,8 @@ def verified(handle: ModelHandle, prompts: Sequence[Sequence[int]], answers: Seq
         setattr(model, _CHECKED, ok)
     except AttributeError:  # pragma: no cover - a model that refuses attributes
         pass
+    if ok:
+        _remember_passed(handle)
     return ok
 
 

@@ -144,6 +144,7 @@ def test_a_model_where_the_fast_path_disagrees_is_not_verified(handles, monkeypa
         return real(self, ids, mask, cols[None].expand_as(ids), cache)
 
     monkeypatch.setattr(shared_prefix._Runner, "forward", shifted)
+    monkeypatch.setattr(shared_prefix, "_passed_before", lambda handle: False)   # the probe itself, not a memory
     # a shared preamble: the prefix step runs, so shorter rows have holes after it (a uniform shift per row
     # would not matter to rotary positions)
     pairs = [(h.prompt_ids("Please answer briefly. " + q), h.encode_answer(a) if a else []) for q in QUESTIONS
@@ -171,3 +172,38 @@ def test_evaluation_equals_one_item_at_a_time_generations_included(handles):
         assert score.generation == gen
         assert score.mrr == ref.mrr and score.top_hit == ref.top_hit
         assert torch.allclose(torch.tensor(score.probability), torch.tensor(ref.probability), rtol=0, atol=1e-6)
+
+
+def test_a_passed_probe_is_remembered_for_the_next_process_on_the_same_model(tmp_path, monkeypatch):
+    """The probe runs once per model, dtype, device and library versions, across processes: a fresh handle of
+    the same weights (a new process) skips it; another dtype probes again; a failed probe is not remembered."""
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    real = generation.plain_answer_stats
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "plain_answer_stats", counted)
+
+    def fresh(dtype=torch.float32) -> ModelHandle:
+        model, tok = tiny.build("llama", seed=5)
+        return ModelHandle(model.to(dtype).eval(), tok, name="llama")
+
+    h = fresh()
+    prompts = [h.prompt_ids(q) for q in QUESTIONS]
+    assert shared_prefix.verified(h, prompts) and len(calls) == 1
+    assert shared_prefix._probe_file().is_file()
+    assert shared_prefix.verified(fresh(), prompts) and len(calls) == 1        # the next "process": no probe
+    assert shared_prefix.verified(fresh(torch.float64), prompts) and len(calls) == 2   # another dtype: probed
+    monkeypatch.setattr(shared_prefix, "PROBE_CACHE_VERSION", shared_prefix.PROBE_CACHE_VERSION + 1)
+    assert shared_prefix.verified(fresh(), prompts) and len(calls) == 3        # a new probe version: probed
+    shared_prefix._probe_file().write_text("{not json")                       # a damaged file: probe again
+    assert shared_prefix.verified(fresh(), prompts) and len(calls) == 4
+    assert shared_prefix.verified(fresh(), prompts) and len(calls) == 4        # and it was written anew
+    # a failed probe is not remembered: the next handle probes again
+    monkeypatch.setattr(shared_prefix, "PROBE_CACHE_VERSION", 99)
+    monkeypatch.setattr(shared_prefix, "greedy", lambda h, ps, *a, **k: ["disagrees"] * len(ps))
+    assert not shared_prefix.verified(fresh(), prompts) and len(calls) == 5
+    assert not shared_prefix.verified(fresh(), prompts) and len(calls) == 6

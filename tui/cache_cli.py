@@ -47,10 +47,11 @@ from typing import Any, NoReturn
 
 from .cli import EXIT_USAGE, fail, one_line
 
-KINDS = ("models", "finetuned", "stats", "corpora", "known", "templates", "offload")
+KINDS = ("models", "finetuned", "stats", "corpora", "known", "templates", "probes", "offload")
 WHAT = {"models": "dequantized GGUF models (safetensors)", "finetuned": "fine-tuned weights + meta notes",
         "stats": "key covariance statistics", "corpora": "sampled statistics corpora",
         "known": "known scores of unedited models", "templates": "context templates",
+        "probes": "passed fast-path probes per model (backends/shared_prefix.py)",
         "offload": "device_map disk offload (each run removes its own at exit; prune it only while no "
                    "device_map run is going: a run reads those files without keeping them open)"}
 BUSY_SECONDS = 60.0
