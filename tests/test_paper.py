@@ -259,6 +259,7 @@ def test_set_gives_every_run_of_a_method_its_hyper_parameters(tmp_path, capsys):
 
     sets = _method_sets(["alphaedit.l2=30", "alphaedit.layers=[4, 5]", "rome.merge_update=mean-key"])
     assert sets == (("alphaedit", (("l2", 30.0), ("layers", [4, 5]))), ("rome", (("merge_update", "mean-key"),)))
+    assert _method_sets(["memit.batch_size=auto"]) == (("memit", (("batch_size", "auto"),)),)
     cfg = pp.PaperConfig(params=sets, quick=True)
     assert cfg.method_params("alphaedit") == {**pp.QUICK_PARAMS.get("alphaedit", {}), "l2": 30.0, "layers": [4, 5]}
     assert cfg.method_params("gd") == pp.QUICK_PARAMS.get("gd", {})

@@ -206,7 +206,8 @@ def _method_sets(sets: list[str]) -> tuple[tuple[str, tuple[tuple[str, Any], ...
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()          # a bare word: a string
-        out.setdefault(name, {})[key] = coerce_value(cls.Params, key, value, f"--set {name}.{key}")
+        checked = coerce_value(cls.Params, key, value, f"--set {name}.{key}")
+        out.setdefault(name, {})[key] = "auto" if checked is None else checked   # the session's word for None
     return tuple((m, tuple(kv.items())) for m, kv in out.items())
 
 
