@@ -220,7 +220,7 @@ def test_finetune_engine_config_is_the_params_defaults(monkeypatch, name):
 
 
 def test_locate_edit_kernels_read_the_methods_params(monkeypatch):
-    from unlearn_tui.backends.editing import locate
+    from unlearn_tui.backends.editing import locate, values
 
     seen = []
     real = locate.optimise_value
@@ -229,7 +229,8 @@ def test_locate_edit_kernels_read_the_methods_params(monkeypatch):
         seen.append(settings)
         return real(handle, layer, question, subject, target, templates, settings, *a, **k)
 
-    monkeypatch.setattr(locate, "optimise_value", spy)
+    monkeypatch.setattr(locate, "optimise_value", spy)           # ROME
+    monkeypatch.setattr(values, "optimise_value", spy)           # MEMIT/AlphaEdit (through optimise_values)
     for name in ("rome", "memit"):
         h = tiny.handle("llama")
         m = methods.make(name, {"v_steps": 2, "templates": 0, "token_budget": 512, "mom2_adjustment": False}

@@ -4,7 +4,9 @@
   at layer ``L`` (:mod:`.values`), average the key over the context templates
   (:mod:`.keys`), add the rank-one update (:mod:`.linalg`).
 * :func:`apply_spread` — MEMIT and AlphaEdit: requests in batches; per batch,
-  optimise one ``delta`` per request at the LAST layer of the range, then
+  optimise one ``delta`` per request at the LAST layer of the range (all on
+  the same weights: :func:`~.values.optimise_values`, which on CUDA lets
+  several requests share each step's forward), then
   walk the layers in order, each time recomputing the keys and the remaining
   residual on the partly edited model and giving layer ``i`` the share
   ``1 / (layers left)`` of it (MEMIT's spreading).  The per-layer update is a
@@ -57,7 +59,7 @@ from ..subjects import resolve_subject
 from .keys import averaged_keys, edit_prompt, keys_at, request_prompts
 from .linalg import alphaedit_update, memit_update, multi_key_update, rome_update
 from .templates import context_templates
-from .values import optimise_value
+from .values import optimise_value, optimise_values
 
 if TYPE_CHECKING:
     from ..methods.alphaedit import AlphaEdit
@@ -280,12 +282,18 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
         wheres = [_where(r) for r in batch]
         deltas = []
         cols: list[tuple] = []      # (template prompts, bare prompt, request index) per key column
-        for j, (req, subject) in enumerate(zip(batch, subjects)):
-            steps = Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + j + 1}/{len(requests)}",
-                            p.v_steps, detail=f"subject: {subject}")
-            members = _members(req, p)
-            vr = optimise_value(handle, last, req.prompt, subject, req.target, templates, p, steps, wheres[j],
-                                members=members)
+        all_members = [_members(req, p) for req in batch]
+
+        def tracker_for(a: int, b: int) -> Tracker:
+            if a == b:
+                return Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + a + 1}/{len(requests)}",
+                               p.v_steps, detail=f"subject: {subjects[a]}")
+            return Tracker(ctx.on_event, ctx.cancel, f"{name}: values {b0 + a + 1}-{b0 + b + 1}/{len(requests)}",
+                           p.v_steps, detail=f"{b - a + 1} requests together")
+
+        # every request's delta on the same weights: several requests share a forward (values.optimise_values)
+        results = optimise_values(handle, last, all_members, templates, p, tracker_for, wheres, seed=ctx.seed)
+        for j, (req, subject, members, vr) in enumerate(zip(batch, subjects, all_members, results)):
             deltas.append(vr.delta)
             per_edit.append({"items": list(getattr(req, "item_ids", [])), "subject": subject, "steps": vr.steps,
                              "nll": round(vr.nll, 4), "target_prob": round(vr.target_prob, 4),
