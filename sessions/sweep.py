@@ -162,19 +162,20 @@ class TrialResult:
         c, b = self.composite, (self.baseline or {}).get("composite")
         return None if c is None or b is None else c - b
 
-    def line(self) -> dict[str, Any]:
-        """The ``results.jsonl`` line."""
+    def line(self, items: bool = False) -> dict[str, Any]:
+        """The ``results.jsonl`` line (``items``: with every item's generation, as in the trial's record)."""
         out: dict[str, Any] = {"trial": dict(self.trial.values), "hash": self.trial.hash, "status": self.status,
                                "error": self.error}
         if self.run is not None:
-            out.update(self.run)
+            out.update({k: v for k, v in self.run.items() if items or k != "items"})
             out["baseline"] = self.baseline
         out["trial_seconds"] = self.seconds
         return out
 
     def record(self) -> dict[str, Any]:
-        """The ``trials/HASH.json`` file (read back by :func:`_read_record`)."""
-        return {"format": SWEEP_FORMAT, **self.line(), "pid": self.pid, "loaded_model": self.loaded_model}
+        """The ``trials/HASH.json`` file (read back by :func:`_read_record`), every item's generation kept
+        (``items``: ``{split: [{"id", "question", "generation", "rouge1", ...}]}``)."""
+        return {"format": SWEEP_FORMAT, **self.line(items=True), "pid": self.pid, "loaded_model": self.loaded_model}
 
     def row(self) -> dict[str, Any]:
         """Flat values for ``results.csv`` and tables."""
@@ -622,7 +623,8 @@ def execute_trial(text: str, path: str | None, label: str, on_event: Any = ignor
                   cancel: CancelToken | None = None) -> dict[str, Any]:
     """Run one trial (its session as TOML ``text``) headlessly; never raises but :class:`Cancelled`.
 
-    Returns ``status``, ``error``, ``run`` (the run's ``replay --out`` fields), ``baseline``, ``seconds``,
+    Returns ``status``, ``error``, ``run`` (the run's ``replay --out --items`` fields: its summary and every
+    item's generation), ``baseline``, ``seconds``,
     ``pid`` and ``loaded_model``.
     """
     from unlearn_tui.backends import runner
@@ -634,7 +636,8 @@ def execute_trial(text: str, path: str | None, label: str, on_event: Any = ignor
         session = parse(text, Path(path) if path else None, label, with_lines=False, keep_doc=False)
         handle, out["loaded_model"] = _handle_for(session, on_event, cancel)
         result = runner.run(session, on_event, cancel, handle=handle)
-        js = result.to_json()
+        # with every item's generation (``run.items``): what a reader labels (e.g. refusals at the paper's scale)
+        js = result.to_json(items=True)
         out.update(status="ok", run=js["runs"][0], baseline=js["baseline"])
     except BaseException as exc:
         if not isinstance(exc, Exception) or isinstance(exc, Cancelled):   # stopped half-way (a Ray task cancelled)

@@ -187,7 +187,12 @@ def test_trials_equal_sequential_replays_and_out_has_the_documented_fields(local
     for t, line in zip(spec.trials(), lines):
         assert line["trial"] == t.values and line["hash"] == t.hash and line["status"] == "ok"
         assert replay_fields <= set(line) and line["baseline"]["composite"] is not None
-        assert (out / sw.TRIALS_DIR / f"{t.hash}.json").is_file()
+        assert "items" not in line       # the generations live in the trial's record only
+        record = json.loads((out / sw.TRIALS_DIR / f"{t.hash}.json").read_text())
+        gens = record["items"]["forget"]
+        assert len(gens) == t.values["forget"] and len({g["id"] for g in gens}) == len(gens)
+        assert all(isinstance(g["generation"], str) and g["question"] for g in gens)
+        assert len(record["items"]["retain"]) > 0
     with (out / sw.RESULTS_CSV).open() as f:
         rows = list(csv.DictReader(f))
     assert [r["trial.method"] for r in rows] == ["rome", "rome", "grace", "grace"]
