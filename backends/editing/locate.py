@@ -284,7 +284,7 @@ def apply_spread(handle: ModelHandle, requests: Sequence[Request], p: MEMIT.Para
         cols: list[tuple] = []      # (template prompts, bare prompt, request index) per key column
         all_members = [_members(req, p) for req in batch]
 
-        def tracker_for(a: int, b: int) -> Tracker:
+        def tracker_for(a: int, b: int, b0: int = b0, subjects: list = subjects) -> Tracker:
             if a == b:
                 return Tracker(ctx.on_event, ctx.cancel, f"{name}: value {b0 + a + 1}/{len(requests)}",
                                p.v_steps, detail=f"subject: {subjects[a]}")
