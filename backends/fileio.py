@@ -113,6 +113,17 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary entry of this module's writers (either naming)."""
+    return _TEMP_RE.match(name) is not None or _OLD_TEMP_RE.match(name) is not None
+
+
+def temp_writer_running(name: str) -> bool:
+    """Whether the writer of temporary entry ``name`` still runs here (the old naming has no pid: False)."""
+    m = _TEMP_RE.match(name)
+    return m is not None and _pid_running(int(m["pid"]))
+
+
 def clean_stale_temps(directory: Path | str, name: str | None = None, *,
                       max_age: float = STALE_TEMP_SECONDS, now: float | None = None,
                       folders: bool = False) -> list[Path]:

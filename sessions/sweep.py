@@ -63,7 +63,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -231,9 +231,7 @@ class TrialEvent:
     event: Any
 
     def labelled(self) -> Any:
-        import dataclasses
-
-        return dataclasses.replace(self.event, stage=f"trial {self.index + 1}/{self.total}: {self.event.stage}")
+        return replace(self.event, stage=f"trial {self.index + 1}/{self.total}: {self.event.stage}")
 
 
 # ===================================================================== loading

@@ -167,3 +167,15 @@ def test_the_caches_of_the_engine_go_through_fileio(tmp_path, monkeypatch):
     stats._write_json_atomic(tmp_path / "sub" / "c.json", {"a": 1})
     assert calls == [("stats", tmp_path / "sub" / "c.json", '{"a": 1}')]
     assert templates.atomic_write is fileio.atomic_write
+
+
+def test_temp_names_and_their_writers():
+    from unlearn_tui.backends import fileio
+
+    mine = f".stats.json.{fileio.TEMP_MARK}-{os.getpid()}-abcd1234.tmp"
+    assert fileio.is_temp_name(mine) and fileio.temp_writer_running(mine)
+    gone = f".stats.json.{fileio.TEMP_MARK}-999999999-abcd1234.tmp"     # no such process
+    assert fileio.is_temp_name(gone) and not fileio.temp_writer_running(gone)
+    old = ".stats.json.abcd1234.tmp"                                     # the old naming carries no pid
+    assert fileio.is_temp_name(old) and not fileio.temp_writer_running(old)
+    assert not fileio.is_temp_name("stats.json") and not fileio.is_temp_name(".stats.json.tmp")

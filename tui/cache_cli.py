@@ -105,10 +105,9 @@ def _temp_state(name: str, mtime: float, now: float) -> str | None:
     of the name does not run here; the old naming has none).  Anything else may be being written."""
     from unlearn_tui.backends import fileio
 
-    m = fileio._TEMP_RE.match(name)
-    if m is None and fileio._OLD_TEMP_RE.match(name) is None:
+    if not fileio.is_temp_name(name):
         return None
-    gone = m is None or not fileio._pid_running(int(m["pid"]))
+    gone = not fileio.temp_writer_running(name)
     return "stale" if gone and now - mtime > fileio.STALE_TEMP_SECONDS else "live"
 
 
