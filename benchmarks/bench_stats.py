@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_stats.py [--budgets 2048 8192 24576] [--method memit] [--forget 10]
-                                     [--corpus self] [--no-quality]
+                                     [--corpus self] [--no-quality] [--profile N]
 
 For each token budget: the cold computation of the method's layers (a fresh
 cache directory; for ``self`` the sampled text is generated too, and the time
@@ -14,7 +14,10 @@ builtin:world-facts (first N forget, next 10 retain, ``idk`` targets).
 The reference (EasyEdit) spent 500 s on statistics for 5 layers of a
 2,000-line corpus before crashing on the tied embeddings.
 ``benchmarks/bench_stats_vs.py`` times the cold statistics against an earlier
-git revision, side by side.
+git revision, side by side.  ``--profile N``: the first budget's cold
+computation INCLUDING the sampling of the self corpus (none is copied or
+sampled beforehand) runs under cProfile, and the N functions with the most
+own time are printed (where the cold time goes).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--fresh-corpus", action="store_true", help="sample the self corpus again (cold)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the first budget's cold computation, sampling included; print the top N")
     args = ap.parse_args()
 
     import torch
@@ -53,7 +58,8 @@ def main():
     real = cache_dir()
     tmp = tempfile.mkdtemp(prefix="bench-stats-")
     os.environ["UNLEARN_TUI_CACHE_DIR"] = tmp
-    if (real / "corpora").is_dir() and not args.fresh_corpus:  # the sampled text is reused (timed below)
+    # the sampled text is reused (timed below), unless a cold corpus is asked for
+    if (real / "corpora").is_dir() and not (args.fresh_corpus or args.profile):
         shutil.copytree(real / "corpora", Path(tmp) / "corpora")
     if (real / "templates").is_dir():
         shutil.copytree(real / "templates", Path(tmp) / "templates")
@@ -61,7 +67,7 @@ def main():
     layers = m.layers(handle) if args.method != "rome" else [m.layer(handle)]
     print(f"{args.method} layers {layers}, corpus {args.corpus}, key width {handle.adapter.mlp_width}, "
           f"torch threads {args.threads}")
-    if args.corpus == "self":
+    if args.corpus == "self" and not args.profile:
         t0 = time.perf_counter()
         n = 0
         for chunk in stats.corpus_chunks(handle, "self", tokens=max(args.budgets)):  # sized to the largest
@@ -79,9 +85,21 @@ def main():
         base, _ = evaluate(handle, forget, retain)
         print(f"baseline ROUGE-1: forget {base['forget']:.3f} retain {base['retain']:.3f} "
               f"rephrase {base['rephrase']:.3f}")
-    for budget in args.budgets:
+    for k, budget in enumerate(args.budgets):
         t0 = time.perf_counter()
-        _, info = stats.second_moments(handle, layers, args.corpus, budget)
+        if args.profile and k == 0:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            _, info = stats.second_moments(handle, layers, args.corpus, budget)
+            prof.disable()
+            print(f"profile of the cold computation, budget {budget}, sampling included: "
+                  f"{time.perf_counter() - t0:.1f} s")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+        else:
+            _, info = stats.second_moments(handle, layers, args.corpus, budget)
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
         _, info2 = stats.second_moments(handle, layers, args.corpus, budget)
