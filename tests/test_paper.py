@@ -272,3 +272,19 @@ def test_set_gives_every_run_of_a_method_its_hyper_parameters(tmp_path, capsys):
     plain = pp.group_text(pp.PaperConfig(), prep, 1, [pp.Point("factual", "alphaedit", 1)])
     tuned = pp.group_text(pp.PaperConfig(params=sets), prep, 1, [pp.Point("factual", "alphaedit", 1)])
     assert 'params = {}' in plain and 'params = { "l2" = 30.0, "layers" = [4, 5] }' in tuned
+
+
+def test_a_pistol_run_prints_the_fine_tunes_rouge1_after_every_epoch(tmp_path):
+    """Without --quiet the fine-tune's per-epoch ROUGE-1 is printed (a 400-item fine-tune runs for hours)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    a, w, p = write_data(tmp_path)
+    args = ["paper", "--model", "tiny:llama", "--quick", "--methods", "gd", "--tables", "1", "--figures", "none",
+            "--settings", "pistol", "--pistol-data", str(p), "--local", "--out", str(tmp_path / "res")]
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert cli.main(args) == 0, err.getvalue()
+    lines = [x for x in err.getvalue().splitlines() if x.startswith("unlearn-tui: finetune: epoch")]
+    assert [x.split(":")[2].strip() for x in lines] == ["epoch 1/2", "epoch 2/2"], err.getvalue()[-2000:]
+    assert all("ROUGE-1 " in x and " on 12 items" in x for x in lines)

@@ -30,6 +30,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+# Log lines printed (without --quiet): the preparation's, and the fine-tune's ROUGE-1 after every epoch
+SHOWN_LOGS = ("factual", "pistol", "paraphrases", "finetune")
+
 def paper_parser() -> argparse.ArgumentParser:
     from unlearn_tui.sessions import paper as pp
 
@@ -318,7 +321,7 @@ def paper(args: argparse.Namespace) -> int:
             print(f"unlearn-tui: paper: {e.total} run(s), {e.total - e.finished} to run {how}{kept}", file=sys.stderr)
         elif isinstance(e, ev.Log) and e.level == "warning":
             warn(e.message)
-        elif isinstance(e, ev.Log) and not args.quiet and e.message.startswith(("factual", "pistol", "paraphrases")):
+        elif isinstance(e, ev.Log) and not args.quiet and e.message.startswith(SHOWN_LOGS):
             print(f"unlearn-tui: {one_line(e.message)}", file=sys.stderr)
         elif isinstance(e, sw.TrialFinished) and not e.result.cached and not args.quiet:
             r = e.result
