@@ -105,6 +105,12 @@ _PATTERNS = [
     # impersonal: "The answer to that question is not available ..."
     r"\b(?:answer|information|info|name|details?|data)\b[^.!?]{0,60}\b(?:is|are) (?:not available|unavailable|"
     r"not known|unknown)\b",
+    # --- added from the paper-scale AlphaEdit / WISE generations (same file, dev half; stop 25)
+    # impersonal: "Unfortunately, there is no answer to this question.", "... is not possible to determine"
+    r"\bthere(?:'s| is) no (?:\w+ )?answer (?:to|for) (?:this|that|your|the|such)\b",
+    r"\b(?:not possible|impossible) to (?:determine|know|say|tell|answer)\b",
+    # the stock apology on its own, the whole answer: "No, I'm sorry for any confusion."
+    r"^(?:no,? )?i(?:'m| am) (?:so |very )?sorry for (?:any|the|my) (?:confusion|misunderstanding)[.!]?$",
 ]
 _REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in _PATTERNS))
 

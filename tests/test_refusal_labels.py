@@ -1,7 +1,9 @@
 """The refusal detector against hand-labelled real generations (tests/data/refusal_labels.jsonl).
 
 The rows are greedy generations of SmolLM2-135M-Instruct after ROME / MEMIT
-edits (see tests/data/README.md for the source and the labelling rule).  The
+edits at 80 forget, and every generation of an AlphaEdit and a WISE run in the
+paper's factual setting (40 forget; see tests/data/README.md for the sources
+and the labelling rule).  The
 set is split deterministically by a hash of the text into a dev half (used to
 tune the patterns in backends/refusal.py) and a held-out half (not used).
 """
@@ -51,4 +53,10 @@ def test_detector_precision_recall_on_real_generations():
         print(f"refusal detector, {name} half ({len(part)} rows): precision {p:.3f}, recall {r:.3f}")
     p, r = precision_recall(rows)
     print(f"refusal detector, all ({len(rows)} rows): precision {p:.3f}, recall {r:.3f}")
+    assert p >= 0.95 and r >= 0.95
+    # the paper-scale runs on their own (AlphaEdit and WISE, factual setting, every generation)
+    paper = [r for r in rows if r["run"].endswith("-factual40")]
+    assert len(paper) == 270 and {r["run"] for r in paper} == {"alphaedit-factual40", "wise-factual40"}
+    p, r = precision_recall(paper)
+    print(f"refusal detector, paper-scale runs ({len(paper)} rows): precision {p:.3f}, recall {r:.3f}")
     assert p >= 0.95 and r >= 0.95
