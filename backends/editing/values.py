@@ -52,6 +52,13 @@ and its mask on layer ``L``'s device, the targets on the logits' device: a
 device_map may spread the layers); logits are reduced in float32, and in
 half precision the checks allow for the model's own rounding noise
 (:func:`_agree`).
+
+**Several requests at once** (:func:`optimise_values`, MEMIT and AlphaEdit:
+every request's delta on the same weights): their rows go in one batch, a
+``(requests, d)`` delta with each row adding its own request's, the terms per
+request; exact up to the batch shape's rounding.  On by default on CUDA only:
+on a CPU one request's step already keeps the matrix units busy (measured in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -639,7 +646,7 @@ def optimise_value(handle: ModelHandle, layer: int, question: str, subject: str 
 JOINT_ROWS = 48          # rows (templates x members + essences) of the requests sharing one forward per step
 
 
-def _joint_layout(plans: Sequence[_Plan], rows_per: Sequence[int], device: Any) -> dict:
+def _joint_layout(plans: Sequence[_Plan], device: Any) -> dict:
     """Index tensors of the joint objective over the gathered logits of requests' rows, in order."""
     t_pos, tgt, t_row, row_req, e_pos, e_req = [], [], [], [], [], []
     at = 0          # position in the gathered logits
@@ -722,7 +729,7 @@ def _optimise_joint(handle: ModelHandle, layer: int, requests: Sequence[Sequence
     batch = _Batch(model, rows, pad, dev, dtype, at)
     batch.req_of_row = torch.tensor(req_of_row, device=at)
     batch.head_gather = True
-    lay = _joint_layout(plans, [len(p.tgt) for p in plans], dev)
+    lay = _joint_layout(plans, dev)
 
     delta = torch.zeros((n, ad.hidden_size), dtype=torch.float32, device=at)
     mlp = model.get_submodule(ad.mlp_name(layer))
