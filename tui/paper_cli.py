@@ -33,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 # Log lines printed (without --quiet): the preparation's, and the fine-tune's ROUGE-1 after every epoch
 SHOWN_LOGS = ("factual", "pistol", "paraphrases", "finetune")
 
+
 def paper_parser() -> argparse.ArgumentParser:
     from unlearn_tui.sessions import paper as pp
 
