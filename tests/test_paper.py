@@ -274,10 +274,12 @@ def test_set_gives_every_run_of_a_method_its_hyper_parameters(tmp_path, capsys):
     assert 'params = {}' in plain and 'params = { "l2" = 30.0, "layers" = [4, 5] }' in tuned
 
 
-def test_a_pistol_run_prints_the_fine_tunes_rouge1_after_every_epoch(tmp_path):
+def test_a_pistol_run_prints_the_fine_tunes_rouge1_after_every_epoch(tmp_path, monkeypatch):
     """Without --quiet the fine-tune's per-epoch ROUGE-1 is printed (a 400-item fine-tune runs for hours)."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
+
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "cache"))   # trained here, not loaded from a cache
 
     a, w, p = write_data(tmp_path)
     args = ["paper", "--model", "tiny:llama", "--quick", "--methods", "gd", "--tables", "1", "--figures", "none",
