@@ -840,15 +840,12 @@ def optimise_values(handle: ModelHandle, layer: int, requests: Sequence[Sequence
                                 tracker_for(k, k) if tracker_for else None, wheres[k], seed=seed,
                                 members=requests[k])
 
-    # the checks run inside optimise_value (once per model and layer): until their verdicts are known
-    while i < len(requests) and (batch_key not in memo or replay_key not in memo):
+    # the checks run inside optimise_value (once per model and layer): until their verdicts are known, and
+    # when they are not all known to pass, one request at a time
+    while i < len(requests) and (not joint or handle.wrappers or batch_key not in memo or replay_key not in memo
+                                 or memo.get(batch_key) is not True):
         alone(i)
         i += 1
-    if not joint or handle.wrappers or memo.get(batch_key) is not True:
-        while i < len(requests):
-            alone(i)
-            i += 1
-        return out   # type: ignore[return-value]
     fast = bool(memo.get(replay_key))
     while i < len(requests):
         j, n_rows = i, 0
