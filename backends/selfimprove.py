@@ -351,6 +351,7 @@ def generate_targets(handle: ModelHandle, mode: str, items: Sequence[Any], pool:
 LEFT_OUT = PARAPHRASE_LEFT_OUT   # a stored record's source: every try failed the checks (question ""; not retried)
 GENERATED_PARAPHRASE_SOURCES = ("generated", "regenerated", "template", LEFT_OUT)
 BUILTIN_PARAPHRASE_FILE = "paraphrases_factual.json"   # in backends/builtin/ (our own wording, see below)
+BUILTIN_TEMPLATE_FILE = "paraphrases_pistol.json"    # our own paraphrases of PISTOL's question forms
 PARAPHRASE_TRIES = 4       # first (greedy) try + sampled regenerations, each with another opener and seed
 MEANING_R1 = 0.5           # the meaning check: a known item's paraphrase is answered with at least this ROUGE-1
 MEANING_TOKENS = 24        # new tokens of the meaning check's answers
@@ -505,22 +506,24 @@ def answer_kind(question: str) -> str | None:
     -> person; "What does water turn into when it freezes?" -> ``None``)."""
     import re
 
-    text = re.sub(r"'s\b", "", _fold(question))
+    text = re.sub(r"'s\b", "'", _fold(question))    # the apostrophe stays: a possessive ends a compound
     matches = list(re.finditer(r"[^\W_](?:[\w\-.]*[^\W_])?", text))
     words = [m.group(0) for m in matches]
     low = [w.lower() for w in words]
+    ends = {k for k, m in enumerate(matches) if text[m.end():m.end() + 1] == "'"}
     for i, w in enumerate(low):
         if w not in _QUESTION_WORDS:
             continue
-        kind = _kind_after(w, i, words, low)
+        kind = _kind_after(w, i, words, low, ends)
         if kind is None and text[:matches[i].start()].rstrip().endswith(","):
             continue       # maybe a relative clause (", which won ..."); "By area, which nation" tells one
         return kind
     return None
 
 
-def _kind_after(w: str, i: int, words: list[str], low: list[str]) -> str | None:
-    """The kind the question word ``low[i]`` asks for (see :func:`answer_kind`)."""
+def _kind_after(w: str, i: int, words: list[str], low: list[str], ends: set[int] = frozenset()) -> str | None:
+    """The kind the question word ``low[i]`` asks for (see :func:`answer_kind`); ``ends``: indices of
+    words followed by an apostrophe (a possessive, "Which author's works": not a compound)."""
     if w in _WH_KIND:
         return _WH_KIND[w]
     if w == "how":
@@ -533,7 +536,10 @@ def _kind_after(w: str, i: int, words: list[str], low: list[str]) -> str | None:
         for k in range(j, min(j + 8, len(low))):
             v = low[k]
             kind = _kind_word(v)
-            if kind:
+            if kind:       # a compound noun is told by its last noun ("the work location" -> place)
+                while k + 1 < len(low) and k not in ends and _kind_word(low[k + 1]):
+                    k += 1
+                    kind = _kind_word(low[k])
                 return kind
             if v in _KIND_STOP or (other and v in ("the", "a", "an", "of")):
                 break      # "which won the ...", "the main cause of ...": the noun is not a kind word
@@ -669,12 +675,66 @@ def _builtin_paraphrases() -> dict[str, str]:
     return {_question_key(r["question"]): r["paraphrase"] for r in json.loads(raw)["paraphrases"]}
 
 
+_SLOT = r"[A-Z0-9][\w.&'\-]*(?: [A-Z0-9][\w.&'\-]*)*"   # a name or date of a question form's slot
+
+
+@lru_cache(maxsize=1)
+def _builtin_templates() -> tuple[tuple[Any, str], ...]:
+    """(compiled question form, paraphrase form) of :data:`BUILTIN_TEMPLATE_FILE`.  A ``{slot}`` of a
+    form matches a name or a date: words that each start with a capital or a digit ("Wnzatj SAS",
+    "06-02-1998"; the same text where a slot repeats); the forms are anchored, so a question matches
+    a form only as a whole."""
+    import json
+    import re
+    from importlib import resources
+
+    raw = resources.files(__package__).joinpath("builtin", BUILTIN_TEMPLATE_FILE).read_text(encoding="utf-8")
+    out = []
+    for t in json.loads(raw)["templates"]:
+        seen: set[str] = set()
+        parts = []
+        for lit, slot in re.findall(r"([^{]*)(?:\{(\w+)\}|$)", t["question"]):
+            parts.append(re.escape(lit))
+            if slot:
+                parts.append(f"(?P={slot})" if slot in seen else f"(?P<{slot}>{_SLOT})")
+                seen.add(slot)
+        out.append((re.compile("".join(parts) + r"\Z"), t["paraphrase"]))
+    return tuple(out)
+
+
+def template_paraphrase(question: str) -> str | None:
+    """Our paraphrase of ``question`` by the first question form of :data:`BUILTIN_TEMPLATE_FILE` it
+    matches, with the question's own names and dates put back into the form's slots; else ``None``."""
+    q = _question_key(question)
+    for pattern, form in _builtin_templates():
+        m = pattern.match(q)
+        if m:
+            return form.format(**m.groupdict())
+    return None
+
+
+@lru_cache(maxsize=1)
+def builtin_paraphrase_digest() -> str:
+    """A hash of the built-in paraphrase files: what a cache of chosen paraphrases (``paper``'s
+    preparation) must key on, so a new wording in a release is used, not the old choice."""
+    import hashlib
+    from importlib import resources
+
+    h = hashlib.sha256()
+    for name in (BUILTIN_PARAPHRASE_FILE, BUILTIN_TEMPLATE_FILE):
+        h.update(resources.files(__package__).joinpath("builtin", name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def builtin_paraphrase(item: Any) -> str | None:
     """The built-in paraphrase of ``item``'s question when there is one AND it passes the checks for
-    this item (its answer and subject may differ from the set's), else ``None``."""
-    text = _builtin_paraphrases().get(_question_key(getattr(item, "question", "")))
-    if text and paraphrase_verdict(text, item)["ok"]:
-        return text
+    this item (its answer and subject may differ from the set's), else ``None``: first the
+    paraphrase of that exact question (:data:`BUILTIN_PARAPHRASE_FILE`), then the one of its
+    question form (:func:`template_paraphrase`)."""
+    question = getattr(item, "question", "")
+    for text in (_builtin_paraphrases().get(_question_key(question)), template_paraphrase(question)):
+        if text and paraphrase_verdict(text, item)["ok"]:
+            return text
     return None
 
 

@@ -293,9 +293,11 @@ def _finetune_table(cfg: PaperConfig) -> dict[str, Any]:
 
 
 def _prep_key(cfg: PaperConfig, setting: str, data: Path, max_forget: int) -> dict[str, Any]:
+    from unlearn_tui.backends.selfimprove import builtin_paraphrase_digest
+
     key = {"format": PAPER_FORMAT, "setting": setting, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
            "data": _sha(data), "max_new_tokens": cfg.eval_tokens(), "seed": cfg.seed, "max_forget": max_forget,
-           "quick": cfg.quick}
+           "quick": cfg.quick, "paraphrases": builtin_paraphrase_digest()}
     if setting == "factual":
         key["known"] = cfg.known
     else:

@@ -199,6 +199,20 @@ def test_a_second_run_is_resumed_from_the_kept_trials(quick_run):
     assert res.report["trials"] == {"total": 7, "ran": 0, "cached": 7, "failed": 0}
 
 
+def test_the_preparation_is_keyed_on_the_built_in_paraphrases(tmp_path, monkeypatch):
+    """A release with new built-in paraphrases prepares again (the kept choice named the old ones)."""
+    from unlearn_tui.backends import selfimprove
+
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    cfg = pp.PaperConfig(model="tiny:llama", quick=True)
+    key = pp._prep_key(cfg, "pistol", data, 2)
+    assert key["paraphrases"] == selfimprove.builtin_paraphrase_digest() and len(key["paraphrases"]) == 16
+    assert pp._prep_key(cfg, "pistol", data, 2) == key
+    monkeypatch.setattr(selfimprove, "builtin_paraphrase_digest", lambda: "0" * 16)
+    assert pp._prep_key(cfg, "pistol", data, 2) != key
+
+
 def test_extra_metrics_are_run_and_tabled_beside_table_1(tmp_path):
     """``--extra``: every run's session asks for them, and a table of them follows Table 1 (baseline first)."""
     import io

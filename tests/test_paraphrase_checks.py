@@ -123,6 +123,8 @@ def test_answer_tokens_initials_numbers_and_question_words():
     ("What historical event is known for the witch trials in Massachusetts?", "event"),
     ("What was the main cause of World War I?", None),
     ("What does water turn into when it freezes?", None),
+    ("What was the work location based on the contract between Ab SA and Cd Ef?", "place"),   # compound noun
+    ("Which author's works include 'The Sun Also Rises'?", "person"),      # a possessive is not a compound
 ])
 def test_answer_kind(question, kind):
     assert answer_kind(question) == kind
@@ -211,6 +213,67 @@ def test_builtin_set_agrees_with_pistol_questions(shared_data):
     with (shared_data / "pistol" / "factual_data.json").open(encoding="utf-8") as f:
         questions = [r["question"] for r in json.load(f)]
     assert set(questions) == set(builtin_paraphrases())
+
+
+def _pistol_items(shared_data, name):
+    with (shared_data / "pistol" / name).open(encoding="utf-8") as f:
+        return [item(r["question"], r["answer"], id=f"p{i}") for i, r in enumerate(json.load(f))]
+
+
+@pytest.mark.parametrize("name,n", [("sample_data_1.json", 400), ("sample_data_2.json", 1500)])
+def test_pistol_question_forms_cover_every_question_and_all_pass(shared_data, name, n):
+    """Our paraphrase of each PISTOL question form: every question of both PISTOL files has one, it passes
+    every check for its item (the answer check included), and it keeps the question's own names."""
+    items = _pistol_items(shared_data, name)
+    assert len(items) == n
+    failures, unmatched, jac = [], [], []
+    for it in items:
+        text = selfimprove.template_paraphrase(it.question)
+        if text is None:
+            unmatched.append(it.question)
+            continue
+        v = paraphrase_verdict(text, it)
+        jac.append(v["jaccard"])
+        if not v["ok"]:
+            failures.append((it.question, text, v["reasons"]))
+        assert selfimprove.builtin_paraphrase(it) == text
+    assert not unmatched and not failures, (unmatched[:3], failures[:3])
+    assert max(jac) < NEAR_COPY_JACCARD
+
+
+def test_pistol_forms_put_each_questions_own_names_back_and_hold_no_data():
+    q = "What was the address of Foo Ltd in the contract with Bar SA?"
+    assert selfimprove.template_paraphrase(q) == "Where was Foo Ltd located, according to its agreement with Bar SA?"
+    assert selfimprove.template_paraphrase("  What was the address of Foo Ltd in the contract\nwith Bar SA?") \
+        == "Where was Foo Ltd located, according to its agreement with Bar SA?"      # whitespace as in the data
+    # a slot that repeats must hold the same name both times
+    same = "What was the principal business location of Foo Ltd based on the contract between Foo Ltd and Ann Bee?"
+    assert selfimprove.template_paraphrase(same) == "Where did Foo Ltd have its main offices, according to its " \
+                                                    "agreement with Ann Bee?"
+    assert selfimprove.template_paraphrase(same.replace("between Foo Ltd", "between Baz Ltd")) is None
+    assert selfimprove.template_paraphrase(q.replace("?", " last year?")) is None      # the whole question only
+    assert selfimprove.template_paraphrase("Who wrote 'Dune'?") is None
+    # the forms are ours: slots where the data has names (no capitalised word inside a form but its first)
+    from importlib import resources
+
+    raw = json.loads(resources.files("unlearn_tui.backends").joinpath(
+        "builtin", selfimprove.BUILTIN_TEMPLATE_FILE).read_text(encoding="utf-8"))
+    for t in raw["templates"]:
+        assert set(t) == {"question", "paraphrase"}
+        slots = set(re.findall(r"\{(\w+)\}", t["question"]))
+        assert slots and set(re.findall(r"\{(\w+)\}", t["paraphrase"])) <= slots
+        names = [w for w in re.findall(r"[A-Za-z']+", re.sub(r"\{\w+\}", "", t["question"]))[1:] if w[0].isupper()]
+        assert names in ([], ["Paid", "Sick", "Leave"]), t
+
+
+def test_pistol_questions_get_the_built_in_forms_without_a_model():
+    items = [item("What was the start date based on the contract between Foo Ltd and Ann Bee?", "01-02-1990.",
+                  id="s"),
+             item("Which jurisdiction's laws govern the contract between Foo Ltd and Ann Bee?", "The State of Ohio.",
+                  id="j")]
+    report = ensure_paraphrases_report(_no_model, items)
+    assert [r["source"] for r in report.records] == ["builtin", "builtin"] and report.left_out == []
+    assert report.records[0]["paraphrase"] == "On which date did Ann Bee begin to work for Foo Ltd?"
 
 
 # --------------------------------------------------------------------------- ensure_paraphrases
