@@ -122,6 +122,7 @@ class Tracker:
         self.stage = stage
         self.total = total
         self.done = 0
+        self.skipped = 0        # units done before this run (a resume): not part of the rate behind the ETA
         self.start = time.perf_counter()
         self.cancel.check()
         self.on_event(StageStarted(stage, total, detail))
@@ -130,9 +131,17 @@ class Tracker:
         self.done += n
         elapsed = time.perf_counter() - self.start
         eta = None
-        if self.total and self.done:
-            eta = max(0.0, elapsed / self.done * (self.total - self.done))
+        if self.total and self.done > self.skipped:
+            eta = max(0.0, elapsed / (self.done - self.skipped) * (self.total - self.done))
         self.on_event(Progress(self.stage, self.done, self.total, eta, elapsed, loss, detail))
+        self.cancel.check()
+
+    def advance(self, n: int, detail: str = "") -> None:
+        """Count ``n`` units done earlier (a resumed run): reported at once, left out of the ETA's rate."""
+        self.done += n
+        self.skipped += n
+        self.on_event(Progress(self.stage, self.done, self.total, None, time.perf_counter() - self.start, None,
+                               detail))
         self.cancel.check()
 
     def check(self) -> None:

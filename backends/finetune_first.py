@@ -58,6 +58,20 @@ Cache
     On a hit the weights are loaded without training.  A cache that cannot be
     read or written costs a fine-tune, never the run.
 
+Resume
+    A fine-tune that stops before its end (cancelled, killed, a failure)
+    keeps its last finished epoch: after every epoch that does not end the
+    training, the trained tensors, AdamW's state, the scheduler's position,
+    the shuffling generator's state, the step count and the history are
+    written as ``<key>.partial.safetensors`` + ``<key>.partial.json`` beside
+    the cache entry (same key, so only the same model, data and settings
+    resume; written atomically, the JSON last and naming the epoch the
+    tensors hold).  The next :func:`apply` with that key starts from there:
+    the weights it ends with, the steps and the history are the ones an
+    uninterrupted run gives (bit for bit on CPU with the same thread count;
+    a test checks it).  The partial files are removed once the entry is
+    written.  Without the cache (``use_cache=False``) nothing is kept.
+
 Identity
     Afterwards the handle's fingerprint is derived from the base fingerprint
     and the key (:meth:`ModelHandle.set_fingerprint`), so every cache keyed by
@@ -138,6 +152,21 @@ class _Trained:
     epochs: int = 0
     steps: int = 0
     history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0          # the epoch a partial fine-tune was resumed after (0: from the start)
+
+
+@dataclass
+class _Partial:
+    """A finished epoch of an unfinished fine-tune (see "Resume" in the module doc)."""
+
+    epoch: int
+    steps: int
+    history: list[dict]
+    rouge1: float | None
+    params: list[Any]              # the trained tensors, in training order
+    optimizer: dict                # AdamW's state_dict
+    scheduler: dict                # the LambdaLR's state_dict without its lambda
+    generator: Any                 # the shuffling generator's state (uint8 tensor)
 
 
 # --------------------------------------------------------------------------- data and key
@@ -209,6 +238,12 @@ def cache_files(base_fingerprint: str, key: str) -> tuple[Path, Path]:
     return folder / f"{key}.safetensors", folder / f"{key}.json"
 
 
+def partial_files(base_fingerprint: str, key: str) -> tuple[Path, Path]:
+    """(tensors, note) of one fine-tune's last finished epoch while it is unfinished ("Resume")."""
+    folder = cache_root() / base_fingerprint
+    return folder / f"{key}.partial.safetensors", folder / f"{key}.partial.json"
+
+
 # --------------------------------------------------------------------------- which weights
 
 
@@ -252,8 +287,10 @@ def check_rouge1(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Exampl
 
 
 def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cfg: FinetuneConfig, params: list,
-           tracker: Tracker, on_event: EventCallback, cancel: CancelToken, check_batch: int) -> _Trained:
-    """The loop of the module doc on ``params``; returns what it did."""
+           tracker: Tracker, on_event: EventCallback, cancel: CancelToken, check_batch: int,
+           resume: _Partial | None = None, save_point: Any = None) -> _Trained:
+    """The loop of the module doc on ``params``; returns what it did.  ``resume`` continues a partial
+    fine-tune; ``save_point(partial)`` is called after every epoch that does not end the training."""
     import torch
 
     from . import training
@@ -269,9 +306,26 @@ def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     res = _Trained()
+    first = 1
+    if resume is not None and (len(resume.params) != len(params) or any(
+            tuple(v.shape) != tuple(p.shape) for p, v in zip(params, resume.params))):
+        on_event(Log("finetune: the kept partial fine-tune does not fit these weights; training from the start",
+                     "warning"))
+        resume = None
+    if resume is not None:
+        with torch.no_grad():
+            for p, v in zip(params, resume.params):
+                p.copy_(v.to(device=p.device, dtype=p.dtype))
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict({**resume.scheduler, "lr_lambdas": [None] * len(sched.lr_lambdas)})
+        gen.set_state(resume.generator)
+        res.steps, res.epochs, res.rouge1 = resume.steps, resume.epoch, resume.rouge1
+        res.history, res.resumed_from = list(resume.history), resume.epoch
+        first = resume.epoch + 1
+        tracker.advance(resume.steps, detail=f"resumed after epoch {resume.epoch}/{cfg.epochs}")
     try:
         with torch.enable_grad():
-            for epoch in range(1, cfg.epochs + 1):
+            for epoch in range(first, cfg.epochs + 1):
                 order = torch.randperm(n, generator=gen).tolist()
                 losses = []
                 for b in range(per_epoch):
@@ -295,15 +349,20 @@ def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cf
                 res.epochs = epoch
                 if cfg.until_rouge1 <= 0 and epoch < cfg.epochs:   # no bar: only the last epoch is checked
                     res.history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "rouge1": None})
-                    continue
-                r1 = check_rouge1(handle, items, exs, check_batch, cancel)
-                res.rouge1 = r1
-                res.history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "rouge1": r1})
-                on_event(Log(f"finetune: epoch {epoch}/{cfg.epochs}: ROUGE-1 {r1:.3f} on {n} items "
-                             f"(mean loss {res.history[-1]['loss']:.3g})"))
-                if cfg.until_rouge1 > 0 and r1 >= cfg.until_rouge1:
-                    res.reached = True
-                    break
+                else:
+                    r1 = check_rouge1(handle, items, exs, check_batch, cancel)
+                    res.rouge1 = r1
+                    res.history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "rouge1": r1})
+                    on_event(Log(f"finetune: epoch {epoch}/{cfg.epochs}: ROUGE-1 {r1:.3f} on {n} items "
+                                 f"(mean loss {res.history[-1]['loss']:.3g})"))
+                    if cfg.until_rouge1 > 0 and r1 >= cfg.until_rouge1:
+                        res.reached = True
+                        break
+                if save_point is not None and epoch < cfg.epochs:
+                    sd = dict(sched.state_dict())
+                    sd.pop("lr_lambdas", None)
+                    save_point(_Partial(epoch, res.steps, list(res.history), res.rouge1,
+                                        [p.detach() for p in params], opt.state_dict(), sd, gen.get_state()))
         if cfg.until_rouge1 <= 0:
             res.reached = True
     finally:
@@ -313,7 +372,8 @@ def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cf
 
 
 def _run_training(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cfg: FinetuneConfig,
-                  names: list[str], on_event: EventCallback, cancel: CancelToken, check_batch: int) -> _Trained:
+                  names: list[str], on_event: EventCallback, cancel: CancelToken, check_batch: int,
+                  resume: _Partial | None = None, save_point: Any = None) -> _Trained:
     from . import training
 
     steps = math.ceil(len(exs) / max(1, cfg.batch_size)) * cfg.epochs
@@ -326,14 +386,15 @@ def _run_training(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Examp
             if not mods:
                 raise UserError("the model's blocks have no Linear modules for LoRA", "finetune.tuning")
             with training.lora_adapters(handle, mods, cfg.lora_rank, LORA_SCALE * cfg.lora_rank) as lora:
-                res = _train(handle, items, exs, cfg, lora["params"], tracker, on_event, cancel, check_batch)
+                res = _train(handle, items, exs, cfg, lora["params"], tracker, on_event, cancel, check_batch,
+                             resume, save_point)
                 lora["merge"] = True
             return res
         params = [handle.parameter(n) for n in names]
         try:
             for p in params:
                 p.requires_grad_(True)
-            return _train(handle, items, exs, cfg, params, tracker, on_event, cancel, check_batch)
+            return _train(handle, items, exs, cfg, params, tracker, on_event, cancel, check_batch, resume, save_point)
         finally:
             for p in params:
                 p.requires_grad_(False)
@@ -383,6 +444,77 @@ def _write_cache(handle: ModelHandle, base: str, key: str, names: list[str], met
                      "warning"))
 
 
+def _write_partial(base: str, key: str, pt: _Partial, note: dict, on_event: EventCallback) -> None:
+    """Keep one finished epoch (tensors first, the note naming their epoch last); never fails the run."""
+    from .fileio import atomic_write, save_safetensors
+
+    tensors_path, note_path = partial_files(base, key)
+    try:
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Any] = {f"param.{i}": v.to("cpu", copy=True).contiguous() for i, v in enumerate(pt.params)}
+        scalars: dict[str, dict] = {}
+        for idx, st in pt.optimizer["state"].items():
+            for k, v in st.items():
+                if hasattr(v, "shape"):
+                    tensors[f"opt.{idx}.{k}"] = v.to("cpu", copy=True).contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[k] = v
+        tensors["generator"] = pt.generator.clone()
+        save_safetensors(tensors_path, tensors, {"key": key, "version": str(VERSION), "epoch": str(pt.epoch)})
+        atomic_write(note_path, json.dumps({
+            **note, "version": VERSION, "key": key, "partial": True, "epoch": pt.epoch, "epochs": pt.epoch,
+            "steps": pt.steps, "history": pt.history, "rouge1": pt.rouge1, "params": len(pt.params),
+            "optimizer_groups": pt.optimizer["param_groups"], "optimizer_scalars": scalars,
+            "scheduler": pt.scheduler, "created": time.time()}, indent=1))
+    except Exception as exc:  # keeping the epoch is a convenience: a failure only means no resume
+        on_event(Log(f"finetune: could not keep epoch {pt.epoch} for a resume ({exc})", "warning"))
+
+
+def _read_partial(base: str, key: str, on_event: EventCallback) -> tuple[_Partial, dict] | None:
+    """The kept epoch of an unfinished fine-tune with this key, with its note; None when there is none
+    (or it does not hold together: a warning, and training starts from the beginning)."""
+    tensors_path, note_path = partial_files(base, key)
+    if not note_path.is_file() or not tensors_path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        if note.get("version") != VERSION or note.get("key") != key or not note.get("partial"):
+            return None
+        with safe_open(str(tensors_path), "pt") as f:
+            md = f.metadata() or {}
+        if md.get("key") != key or md.get("epoch") != str(note["epoch"]):
+            raise ValueError("its tensors and its note name different epochs")
+        t = load_file(str(tensors_path), device="cpu")
+        n = int(note["params"])
+        state: dict[int, dict] = {}
+        for name, v in t.items():
+            if name.startswith("opt."):
+                _, idx, k = name.split(".", 2)
+                state.setdefault(int(idx), {})[k] = v
+        for idx, extra in (note.get("optimizer_scalars") or {}).items():
+            state.setdefault(int(idx), {}).update(extra)
+        pt = _Partial(int(note["epoch"]), int(note["steps"]), list(note["history"]), note.get("rouge1"),
+                      [t[f"param.{i}"] for i in range(n)],
+                      {"state": state, "param_groups": note["optimizer_groups"]}, dict(note["scheduler"]),
+                      t["generator"])
+        return pt, note
+    except Exception as exc:  # a broken partial costs the epochs it held, never the run
+        on_event(Log(f"finetune: the kept partial fine-tune {tensors_path.name} is unreadable ({exc}); training "
+                     "from the start", "warning"))
+        return None
+
+
+def _remove_partial(base: str, key: str) -> None:
+    for path in partial_files(base, key):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -429,9 +561,18 @@ def apply(handle: ModelHandle, items: Sequence[Any], cfg: FinetuneConfig, settin
                      f"{info.epochs} epochs; no training)"))
     else:
         t0 = time.perf_counter()
+        kept = _read_partial(base, key, on_event) if use_cache else None
+        resume, before = (kept[0], float(kept[1].get("seconds", 0.0))) if kept else (None, 0.0)
+        if resume is not None:
+            on_event(Log(f"finetune: resuming {key} after epoch {resume.epoch}/{cfg.epochs} (ROUGE-1 "
+                         f"{_fmt(resume.rouge1)}), kept by an unfinished run"))
+        note = {"model": handle.name, "base_fingerprint": base, "data": cfg.data, "items": len(train),
+                "tuning": cfg.tuning, "settings": _settings(cfg)}
+        save_point = (lambda pt: _write_partial(base, key, pt, {**note, "seconds": before + time.perf_counter() - t0},
+                                                on_event)) if use_cache else None
         with handle.transaction(names):
-            res = _run_training(handle, train, exs, cfg, names, on_event, cancel, check_batch)
-        seconds = time.perf_counter() - t0
+            res = _run_training(handle, train, exs, cfg, names, on_event, cancel, check_batch, resume, save_point)
+        seconds = before + time.perf_counter() - t0
         info = FinetuneInfo(key, base, fingerprint, cfg.data, len(train), False, res.rouge1, res.reached,
                             float(cfg.until_rouge1), res.epochs, res.steps, seconds, cfg.tuning, cfg.resolved_lr(),
                             tuple(res.history))
@@ -440,8 +581,10 @@ def apply(handle: ModelHandle, items: Sequence[Any], cfg: FinetuneConfig, settin
                     "fingerprint": fingerprint, "dtype": str(handle.dtype), "settings": _settings(cfg),
                     "data": cfg.data, "items": len(train), "rouge1": res.rouge1, "reached": res.reached,
                     "epochs": res.epochs, "steps": res.steps, "seconds": seconds, "history": res.history,
+                    "resumed_from": res.resumed_from,
                     "parameters": len(names), "created": time.time()}
             _write_cache(handle, base, key, names, meta, on_event)
+            _remove_partial(base, key)
     if not info.reached:
         on_event(Log(f"finetune: ROUGE-1 {_fmt(info.rouge1)} after {info.epochs} epochs did not reach "
                      f"until_rouge1 = {cfg.until_rouge1:g}; the baseline starts from this model (raise [finetune] "

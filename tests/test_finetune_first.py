@@ -197,6 +197,73 @@ def test_cancel_mid_training_restores_the_weights_bit_for_bit(tuning):
     assert not any(p.exists() for p in finetune_first.cache_files(fp, key))
 
 
+RESUMABLE = {"lr": 1e-2, "epochs": 6, "until_rouge1": 0.0, "batch_size": 2}   # 3 steps per epoch on FACTS, 18 in all
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, tuning):
+    items, cfg = facts(), FinetuneConfig(**RESUMABLE, tuning=tuning)
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "straight"))
+    h = tiny.handle("llama")
+    straight = finetune_first.apply(h, items, cfg)
+    want = state_hash(h.model)
+    assert straight.steps == 18 and straight.epochs == 6
+
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "interrupted"))
+    h = tiny.handle("llama")
+    before, base = state_hash(h.model), h.fingerprint
+    cancel = CancelToken()
+
+    def on_event(e):   # cancel in the middle of epoch 5
+        if isinstance(e, Progress) and e.stage == finetune_first.STAGE and e.done == 13:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        finetune_first.apply(h, items, cfg, on_event=on_event, cancel=cancel)
+    assert state_hash(h.model) == before                       # rolled back as before
+    tensors, note = finetune_first.partial_files(base, straight.key)
+    assert tensors.is_file() and json.loads(note.read_text())["epoch"] == 4   # the last finished epoch is kept
+    assert not finetune_first.cache_files(base, straight.key)[1].exists()
+
+    h = tiny.handle("llama")
+    events: list = []
+    info = finetune_first.apply(h, items, cfg, on_event=events.append)
+    assert state_hash(h.model) == want                         # the same weights as without the interruption
+    assert info.steps == 18 and info.epochs == 6 and info.history == straight.history and not info.cached
+    assert len(trained_steps(events)) == 6                     # only epochs 5 and 6 trained now
+    resumed = [e for e in events if isinstance(e, Progress) and e.stage == finetune_first.STAGE]
+    assert resumed[0].done == 12 and "resumed after epoch 4/6" in resumed[0].detail and resumed[0].eta_s is None
+    assert trained_steps(events)[0].eta_s is not None
+    assert any(isinstance(e, Log) and "resuming" in e.message for e in events)
+    assert not tensors.exists() and not note.exists()          # done: the partial files are gone
+    meta = json.loads(finetune_first.cache_files(base, info.key)[1].read_text())
+    assert meta["resumed_from"] == 4 and meta["steps"] == 18
+    assert finetune_first.apply(tiny.handle("llama"), items, cfg).cached
+
+
+def test_a_partial_fine_tune_that_does_not_hold_together_trains_from_the_start(tmp_path):
+    items, cfg = facts(), FinetuneConfig(**RESUMABLE)
+    h = tiny.handle("llama")
+    base = h.fingerprint
+    cancel = CancelToken()
+
+    def on_event(e):
+        if isinstance(e, Progress) and e.stage == finetune_first.STAGE and e.done == 7:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        finetune_first.apply(h, items, cfg, on_event=on_event, cancel=cancel)
+    key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)), cfg)
+    _, note = finetune_first.partial_files(base, key)
+    kept = json.loads(note.read_text())
+    note.write_text(json.dumps({**kept, "epoch": 1}))          # the note no longer names the tensors' epoch
+    events: list = []
+    info = finetune_first.apply(tiny.handle("llama"), items, cfg, on_event=events.append)
+    assert len(trained_steps(events)) == 18 and info.steps == 18
+    assert any(isinstance(e, Log) and e.level == "warning" and "training from the start" in e.message
+               for e in events)
+
+
 def test_cancel_in_a_replay_is_reported_rolled_back(tmp_path):
     s = make_session(tmp_path, FAST)
     cancel, events = CancelToken(), []
