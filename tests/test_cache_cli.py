@@ -285,3 +285,21 @@ def test_help_names_the_kinds_and_the_top_level_help_names_cache(capsys):
         cli.main(["--help"])
     assert "unlearn-tui cache" in capsys.readouterr().out
     assert cli.misspelt_subcommand("cahce") == "cache"
+
+
+def test_an_unfinished_fine_tune_is_listed_as_one_that_resumes(tmp_path, monkeypatch, capsys):
+    """The partial files an interrupted fine-tune keeps (finetune_first "Resume") are one entry, said to resume."""
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    tensors, note = finetune_first.partial_files(BASE, "k" * 24)
+    tensors.parent.mkdir(parents=True)
+    tensors.write_bytes(b"x" * 100)
+    note.write_text(json.dumps({"items": 400, "epochs": 4, "rouge1": 0.28, "data": "all",
+                                "settings": {"tuning": "full"}, "partial": True}))
+    rc, out, _ = run(capsys)
+    assert rc == 0
+    line = next(x for x in out.splitlines() if "resumes after" in x)
+    assert "items 400 · epochs 4 · ROUGE-1 0.280 · data all · tuning full · unfinished: resumes after this epoch" \
+        in line
+    ft = json.loads(run(capsys, "--json")[1])["finetuned"]
+    assert [e["key"] for e in ft] == ["k" * 24 + ".partial"] and ft[0]["meta"]["partial"] is True
+    assert sorted(ft[0]["files"]) == sorted([tensors.name, note.name])

@@ -166,7 +166,7 @@ def read_meta(path: Path) -> tuple[dict[str, Any] | None, str | None]:
             "reached": raw.get("reached") if isinstance(raw.get("reached"), bool) else None,
             "data": _text(raw.get("data")), "tuning": _text(settings.get("tuning")),
             "model": _text(raw.get("model")), "seconds": _num(raw.get("seconds")),
-            "created": _num(raw.get("created"))}
+            "created": _num(raw.get("created")), "partial": raw.get("partial") is True}
     return meta, None
 
 
@@ -180,6 +180,8 @@ def describe_meta(meta: dict[str, Any] | None, error: str | None) -> str:
         if v is None:
             continue
         parts.append(f"{label} {v:.3f}" if key == "rouge1" else f"{label} {v}")
+    if meta.get("partial"):   # an unfinished fine-tune's last finished epoch (the next run resumes from it)
+        parts.append("unfinished: resumes after this epoch")
     return " · ".join(parts) or "meta holds none of items, epochs, ROUGE-1, data, tuning"
 
 
