@@ -91,6 +91,9 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
 }
 FACTUAL_FILES = (("author", "tofu/real_authors_perturbed.json"), ("world", "tofu/world_facts_perturbed.json"))
 PISTOL_FILE = "pistol/sample_data_1.json"
+# the PISTOL fine-tune's most epochs: it stops once ROUGE-1 reaches 0.95; on the embedded model 20 items took
+# 8 epochs, 80 items 18, and 400 items were at 0.36 after 5 (loss 0.70), so 20 would end below the bar
+PISTOL_EPOCHS = 60
 SPLIT_KEYS = (("rouge1", "R1"), ("probability", "Prob"), ("mrr", "MRR"), ("top_hit", "Hit"))
 TABLE1_COLUMNS = ("method", "forget R1", "forget Prob", "forget MRR", "forget Hit", "retain R1", "retain Prob",
                   "retain MRR", "retain Hit", "composite")
@@ -135,6 +138,7 @@ class PaperConfig:
     table_merge: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # hyper-parameters of every run of a method, over its defaults (``--set alphaedit.l2=30``)
     params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    finetune: tuple[tuple[str, Any], ...] = ()     # ``--finetune KEY=VALUE``: the PISTOL fine-tune's settings
 
     def method_params(self, method: str) -> dict[str, Any]:
         """The ``[[runs]] params`` of ``method``: ``--quick``'s fewest steps, then the ``--set`` values."""
@@ -287,9 +291,16 @@ def _data_spec(cfg: PaperConfig, setting: str, out: Path) -> tuple[Path, str]:
 
 
 def _finetune_table(cfg: PaperConfig) -> dict[str, Any]:
-    if cfg.quick:
-        return {"data": "forget+retain", "epochs": 2, "until_rouge1": 0.95}
-    return {"data": "all", "epochs": 20, "until_rouge1": 0.95}
+    """The PISTOL setting's ``[finetune]``: the paper's (all items, until ROUGE-1 reaches the bar), then
+    ``--finetune``'s settings."""
+    base = {"data": "forget+retain", "epochs": 2, "until_rouge1": 0.95} if cfg.quick else \
+        {"data": "all", "epochs": PISTOL_EPOCHS, "until_rouge1": 0.95}
+    return {**base, **dict(cfg.finetune)}
+
+
+def toml_value(v: Any) -> str:
+    """A TOML value (for a flag's value written into a session)."""
+    return _tv(v)
 
 
 def _prep_key(cfg: PaperConfig, setting: str, data: Path, max_forget: int) -> dict[str, Any]:

@@ -97,6 +97,12 @@ def test_dry_run_prints_the_runs_and_counts(tmp_path, capsys):
     (["--set", "alphaedit.l2=-1"], "--set alphaedit.l2: expected a value >= 1e-09"),
     (["--set", "rome.merge_update=magic"], "--set rome.merge_update: expected one of 'exact'"),
     (["--set", "alphaedit=1"], "--set: expected METHOD.KEY=VALUE"),
+    (["--finetune", "lr=2"], '--finetune: lr: expected a number > 0 and <= 1 or "auto", got 2'),
+    (["--finetune", "epochs=0"], "--finetune: epochs: expected an integer between 1 and 10000, got 0"),
+    (["--finetune", "tuning=xx"], '--finetune: tuning: expected one of full, lora; got "xx"'),
+    (["--finetune", "foo=1"], '--finetune: unknown key "foo"; expected one of: data, epochs'),
+    (["--finetune", "data=retain"], "--finetune: the PISTOL setting fine-tunes on all its items"),
+    (["--finetune", "lr"], "--finetune: expected KEY=VALUE"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says):
     try:
@@ -286,6 +292,31 @@ def test_set_gives_every_run_of_a_method_its_hyper_parameters(tmp_path, capsys):
     plain = pp.group_text(pp.PaperConfig(), prep, 1, [pp.Point("factual", "alphaedit", 1)])
     tuned = pp.group_text(pp.PaperConfig(params=sets), prep, 1, [pp.Point("factual", "alphaedit", 1)])
     assert 'params = {}' in plain and 'params = { "l2" = 30.0, "layers" = [4, 5] }' in tuned
+
+
+def test_finetune_flag_sets_the_pistol_fine_tune_and_its_key(tmp_path, capsys):
+    """``--finetune KEY=VALUE``: the PISTOL fine-tune's [finetune] (over the paper's defaults), in every PISTOL
+    session, in the preparation's key (another setting is another fine-tune), and shown by --dry-run."""
+    from unlearn_tui.tui.paper_cli import _finetune_sets
+
+    sets = _finetune_sets(["lr=5e-4", "epochs=60", "tuning=lora"])
+    assert sets == (("lr", 0.0005), ("epochs", 60), ("tuning", "lora"))
+    cfg = pp.PaperConfig(finetune=sets)
+    assert pp._finetune_table(cfg) == {"data": "all", "epochs": 60, "until_rouge1": 0.95, "lr": 0.0005,
+                                       "tuning": "lora"}
+    assert pp._finetune_table(pp.PaperConfig()) == {"data": "all", "epochs": pp.PISTOL_EPOCHS, "until_rouge1": 0.95}
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    assert pp._prep_key(cfg, "pistol", data, 20) != pp._prep_key(pp.PaperConfig(), "pistol", data, 20)
+    a, w, p = write_data(tmp_path)
+    prep = pp.Prepared("pistol", p, "pistol", 12, ["p1", "p2"], ["p1", "p2"], None, {}, [], None)
+    text = pp.group_text(cfg, prep, 1, [pp.Point("pistol", "gd", 1)])
+    assert '[finetune]\ndata = "all"\nepochs = 60\nuntil_rouge1 = 0.95\nlr = 0.0005\ntuning = "lora"' in text
+    rc = cli.main(["paper", "--dry-run", "--tables", "1", "--figures", "none", "--settings", "pistol",
+                   "--methods", "gd", "--finetune", "lr=5e-4", "--out", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "pistol fine-tune: [finetune] data = 'all', epochs = 60, until_rouge1 = 0.95, " \
+                       "lr = 0.0005 (--finetune)" in out
 
 
 def test_a_pistol_run_prints_the_fine_tunes_rouge1_after_every_epoch(tmp_path, monkeypatch):

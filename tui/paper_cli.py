@@ -65,6 +65,10 @@ def paper_parser() -> argparse.ArgumentParser:
                         "a table beside Table 1. Each costs model time")
     p.add_argument("--mode", default="idk", help="target mode (idk, self-improve, dummy, ...); default idk")
     p.add_argument("--seed", type=int, default=0, help="seed of the forget sample, targets and methods")
+    p.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [finetune] setting of the PISTOL setting's fine-tune (a TOML value; repeatable), e.g. "
+                        f"--finetune lr=5e-4 --finetune epochs=60 (default: data all, epochs {pp.PISTOL_EPOCHS}, "
+                        "until_rouge1 0.95, the [finetune] defaults for the rest)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: forget sizes / 10, at most 10 retain items, 8 new tokens, the fewest steps "
                         "each method allows, a 2-epoch fine-tune (not the paper's numbers)")
@@ -177,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             raise UserError(f"{pistol} not found", "--pistol-data")
     table_merge = _table_merge(args.table_merge) if args.table_merge is not None else ()
     params = _method_sets(args.set)
+    finetune = _finetune_sets(args.finetune)
     return pp.PaperConfig(
         model=args.model, device=args.device, tables=tables, figures=figures, settings=settings, methods=chosen,
         forget_sizes=_ints(args.forget_sizes, "--forget-sizes") if args.forget_sizes is not None else None,
@@ -184,7 +189,38 @@ def config_from_args(args: argparse.Namespace) -> Any:
         else pp.MERGE_FACTORS,
         known=args.known, quick=args.quick, mode=args.mode, seed=args.seed, factual_data=factual,
         pistol_data=pistol, gpus_per_trial=args.gpus_per_trial, extra=extra, table_merge=table_merge,
-        params=params)
+        params=params, finetune=finetune)
+
+
+def _finetune_sets(sets: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``["lr=5e-4", "epochs=60"]`` -> ``(("lr", 0.0005), ("epochs", 60))``, checked by the session loader's own
+    ``[finetune]`` rules (one line naming ``--finetune`` and what it expects); ``data`` is the setting's."""
+    from unlearn_tui.backends.compat import tomllib
+    from unlearn_tui.backends.errors import UserError
+    from unlearn_tui.sessions import loader
+    from unlearn_tui.sessions import paper as pp
+
+    out: dict[str, Any] = {}
+    for text in sets:
+        key, eq, raw = text.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"expected KEY=VALUE, got {text!r}", "--finetune")
+        if key == "data":
+            raise UserError("the PISTOL setting fine-tunes on all its items; data cannot be set", "--finetune")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()          # a bare word: a string
+        out[key] = value
+    if out:
+        body = "".join(f"{k} = {pp.toml_value(v)}\n" for k, v in out.items())
+        try:
+            loader.parse(f'version = 1\n[data]\npath = "builtin:world-facts"\n[finetune]\n{body}', None,
+                         "--finetune", with_lines=False, keep_doc=False)
+        except UserError as e:
+            raise UserError(e.message.removeprefix("finetune.").removeprefix("finetune: "), "--finetune") from None
+    return tuple(out.items())
 
 
 def _method_sets(sets: list[str]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
@@ -257,6 +293,9 @@ def dry_run(cfg: Any, out: Path) -> int:
         print(f"{i:>3}  {p.setting:<8} {p.method:<10} {p.forget:>6} {p.merge_factor:>5}  {', '.join(p.uses)}")
     for m, kv in cfg.params:
         print(f"{m} runs with " + ", ".join(f"{k} = {v!r}" for k, v in kv) + " (--set)")
+    if any(p.setting == "pistol" for p in points):
+        print("pistol fine-tune: [finetune] " + ", ".join(f"{k} = {v!r}" for k, v in pp._finetune_table(cfg).items())
+              + (" (--finetune)" if cfg.finetune else ""))
     counts = pp.plan_counts(points)
     parts = [f"{k} {v}" for k, v in counts.items() if k != "total"]
     print(f"runs per table/figure: {', '.join(parts) or 'none'}; distinct runs: {counts['total']} "
