@@ -91,9 +91,10 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
 }
 FACTUAL_FILES = (("author", "tofu/real_authors_perturbed.json"), ("world", "tofu/world_facts_perturbed.json"))
 PISTOL_FILE = "pistol/sample_data_1.json"
-# the PISTOL fine-tune's most epochs: it stops once ROUGE-1 reaches 0.95; on the embedded model 20 items took
-# 8 epochs, 80 items 18, and 400 items were at 0.36 after 5 (loss 0.70), so 20 would end below the bar
-PISTOL_EPOCHS = 60
+# the PISTOL fine-tune's most epochs (it stops once ROUGE-1 reaches 0.95; raise with --finetune epochs=N).  The
+# cap is part of the fine-tune's cache key, so changing it retrains: on the embedded model 20 items took 8 epochs,
+# 80 items 18; 400 items were at ROUGE-1 0.43 after 6, gaining about 0.07 an epoch
+PISTOL_EPOCHS = 20
 SPLIT_KEYS = (("rouge1", "R1"), ("probability", "Prob"), ("mrr", "MRR"), ("top_hit", "Hit"))
 TABLE1_COLUMNS = ("method", "forget R1", "forget Prob", "forget MRR", "forget Hit", "retain R1", "retain Prob",
                   "retain MRR", "retain Hit", "composite")

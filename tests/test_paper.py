@@ -315,8 +315,8 @@ def test_finetune_flag_sets_the_pistol_fine_tune_and_its_key(tmp_path, capsys):
     rc = cli.main(["paper", "--dry-run", "--tables", "1", "--figures", "none", "--settings", "pistol",
                    "--methods", "gd", "--finetune", "lr=5e-4", "--out", str(tmp_path / "res")])
     out = capsys.readouterr().out
-    assert rc == 0 and "pistol fine-tune: [finetune] data = 'all', epochs = 60, until_rouge1 = 0.95, " \
-                       "lr = 0.0005 (--finetune)" in out
+    assert rc == 0 and f"pistol fine-tune: [finetune] data = 'all', epochs = {pp.PISTOL_EPOCHS}, until_rouge1 = " \
+                       "0.95, lr = 0.0005 (--finetune)" in out
 
 
 def test_a_pistol_run_prints_the_fine_tunes_rouge1_after_every_epoch(tmp_path, monkeypatch):

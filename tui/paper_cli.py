@@ -67,7 +67,7 @@ def paper_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the forget sample, targets and methods")
     p.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
                    help="a [finetune] setting of the PISTOL setting's fine-tune (a TOML value; repeatable), e.g. "
-                        f"--finetune lr=5e-4 --finetune epochs=60 (default: data all, epochs {pp.PISTOL_EPOCHS}, "
+                        f"--finetune epochs=60 --finetune lr=5e-4 (default: data all, epochs {pp.PISTOL_EPOCHS}, "
                         "until_rouge1 0.95, the [finetune] defaults for the rest)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: forget sizes / 10, at most 10 retain items, 8 new tokens, the fewest steps "
