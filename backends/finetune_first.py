@@ -60,17 +60,20 @@ Cache
 
 Resume
     A fine-tune that stops before its end (cancelled, killed, a failure)
-    keeps its last finished epoch: after every epoch that does not end the
-    training, the trained tensors, AdamW's state, the scheduler's position,
-    the shuffling generator's state, the step count and the history are
-    written as ``<key>.partial.safetensors`` + ``<key>.partial.json`` beside
-    the cache entry (same key, so only the same model, data and settings
-    resume; written atomically, the JSON last and naming the epoch the
-    tensors hold).  The next :func:`apply` with that key starts from there:
-    the weights it ends with, the steps and the history are the ones an
-    uninterrupted run gives (bit for bit on CPU with the same thread count;
-    a test checks it).  The partial files are removed once the entry is
-    written.  Without the cache (``use_cache=False``) nothing is kept.
+    keeps its last finished epoch: after every epoch that does not reach the
+    bar, the trained tensors, AdamW's state, the scheduler's position, the
+    shuffling generator's state, the step count and the history are written
+    as ``<key>.partial.safetensors`` + ``<key>.partial.json`` beside the cache
+    entries, under the *trajectory* key (:func:`cache_key` without the epoch
+    cap: the learning rate does not depend on it), written atomically, the
+    JSON last and naming the epoch the tensors hold.  The next :func:`apply`
+    with the same model, data and settings and a cap above that epoch starts
+    from there: the weights it ends with, the steps and the history are the
+    ones an uninterrupted run gives (bit for bit on CPU with the same thread
+    count; a test checks it).  So a fine-tune cut short resumes, and one that
+    ended below the bar continues when the cap is raised (``epochs``).  The
+    partial files are removed once the bar is reached.  Without the cache
+    (``use_cache=False``) nothing is kept.
 
 Identity
     Afterwards the handle's fingerprint is derived from the base fingerprint
@@ -213,11 +216,18 @@ def _settings(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def cache_key(handle: ModelHandle, exs: Sequence[Example], cfg: FinetuneConfig,
-              base_fingerprint: str | None = None) -> str:
-    """The fine-tune's key: VERSION, base fingerprint and dtype, settings, every example's token ids."""
+              base_fingerprint: str | None = None, trajectory: bool = False) -> str:
+    """The fine-tune's key: VERSION, base fingerprint and dtype, settings, every example's token ids.
+
+    ``trajectory``: the key without the epoch cap, which names the training path (the learning rate
+    does not depend on the cap), so a partial fine-tune continues under a higher cap ("Resume")."""
+    settings = _settings(cfg)
+    if trajectory:
+        settings.pop("epochs")
     h = hashlib.sha256()
     h.update(json.dumps({"v": VERSION, "base": base_fingerprint or handle.fingerprint, "dtype": str(handle.dtype),
-                         "settings": _settings(cfg), "check_margin": CHECK_MARGIN}, sort_keys=True).encode())
+                         "settings": settings, "check_margin": CHECK_MARGIN,
+                         **({"trajectory": True} if trajectory else {})}, sort_keys=True).encode())
     for e in exs:
         h.update(json.dumps([list(e.prompt), list(e.completion)]).encode())
     return h.hexdigest()[:24]
@@ -290,7 +300,7 @@ def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cf
            tracker: Tracker, on_event: EventCallback, cancel: CancelToken, check_batch: int,
            resume: _Partial | None = None, save_point: Any = None) -> _Trained:
     """The loop of the module doc on ``params``; returns what it did.  ``resume`` continues a partial
-    fine-tune; ``save_point(partial)`` is called after every epoch that does not end the training."""
+    fine-tune; ``save_point(partial)`` is called after every epoch that does not reach the bar."""
     import torch
 
     from . import training
@@ -358,7 +368,7 @@ def _train(handle: ModelHandle, items: Sequence[Any], exs: Sequence[Example], cf
                     if cfg.until_rouge1 > 0 and r1 >= cfg.until_rouge1:
                         res.reached = True
                         break
-                if save_point is not None and epoch < cfg.epochs:
+                if save_point is not None:   # not reached (a reached bar broke out above): kept for a resume
                     sd = dict(sched.state_dict())
                     sd.pop("lr_lambdas", None)
                     save_point(_Partial(epoch, res.steps, list(res.history), res.rouge1,
@@ -561,14 +571,18 @@ def apply(handle: ModelHandle, items: Sequence[Any], cfg: FinetuneConfig, settin
                      f"{info.epochs} epochs; no training)"))
     else:
         t0 = time.perf_counter()
-        kept = _read_partial(base, key, on_event) if use_cache else None
+        path_key = cache_key(handle, exs, cfg, base, trajectory=True)
+        kept = _read_partial(base, path_key, on_event) if use_cache else None
+        if kept is not None and kept[0].epoch >= cfg.epochs:   # it went as far as this cap allows, or further
+            kept = None
         resume, before = (kept[0], float(kept[1].get("seconds", 0.0))) if kept else (None, 0.0)
         if resume is not None:
             on_event(Log(f"finetune: resuming {key} after epoch {resume.epoch}/{cfg.epochs} (ROUGE-1 "
                          f"{_fmt(resume.rouge1)}), kept by an unfinished run"))
         note = {"model": handle.name, "base_fingerprint": base, "data": cfg.data, "items": len(train),
                 "tuning": cfg.tuning, "settings": _settings(cfg)}
-        save_point = (lambda pt: _write_partial(base, key, pt, {**note, "seconds": before + time.perf_counter() - t0},
+        save_point = (lambda pt: _write_partial(base, path_key, pt,
+                                                {**note, "seconds": before + time.perf_counter() - t0},
                                                 on_event)) if use_cache else None
         with handle.transaction(names):
             res = _run_training(handle, train, exs, cfg, names, on_event, cancel, check_batch, resume, save_point)
@@ -584,7 +598,8 @@ def apply(handle: ModelHandle, items: Sequence[Any], cfg: FinetuneConfig, settin
                     "resumed_from": res.resumed_from,
                     "parameters": len(names), "created": time.time()}
             _write_cache(handle, base, key, names, meta, on_event)
-            _remove_partial(base, key)
+            if res.reached:   # a bar not reached keeps its last epoch: a higher cap continues from there
+                _remove_partial(base, path_key)
     if not info.reached:
         on_event(Log(f"finetune: ROUGE-1 {_fmt(info.rouge1)} after {info.epochs} epochs did not reach "
                      f"until_rouge1 = {cfg.until_rouge1:g}; the baseline starts from this model (raise [finetune] "

@@ -221,7 +221,9 @@ def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one
     with pytest.raises(Cancelled):
         finetune_first.apply(h, items, cfg, on_event=on_event, cancel=cancel)
     assert state_hash(h.model) == before                       # rolled back as before
-    tensors, note = finetune_first.partial_files(base, straight.key)
+    path_key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)), cfg,
+                                        trajectory=True)
+    tensors, note = finetune_first.partial_files(base, path_key)
     assert tensors.is_file() and json.loads(note.read_text())["epoch"] == 4   # the last finished epoch is kept
     assert not finetune_first.cache_files(base, straight.key)[1].exists()
 
@@ -241,6 +243,43 @@ def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one
     assert finetune_first.apply(tiny.handle("llama"), items, cfg).cached
 
 
+def test_a_bar_not_reached_continues_when_the_epoch_cap_is_raised(tmp_path, monkeypatch):
+    """A fine-tune that ended below the bar keeps its last epoch; the same settings with a higher cap go on from
+    there (another cache entry, the weights of a run with that cap from the start); reaching the bar clears it."""
+    items = facts()
+    slow = {"lr": 3e-3, "until_rouge1": 1.0, "batch_size": 2}   # does not reach 1.0 in 2 epochs
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "straight"))
+    h = tiny.handle("llama")
+    straight = finetune_first.apply(h, items, FinetuneConfig(**slow, epochs=4))
+    want = state_hash(h.model)
+
+    monkeypatch.setenv("UNLEARN_TUI_CACHE_DIR", str(tmp_path / "raised"))
+    h = tiny.handle("llama")
+    base = h.fingerprint
+    short = finetune_first.apply(h, items, FinetuneConfig(**slow, epochs=2))
+    assert not short.reached and short.epochs == 2
+    path_key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)),
+                                        FinetuneConfig(**slow, epochs=2), base, trajectory=True)
+    _, note = finetune_first.partial_files(base, path_key)
+    assert json.loads(note.read_text())["epoch"] == 2             # kept although the run finished
+    h = tiny.handle("llama")
+    events: list = []
+    more = finetune_first.apply(h, items, FinetuneConfig(**slow, epochs=4), on_event=events.append)
+    assert not more.cached and more.key != short.key and more.epochs == straight.epochs
+    assert len(trained_steps(events)) == straight.steps - short.steps     # only the epochs past the old cap
+    assert state_hash(h.model) == want and more.history == straight.history
+    # a lower cap than the kept epoch cannot use it: trains from the start
+    events = []
+    finetune_first.apply(tiny.handle("llama"), items, FinetuneConfig(**slow, epochs=1), on_event=events.append)
+    assert len(trained_steps(events)) == 3
+    # reaching the bar removes the kept epoch
+    done = finetune_first.apply(tiny.handle("llama"), items, FinetuneConfig(**FAST))
+    assert done.reached
+    fast_key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)),
+                                        FinetuneConfig(**FAST), base, trajectory=True)
+    assert not any(p.exists() for p in finetune_first.partial_files(base, fast_key))
+
+
 def test_a_partial_fine_tune_that_does_not_hold_together_trains_from_the_start(tmp_path):
     items, cfg = facts(), FinetuneConfig(**RESUMABLE)
     h = tiny.handle("llama")
@@ -253,7 +292,8 @@ def test_a_partial_fine_tune_that_does_not_hold_together_trains_from_the_start(t
 
     with pytest.raises(Cancelled):
         finetune_first.apply(h, items, cfg, on_event=on_event, cancel=cancel)
-    key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)), cfg)
+    key = finetune_first.cache_key(h, finetune_first.examples(h, finetune_first.training_items(items)), cfg,
+                                   trajectory=True)
     _, note = finetune_first.partial_files(base, key)
     kept = json.loads(note.read_text())
     note.write_text(json.dumps({**kept, "epoch": 1}))          # the note no longer names the tensors' epoch
