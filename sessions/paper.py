@@ -71,6 +71,8 @@ TABLES = (1, 2)
 FIGURES = (4, 6)
 PAPER_METHODS = ("ga", "gd", "kl", "dpo", "npo", "rome", "memit", "alphaedit", "wise", "grace", "ike")
 """Table rows, in the paper's order (unlearning baselines, then editing methods; NPO and IKE are ours)."""
+EDITING_METHODS = ("rome", "memit", "alphaedit", "wise", "grace", "ike")
+"""The editing methods (the refusal summary's total is over their rows)."""
 FIG4_METHODS = ("alphaedit", "wise", "gd", "dpo")
 FIG6_METHODS = ("rome", "memit")
 TABLE_FORGET = {"factual": 40, "pistol": 20}
@@ -631,7 +633,8 @@ def _group_info(cfg: PaperConfig, res: PaperResult, setting: str, n: int, found:
     sel = selection(cfg, prep, n) if prep is not None else None
     info = {"setting": setting, "forget": n, "retain": len(sel[1]) if sel else None,
             "rephrase": (base or {}).get("rephrase", {}).get("n") if base else None,
-            "baseline": ({**_cells(base, ("forget", "retain", "rephrase")), "composite": base.get("composite")}
+            "baseline": ({**_cells(base, ("forget", "retain", "rephrase")), "composite": base.get("composite"),
+                          **{f"{sp} refused": _split(base, sp, "refused") for sp in ("forget", "retain", "rephrase")}}
                          if base else None)}
     if prep is not None:
         info.update(items=prep.items, known=len(prep.known_ids) if setting == "factual" else None,
@@ -660,7 +663,10 @@ def tables(cfg: PaperConfig, res: PaperResult) -> dict[str, dict[str, Any]]:
                 cells = _cells(r.run if r.ok else None, splits)
                 row = {"method": m if k == 1 else f"{m}+merge (m={k})", **{c: cells.get(c) for c in cols[1:]},
                        "merge_factor": k, "status": r.status, "error": r.error,
-                       "refused": _split(r.run, "forget", "refused")}
+                       "refused": _split(r.run, "forget", "refused"),
+                       "refused_rephrase": _split(r.run, "rephrase", "refused"),
+                       "refused_retain": _split(r.run, "retain", "refused"),
+                       "n": {sp: _split(r.run, sp, "n") for sp in ("forget", "rephrase", "retain")}}
                 if cfg.extra and t == 1:
                     row["extra"] = extra_cells(cfg, r.run if r.ok else None)
                 rows.append(row)
@@ -763,6 +769,8 @@ def markdown(cfg: PaperConfig, res: PaperResult, tabs: dict, figs: dict) -> str:
             rows += [[r["method"] if r["status"] == "ok" else f"{r['method']} (failed: {r['error']})",
                       *(r.get(c) for c in cols[1:])] for r in t["rows"]]
             lines += _md_table([_head(c) for c in cols], rows) + [""]
+            if tname == "table1":
+                lines += _refusal_lines(setting, info, t["rows"])
             if tname == "table1" and cfg.extra:
                 ecols = [c for c, e, _ in EXTRA_COLUMNS if e in cfg.extra]
                 lines += [f"### The field's metrics ({setting} setting): {', '.join(cfg.extra)}", ""]
@@ -785,6 +793,35 @@ def markdown(cfg: PaperConfig, res: PaperResult, tabs: dict, figs: dict) -> str:
     if res.skipped:
         lines += ["## Not run", ""] + [f"- {s}" for s in res.skipped] + [""]
     return "\n".join(lines)
+
+
+def refusal_total(rows: Sequence[dict]) -> tuple[int, int]:
+    """(forget answers detected as refusals, forget answers) over the editing methods' finished rows."""
+    hit = total = 0
+    for r in rows:
+        if r["status"] != "ok" or r["method"].split("+")[0] not in EDITING_METHODS or r.get("refused") is None:
+            continue
+        n = int((r.get("n") or {}).get("forget") or 0)
+        hit += round(r["refused"] * n)
+        total += n
+    return hit, total
+
+
+def _refusal_lines(setting: str, info: dict, rows: Sequence[dict]) -> list[str]:
+    """Table 1's refusals: the share of answers the refusal detector (``backends.refusal``) reads as refusals,
+    per split; on retain that is over-refusal."""
+    b = info.get("baseline") or {}
+    out = [f"### Refusals ({setting} setting)", "",
+           "The share of greedy answers the refusal detector reads as refusals; on retain questions a refusal "
+           "is over-refusal (a question the model should still answer).", ""]
+    body = [["*unedited (baseline)*", b.get("forget refused"), b.get("rephrase refused"), b.get("retain refused")]]
+    body += [[r["method"], r.get("refused"), r.get("refused_rephrase"), r.get("refused_retain")]
+             for r in rows if r["status"] == "ok"]
+    out += _md_table(["Method", "forget refused ↑", "rephrase refused ↑", "retain refused ↓"], body) + [""]
+    hit, total = refusal_total(rows)
+    if total:
+        out += [f"Editing methods' forget answers detected as refusals: {hit}/{total} ({hit / total:.0%}).", ""]
+    return out
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -187,6 +187,30 @@ def test_a_quick_run_writes_the_tables_and_plots(quick_run):
     assert len(list((out / "trials").glob("*.json"))) == 7
 
 
+def test_refusals_are_tabled_per_split_with_the_editing_methods_total(quick_run):
+    """Under Table 1: the detector's refusal share of forget / rephrase / retain (over-refusal) per method, and
+    how many of the editing methods' forget answers were refusals."""
+    tmp, out, rc, _ = quick_run
+    assert rc == 0
+    md = (out / "paper.md").read_text()
+    js = json.loads((out / "paper.json").read_text())
+    for setting in ("factual", "pistol"):
+        part = md.split(f"### Refusals ({setting} setting)")[1].split("\n## ")[0]
+        assert "| Method | forget refused ↑ | rephrase refused ↑ | retain refused ↓ |" in part
+        rows = js["tables"]["table1"][setting]["rows"]
+        for r in rows:
+            assert {"refused", "refused_rephrase", "refused_retain"} <= set(r)
+            assert all(v is None or 0.0 <= v <= 1.0 for v in (r["refused"], r["refused_retain"]))
+            assert f"| {r['method']} |" in part
+        hit, total = pp.refusal_total(rows)
+        rome = [r for r in rows if r["method"] == "rome"]
+        assert total == sum(int(r["n"]["forget"]) for r in rome) > 0          # gd is not an editing method
+        assert hit == sum(round(r["refused"] * r["n"]["forget"]) for r in rome)
+        assert f"Editing methods' forget answers detected as refusals: {hit}/{total} " in part
+        base = js["tables"]["table1"][setting]["info"]["baseline"]
+        assert {"forget refused", "retain refused", "rephrase refused"} <= set(base)
+
+
 def test_a_second_run_is_resumed_from_the_kept_trials(quick_run):
     tmp, out, rc, _ = quick_run
     assert rc == 0
