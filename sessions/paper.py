@@ -293,7 +293,7 @@ def _data_spec(cfg: PaperConfig, setting: str, out: Path) -> tuple[Path, str]:
     return cfg.pistol_file().absolute(), "pistol"
 
 
-def _finetune_table(cfg: PaperConfig) -> dict[str, Any]:
+def finetune_table(cfg: PaperConfig) -> dict[str, Any]:
     """The PISTOL setting's ``[finetune]``: the paper's (all items, until ROUGE-1 reaches the bar), then
     ``--finetune``'s settings."""
     base = {"data": "forget+retain", "epochs": 2, "until_rouge1": 0.95} if cfg.quick else \
@@ -315,7 +315,7 @@ def _prep_key(cfg: PaperConfig, setting: str, data: Path, max_forget: int) -> di
     if setting == "factual":
         key["known"] = cfg.known
     else:
-        key["finetune"] = _finetune_table(cfg)
+        key["finetune"] = finetune_table(cfg)
     return key
 
 
@@ -402,7 +402,7 @@ def prepare_setting(cfg: PaperConfig, setting: str, out: Path, max_forget: int, 
         if cfg.quick:
             retain = retain[:QUICK_RETAIN]
         ft_text = text.replace("forget = 1\nretain = 0\n", f"forget = {_tv(pool[:n])}\nretain = {_tv(retain)}\n")
-        ft_text += "[finetune]\n" + "".join(f"{k} = {_tv(v)}\n" for k, v in _finetune_table(cfg).items())
+        ft_text += "[finetune]\n" + "".join(f"{k} = {_tv(v)}\n" for k, v in finetune_table(cfg).items())
         ft_session = parse(ft_text, out / "prep" / "prep.toml", "paper (pistol fine-tune)", with_lines=False,
                            keep_doc=False)
         fwb = Workbench(ft_session, on_event, cancel, h)
@@ -462,7 +462,7 @@ def group_text(cfg: PaperConfig, prep: Prepared, n: int, points: Sequence[Point]
         lines.append(f"extra = {_tv(list(cfg.extra))}")
     if prep.setting == "pistol":
         lines.append("[finetune]")
-        lines += [f"{k} = {_tv(v)}" for k, v in _finetune_table(cfg).items()]
+        lines += [f"{k} = {_tv(v)}" for k, v in finetune_table(cfg).items()]
     for i in forget:
         if i in prep.paraphrases:
             p = prep.paraphrases[i]

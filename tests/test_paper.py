@@ -326,9 +326,9 @@ def test_finetune_flag_sets_the_pistol_fine_tune_and_its_key(tmp_path, capsys):
     sets = _finetune_sets(["lr=5e-4", "epochs=60", "tuning=lora"])
     assert sets == (("lr", 0.0005), ("epochs", 60), ("tuning", "lora"))
     cfg = pp.PaperConfig(finetune=sets)
-    assert pp._finetune_table(cfg) == {"data": "all", "epochs": 60, "until_rouge1": 0.95, "lr": 0.0005,
+    assert pp.finetune_table(cfg) == {"data": "all", "epochs": 60, "until_rouge1": 0.95, "lr": 0.0005,
                                        "tuning": "lora"}
-    assert pp._finetune_table(pp.PaperConfig()) == {"data": "all", "epochs": pp.PISTOL_EPOCHS, "until_rouge1": 0.95}
+    assert pp.finetune_table(pp.PaperConfig()) == {"data": "all", "epochs": pp.PISTOL_EPOCHS, "until_rouge1": 0.95}
     data = tmp_path / "d.json"
     data.write_text("[]")
     assert pp._prep_key(cfg, "pistol", data, 20) != pp._prep_key(pp.PaperConfig(), "pistol", data, 20)

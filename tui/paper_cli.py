@@ -294,7 +294,7 @@ def dry_run(cfg: Any, out: Path) -> int:
     for m, kv in cfg.params:
         print(f"{m} runs with " + ", ".join(f"{k} = {v!r}" for k, v in kv) + " (--set)")
     if any(p.setting == "pistol" for p in points):
-        print("pistol fine-tune: [finetune] " + ", ".join(f"{k} = {v!r}" for k, v in pp._finetune_table(cfg).items())
+        print("pistol fine-tune: [finetune] " + ", ".join(f"{k} = {v!r}" for k, v in pp.finetune_table(cfg).items())
               + (" (--finetune)" if cfg.finetune else ""))
     counts = pp.plan_counts(points)
     parts = [f"{k} {v}" for k, v in counts.items() if k != "total"]
