@@ -180,22 +180,22 @@ def bucket_kl(cur_logp: torch.Tensor, ref_idx: torch.Tensor | None, ref_logp: to
     if ref_idx is None:
         return (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
     cur_top = cur_logp.gather(1, ref_idx)
-    cur_rest = _log1mexp(torch.logsumexp(cur_top, dim=-1))
+    cur_rest = rest_logmass(cur_logp, ref_idx)
     head = (ref_logp.exp() * (ref_logp - cur_top)).sum(dim=-1)
     tail = ref_rest.exp() * (ref_rest - cur_rest)
     return head + torch.where(torch.isfinite(ref_rest), tail, torch.zeros_like(tail))
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable; -inf at x = 0."""
-    x = torch.clamp(x, max=0.0)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def rest_logmass(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside the ids ``idx`` ``[N, k]``: the logsumexp of the other entries.
+    Not ``log(1 - sum(top))``: once a model puts nearly all its mass on the top ids (a memorised answer)
+    that sum rounds to 1 in float32 and the log to -inf, which made the KL infinite."""
+    return torch.logsumexp(logp.scatter(1, idx, float("-inf")), dim=-1)
 
 
 def top_k_table(ref_logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vals, idx = ref_logp.topk(k, dim=-1)
-    rest = _log1mexp(torch.logsumexp(vals, dim=-1))
-    return idx, vals, rest
+    return idx, vals, rest_logmass(ref_logp, idx)
 
 
 # --------------------------------------------------------------------------- references

@@ -269,6 +269,31 @@ def test_top_k_reference_matches_live_and_bounds_full_kl(llama_handle):
     torch.testing.assert_close(big.retain_kl(cur, idx, rp), kfull, rtol=1e-3, atol=1e-4)
 
 
+def test_bucketed_kl_stays_finite_when_a_model_puts_nearly_all_its_mass_on_the_top_tokens():
+    """A memorised answer (PISTOL after its fine-tune): the top-k mass rounds to 1 in float32, and
+    ``log(1 - sum(top))`` was -inf, so KL's loss became inf at its second step.  The rest mass is now the
+    logsumexp of the other entries: finite, and equal to the float64 value."""
+    vocab, k = 4096, 8
+    logits = torch.full((3, vocab), -30.0)
+    logits[:, :k] = torch.tensor([10.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    cur = torch.log_softmax(logits, dim=-1)
+    assert float(torch.logsumexp(cur[:, :k], dim=-1).min()) >= 0.0          # the top-k mass rounds to >= 1
+    ref = torch.log_softmax(logits + torch.linspace(0.0, 15.0, vocab), dim=-1)  # a reference with mass left over
+    idx, vals, rest = training.top_k_table(ref, k)
+    assert torch.isfinite(rest).all()
+    kl = training.bucket_kl(cur, idx, vals, rest)
+    assert torch.isfinite(kl).all()
+    # the exact bucketed KL in float64
+    c64, r64 = cur.double(), ref.double()
+    top = r64.gather(1, idx)
+    mask = torch.ones_like(r64, dtype=torch.bool).scatter(1, idx, False)
+    r_rest = torch.logsumexp(r64.masked_fill(~mask, float("-inf")), dim=-1)
+    c_rest = torch.logsumexp(c64.masked_fill(~mask, float("-inf")), dim=-1)
+    want = (top.exp() * (top - c64.gather(1, idx))).sum(-1) + r_rest.exp() * (r_rest - c_rest)
+    torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=1e-6)
+    assert training.rest_logmass(cur, torch.arange(vocab).expand(3, vocab)).eq(float("-inf")).all()   # no rest
+
+
 @pytest.mark.parametrize("name", ["kl", "npo", "dpo"])
 def test_training_with_precomputed_or_live_reference_agrees(name):
     forget, retain = _data()
