@@ -143,12 +143,14 @@ def _rotated(exemplars: Sequence, key: int) -> list:
     return list(exemplars[k:]) + list(exemplars[:k])
 
 
-def prompt_text(handle: ModelHandle, spec: _Spec, question: str, order_key: int = 0, prefill: str = "") -> str:
+def prompt_text(handle: ModelHandle, spec: _Spec, question: str, order_key: int = 0, prefill: str = "",
+                shots: Sequence[tuple[str, str]] | None = None) -> str:
     """The full prompt text (instructions + exemplars + the question) for one item.
 
-    ``prefill`` starts the model's reply (the paraphrase openers below).
+    ``prefill`` starts the model's reply (the paraphrase openers below); ``shots``, when given,
+    replace the spec's exemplars (the retrieved paraphrase exemplars, :func:`paraphrase_exemplars`).
     """
-    shots = _rotated(spec.exemplars, order_key)
+    shots = list(shots) if shots is not None else _rotated(spec.exemplars, order_key)
     tok = handle.tokenizer
     if getattr(handle, "has_chat_template", False):
         msgs = [{"role": "system", "content": spec.system}]
@@ -166,8 +168,9 @@ def prompt_text(handle: ModelHandle, spec: _Spec, question: str, order_key: int 
     return f"{spec.system}\n\n{body}\n\nQuestion: {question}\n{spec.label}:" + (" " + prefill if prefill else "")
 
 
-def _prompt_ids(handle: ModelHandle, spec: _Spec, question: str, order_key: int, prefill: str = "") -> list[int]:
-    return handle.encode_prompt(prompt_text(handle, spec, question, order_key, prefill))
+def _prompt_ids(handle: ModelHandle, spec: _Spec, question: str, order_key: int, prefill: str = "",
+                shots: Sequence[tuple[str, str]] | None = None) -> list[int]:
+    return handle.encode_prompt(prompt_text(handle, spec, question, order_key, prefill, shots))
 
 
 _LABELS = ("refusal:", "answer:", "wrong answer:", "rewritten question:", "question:", "assistant:", "a:")
@@ -503,7 +506,9 @@ def answer_kind(question: str) -> str | None:
     ("Which Nigerian author" -> person, "what is the name of the largest ocean" -> place, "which
     novel" -> work).  A question word right after a comma that tells nothing may open a relative
     clause and is passed over ("'The White Tiger', which won the Booker Prize, is authored by whom?"
-    -> person; "What does water turn into when it freezes?" -> ``None``)."""
+    -> person; "What does water turn into when it freezes?" -> ``None``).  Without a question word,
+    "name" as the verb of a request ("Can you name the writer ...", "Name the city ...") is read as
+    "which" (our own paraphrase openers start so)."""
     import re
 
     text = re.sub(r"'s\b", "'", _fold(question))    # the apostrophe stays: a possessive ends a compound
@@ -518,6 +523,9 @@ def answer_kind(question: str) -> str | None:
         if kind is None and text[:matches[i].start()].rstrip().endswith(","):
             continue       # maybe a relative clause (", which won ..."); "By area, which nation" tells one
         return kind
+    for i, w in enumerate(low):   # no question word: "Can you name the writer ...", "Name the city ..."
+        if w == "name" and (i == 0 or low[i - 1] == "you"):
+            return _kind_after("which", i, words, low, ends)
     return None
 
 
@@ -788,6 +796,88 @@ def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str]) -> set[
     return out
 
 
+PARAPHRASE_GENERATOR = 2   # bumped when generation changes (a cache of generated paraphrases keys on it);
+#   2: retrieved exemplars (paraphrase_exemplars), greedy tries
+PARAPHRASE_SHOTS = 5       # retrieved exemplars in a paraphrase prompt
+PARAPHRASE_SAMPLE_FROM = PARAPHRASE_TRIES  # tries from this one on sample (temperature); the earlier ones are greedy,
+#   each with other exemplars and another opener: greedy rewrites pass more often (bench_paraphrases.py)
+
+
+def paraphrase_bank() -> tuple[tuple[str, str], ...]:
+    """(question, paraphrase) pairs a paraphrase prompt's exemplars are drawn from: our own paraphrases
+    of the 217 factual questions (:data:`BUILTIN_PARAPHRASE_FILE`) and the generic
+    :data:`PARAPHRASE_EXEMPLARS`."""
+    return tuple((q, p) for q, p in _builtin_paraphrases().items()) + tuple(PARAPHRASE_EXEMPLARS)
+
+
+def _frame_words(question: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z]+", _fold(question or "").lower()))
+
+
+def exemplar_name_tokens(handle: ModelHandle | Any, item: Any, shots: Sequence[tuple[str, str]]) -> set[int]:
+    """First tokens of the names in ``shots`` (capitalised words and numbers of an exemplar's question or
+    paraphrase, :func:`new_names`) that ``item``'s question does not hold, capitalised only: a small
+    model copies an exemplar's title or person into its rewrite ("Which author created the detective
+    character Hercule Poirot?" -> "... who wrote the classic 'Gone with the Wind'?"), and a rewrite
+    must name nothing the question does not."""
+    words: list[str] = []
+    for q, p in shots:
+        for w in new_names(f"{q} {p}", getattr(item, "question", "") or ""):
+            w = w.strip("'\".,;:?!‘’“”")
+            if len(w) >= MIN_BANNED_PIECE and w[:1].isupper() and w.lower() not in PARAPHRASE_STOPWORDS \
+                    and w not in words:
+                words.append(w)
+    tok = handle.tokenizer
+    out: set[int] = set()
+    for w in words:
+        for text in (" " + w, w):
+            ids = tok.encode(text, add_special_tokens=False)
+            if ids and (len(ids) == 1 or len(tok.decode(ids[:1]).strip()) >= MIN_BANNED_PIECE):
+                out.add(int(ids[0]))
+    return out
+
+
+def paraphrase_exemplars(item: Any, bank: Sequence[tuple[str, str]], k: int = PARAPHRASE_SHOTS,
+                         order_key: int = 0, pool: int | None = None) -> list[tuple[str, str]]:
+    """The ``k`` pairs of ``bank`` whose questions are worded most like ``item``'s (retrieved few-shot
+    exemplars), the most similar LAST (nearest the question).  A small model copies the construction
+    of its exemplars: five rewrites of questions of the same form ("Who wrote 'X'?" -> "Which writer
+    is the author of 'X'?") teach it far better than five generic ones (measured in
+    ``benchmarks/bench_paraphrases.py``).
+
+    Similarity: Jaccard of the two questions' lower-case word sets (question words and stop words
+    included: they are the form), plus 1 when the first two words agree (0.5 for the first only).
+    Never used: the item's own question, and a pair holding a content token of the item's gold
+    answer (a rewrite of a related question may name it: "Which play by Shakespeare ...?" beside
+    "Who wrote 'Hamlet'?").  ``order_key`` > 0 (a regeneration) draws the ``k`` from the best
+    ``pool`` (default 2k) by that key, so each try sees other exemplars."""
+    import random
+
+    question = getattr(item, "question", "") or ""
+    own = _question_key(question)
+    words = _frame_words(question)
+    first = question.lower().split()[:2]
+    scored = []
+    for n, (q, p) in enumerate(bank):
+        if _question_key(q) == own or answer_tokens_in(q + " " + p, item):
+            continue
+        w = _frame_words(q)
+        sim = len(words & w) / max(1, len(words | w))
+        head = q.lower().split()[:2]
+        sim += 1.0 if head == first else 0.5 if head[:1] == first[:1] else 0.0
+        scored.append((sim, -n, (q, p)))
+    scored.sort(reverse=True)
+    best = [pair for _, _, pair in scored[:pool or 2 * k]]
+    if order_key:
+        chosen = random.Random(order_key).sample(best, min(k, len(best)))
+        chosen.sort(key=best.index)
+    else:
+        chosen = best[:k]
+    return list(reversed(chosen))
+
+
 def _answers(handle: ModelHandle, questions: Sequence[str], batch_size: int) -> list[str]:
     """The model's greedy answers to ``questions`` asked as the evaluation asks them."""
     from .generation import generate
@@ -799,7 +889,10 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                          cancel: CancelToken | None = None, max_tries: int = PARAPHRASE_TRIES,
                          batch_size: int = BATCH_SIZE, max_new_tokens: int = 32,
                          failures: dict[str, dict] | None = None,
-                         reword: bool = True, meaning: bool = True) -> dict[str, tuple[str, str, bool | None]]:
+                         reword: bool = True, meaning: bool = True,
+                         bank: Sequence[tuple[str, str]] | None = None,
+                         sample_from: int | None = None,
+                         ban_exemplar_names: bool = True) -> dict[str, tuple[str, str, bool | None]]:
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
@@ -813,7 +906,13 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     passed the text checks must get a right answer too, else it fails with the reason ``meaning``: a
     paraphrase that drifted ("In which country is the Taj Mahal?" -> "Which city is Taj Mahal?")
     asks something else, and one the unedited model cannot answer tests nothing about forgetting
-    (the model is the unedited one: paraphrases are made before any edit).  ``failures``, when
+    (the model is the unedited one: paraphrases are made before any edit).  ``bank``: the (question,
+    paraphrase) pairs the prompt's exemplars are retrieved from (:func:`paraphrase_exemplars`;
+    default :func:`paraphrase_bank`); an empty bank gives the fixed generic exemplars, rotated.
+    ``ban_exemplar_names`` (default): the exemplars' own names cannot start a word
+    (:func:`exemplar_name_tokens`).  ``sample_from``: the first try that samples (default
+    :data:`PARAPHRASE_SAMPLE_FROM`); the ones before are greedy, each with other exemplars and opener.
+    ``failures``, when
     given, receives item id -> the verdict of the last try and every try's text (``{"verdict",
     "texts"}``) for the absent items.
     """
@@ -821,6 +920,8 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     from .metrics import rouge1_recall
 
     spec = _SPECS["paraphrase"]
+    bank = paraphrase_bank() if bank is None else tuple(bank)
+    sample_from = PARAPHRASE_SAMPLE_FROM if sample_from is None else sample_from
     out: dict[str, tuple[str, str, bool | None]] = {}
     texts: dict[str, list[str]] = {}
     last: dict[str, dict] = {}
@@ -841,11 +942,20 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
             # try k uses opener k (then a seeded pick), so every opener is tried once within the budget
             openers.append(options[attempt] if attempt < len(options)
                            else options[_hash(seed, it.id, "opener", attempt) % len(options)])
-        prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener)
-                   for it, opener in zip(pending, openers)]
-        banned = [ban[it.id] for it in pending] if reword else None
+        shots = [paraphrase_exemplars(it, bank, order_key=attempt and _hash(seed, it.id, "shots", attempt)) or None
+                 for it in pending]
+        prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener, sh)
+                   for it, opener, sh in zip(pending, openers, shots)]
+        banned = None
+        if reword or ban_exemplar_names:
+            banned = [(ban[it.id] if reword else set()) |
+                      (exemplar_name_tokens(handle, it, sh) if ban_exemplar_names and sh else set())
+                      for it, sh in zip(pending, shots)]
+            if not any(banned):
+                banned = None
         gens = generate(handle, prompts, max_new_tokens, batch_size, on_batch=tracker.step,
-                        sample=attempt > 0, seed=seed * 1013 + attempt * 7919, temperature=SAMPLE_TEMPERATURE,
+                        sample=attempt >= sample_from, seed=seed * 1013 + attempt * 7919,
+                        temperature=SAMPLE_TEMPERATURE,
                         banned=banned)
         still = []
         cleaned = [clean(opener + " " + raw.strip(), max_sentences=1) for opener, raw in zip(openers, gens)]

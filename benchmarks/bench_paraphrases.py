@@ -1,8 +1,10 @@
 """How many model-written paraphrases pass the checks, on the paper's 217-item factual set (issue 15, item 4).
 
 The embedded model (or ``--model``) paraphrases every question of TOFU's real
-authors (100) + world facts (117) — our shipped paraphrases are NOT used here,
-so every question goes through generation — and each try is judged by
+authors (100) + world facts (117) — our shipped paraphrases are NOT used as
+answers here, so every question goes through generation (they are the bank the
+prompt's exemplars are retrieved from, the question's own pair excluded) — and
+each try is judged by
 :func:`backends.selfimprove.paraphrase_verdict` (a question; names the same
 subject; no token of the gold answer; not a near-copy) and, unless
 ``--no-meaning``, by the meaning check (the unedited model still answers a
@@ -11,11 +13,15 @@ that passed on the first (greedy) try, within the try budget, how many were
 left out, the failure reasons of the left-out items, and examples; for
 generation as it is (the question's own words banned, so the model must
 reword it: ``generate_paraphrases(reword=True)``) and without the ban, side by
-side in one run (``--mode both``).  The bar is >= 90% passing.
+side in one run (``--mode both``); with the prompt's exemplars retrieved from our paraphrase bank
+(the default), retrieved only from the other file's questions (``--shots cross``: no exemplar of the
+same file), the five fixed generic ones (``--shots generic``: before retrieval), or generic and
+retrieved side by side (``--shots compare``).  The bar is >= 90% passing.
 
 Usage::
 
     python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 4] [--seed 0] [--mode both]
+        [--shots retrieved|cross|generic|compare]
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=12, help="passed examples printed per mode")
     ap.add_argument("--no-meaning", action="store_true",
                     help="without the meaning check (the unedited model must still answer a known item's paraphrase)")
+    ap.add_argument("--shots", choices=("retrieved", "cross", "generic", "compare"), default="retrieved",
+                    help="the prompt's exemplars: retrieved from our paraphrase bank (the tool's default; the "
+                         "question's own pair is never used), retrieved only from the OTHER file's questions "
+                         "and the generic ones (cross), the five fixed generic ones (generic, before "
+                         "retrieval), or generic and retrieved side by side (compare)")
+    ap.add_argument("--sample-from", type=int, default=None,
+                    help="tries from this one on sample at the tool's temperature, the earlier ones are greedy "
+                         "(default: the tool's)")
     a = ap.parse_args(argv)
     from unlearn_tui.backends import selfimprove as _si
 
@@ -67,16 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     handle = load(ModelSpec(name=a.model))
     n = len(items)
     passed: dict = {}
-    for reword in a.modes:
+    from unlearn_tui.backends.selfimprove import _question_key
+
+    by_file = {}   # question -> its file's stem (for --shots cross)
+    for it in items:
+        by_file[_question_key(it.question)] = it.id.split("-")[0]
+    shots = {"retrieved": ("retrieved",), "cross": ("cross",), "generic": ("generic",),
+             "compare": ("generic", "retrieved")}[a.shots]
+    runs = [(reword, shot) for shot in shots for reword in a.modes]
+    full_bank = selfimprove.paraphrase_bank()
+    for reword, shot in runs:
         failures: dict = {}
+        if shot == "generic":
+            banks = {None: ()}
+        elif shot == "retrieved":
+            banks = {None: full_bank}
+        else:   # cross: an item's exemplars come from the other file's questions (and the generic pairs)
+            banks = {stem: tuple((q, p) for q, p in full_bank if by_file.get(_question_key(q)) != stem)
+                     for stem in {it.id.split("-")[0] for it in items}}
         t0 = time.perf_counter()
-        made = selfimprove.generate_paraphrases(handle, items, a.seed, max_tries=a.tries, failures=failures,
-                                                reword=reword, meaning=not a.no_meaning)
+        made = {}
+        for stem, bank in banks.items():
+            part = [it for it in items if stem is None or it.id.split("-")[0] == stem]
+            made.update(selfimprove.generate_paraphrases(handle, part, a.seed, max_tries=a.tries, failures=failures,
+                                                         reword=reword, meaning=not a.no_meaning, bank=bank,
+                                                         sample_from=a.sample_from))
         dt = time.perf_counter() - t0
-        passed[reword] = made
+        passed[(reword, shot)] = made
         first = sum(1 for v in made.values() if v[1] == "generated")
         label = ("reworded (question words banned)" if reword else "plain (no ban)") + (
-            "" if a.no_meaning else ", meaning check on")
+            "" if a.no_meaning else ", meaning check on") + f", {shot} exemplars"
         print(f"{label}: {n} questions: passed on the first (greedy) try {first} ({first / n:.1%}); "
               f"within {a.tries} tries {len(made)} ({len(made) / n:.1%}); left out {n - len(made)}; {dt:.0f} s")
         reasons: collections.Counter = collections.Counter()
@@ -97,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         for it in items[:: max(1, n // a.show)]:
             if it.id in made:
                 print(f"    {it.question} -> {made[it.id][0]} [{made[it.id][1]}]")
-    if len(a.modes) == 2:
-        both = set(passed[True]) | set(passed[False])
-        print(f"pass rate reworded / plain: {len(passed[True]) / n:.1%} / {len(passed[False]) / n:.1%} "
-              f"({len(passed[True]) / max(1, len(passed[False])):.2f}x); passing with either: {len(both)}")
+    if len(runs) == 2:
+        (ka, kb) = runs
+        both = set(passed[ka]) | set(passed[kb])
+        print(f"pass rate {ka} / {kb}: {len(passed[ka]) / n:.1%} / {len(passed[kb]) / n:.1%} "
+              f"({len(passed[kb]) / max(1, len(passed[ka])):.2f}x); passing with either: {len(both)}")
     return 0
 
 

@@ -307,11 +307,12 @@ def toml_value(v: Any) -> str:
 
 
 def _prep_key(cfg: PaperConfig, setting: str, data: Path, max_forget: int) -> dict[str, Any]:
-    from unlearn_tui.backends.selfimprove import builtin_paraphrase_digest
+    from unlearn_tui.backends.selfimprove import PARAPHRASE_GENERATOR, builtin_paraphrase_digest
 
     key = {"format": PAPER_FORMAT, "setting": setting, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
            "data": _sha(data), "max_new_tokens": cfg.eval_tokens(), "seed": cfg.seed, "max_forget": max_forget,
-           "quick": cfg.quick, "paraphrases": builtin_paraphrase_digest()}
+           "quick": cfg.quick, "paraphrases": builtin_paraphrase_digest(),
+           "paraphrase_generator": PARAPHRASE_GENERATOR}
     if setting == "factual":
         key["known"] = cfg.known
     else:

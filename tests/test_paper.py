@@ -230,7 +230,8 @@ def test_a_second_run_is_resumed_from_the_kept_trials(quick_run):
 
 
 def test_the_preparation_is_keyed_on_the_built_in_paraphrases(tmp_path, monkeypatch):
-    """A release with new built-in paraphrases prepares again (the kept choice named the old ones)."""
+    """A release with new built-in paraphrases, or a new paraphrase generator, prepares again (the kept choice
+    named the old ones)."""
     from unlearn_tui.backends import selfimprove
 
     data = tmp_path / "d.json"
@@ -240,6 +241,11 @@ def test_the_preparation_is_keyed_on_the_built_in_paraphrases(tmp_path, monkeypa
     assert key["paraphrases"] == selfimprove.builtin_paraphrase_digest() and len(key["paraphrases"]) == 16
     assert pp._prep_key(cfg, "pistol", data, 2) == key
     monkeypatch.setattr(selfimprove, "builtin_paraphrase_digest", lambda: "0" * 16)
+    assert pp._prep_key(cfg, "pistol", data, 2) != key
+    monkeypatch.undo()
+    assert pp._prep_key(cfg, "pistol", data, 2) == key
+    # and on the paraphrase generator's version (a new way of writing them: generate again)
+    monkeypatch.setattr(selfimprove, "PARAPHRASE_GENERATOR", selfimprove.PARAPHRASE_GENERATOR + 1)
     assert pp._prep_key(cfg, "pistol", data, 2) != key
 
 

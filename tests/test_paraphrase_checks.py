@@ -125,6 +125,11 @@ def test_answer_tokens_initials_numbers_and_question_words():
     ("What does water turn into when it freezes?", None),
     ("What was the work location based on the contract between Ab SA and Cd Ef?", "place"),   # compound noun
     ("Which author's works include 'The Sun Also Rises'?", "person"),      # a possessive is not a compound
+    ("Can you name the writer behind the book 'Brave New World'?", "person"),   # "name" of a request: "which"
+    ("Could you name the city where the Colosseum stands?", "place"),
+    ("Name the year the Berlin Wall fell?", "time"),
+    ("Can you name the famous 'Mona Lisa'?", None),
+    ("Do you know the name of this song?", None),       # a noun "name", not the request's verb
 ])
 def test_answer_kind(question, kind):
     assert answer_kind(question) == kind
@@ -348,7 +353,9 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     assert report.written[1:] == [{"id": "f", "question": fail.question, "paraphrase": "",
                                    "source": selfimprove.LEFT_OUT, "mentions_subject": None}]
     assert report.reasons["f"] and len(report.tries["f"]) == selfimprove.PARAPHRASE_TRIES
-    assert len(calls) == selfimprove.PARAPHRASE_TRIES and not calls[0][1] and all(c[1] for c in calls[1:])
+    # every try of the default budget is greedy (each with other exemplars and another opener)
+    assert len(calls) == selfimprove.PARAPHRASE_TRIES
+    assert [c[1] for c in calls] == [k >= selfimprove.PARAPHRASE_SAMPLE_FROM for k in range(len(calls))]
     assert len({c[2] for c in calls}) == len(calls)                     # another seed each try
     assert len({t.split()[0] for t in report.tries["f"]}) >= 3           # and other openers
     assert any("1 left out of the rephrase split" in getattr(e, "message", "") for e in events)
@@ -357,6 +364,10 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     forget = [QAItem(it.id, it.question, it.answer, para.get(it.id)) for it in (fail, later)]
     assert [it.id for it in rephrase_split(forget)] == ["m"]
     assert report.to_json()["left_out"] == ["f"] and report.to_json()["n"] == 2
+    # from sample_from on, the tries sample
+    calls.clear()
+    selfimprove.generate_paraphrases(llama_handle, [fail], seed=3, sample_from=2)
+    assert [c[1] for c in calls] == [False, False, True, True]
     # the two-value API is unchanged
     calls.clear()
     recs, written = ensure_paraphrases(llama_handle, [fail, later], seed=3)
@@ -500,3 +511,97 @@ def test_the_meaning_check_rejects_a_paraphrase_the_unedited_model_answers_other
     calls.clear()
     made = selfimprove.generate_paraphrases(llama_handle, [taj], meaning=False)
     assert "answers" not in calls and made["t"][0].endswith(" city is Taj Mahal?")
+
+
+def test_exemplars_are_retrieved_by_form_never_the_question_itself_or_its_answer():
+    bank = [
+        ("Who wrote the novel 'Dune'?", "Which author created the book 'Dune'?"),
+        ("Who wrote the novel 'Emma'?", "Which writer is behind the book 'Emma'?"),
+        ("What is the capital of Peru?", "Which city serves as Peru's capital?"),
+        ("How tall is Mount Kilimanjaro?", "What is the height of Mount Kilimanjaro?"),
+        ("Who wrote the novel 'Brave New World'?", "Which author is behind 'Brave New World'?"),   # its own pair
+        ("Which novel did Aldous Huxley publish in 1932?", "What book by Huxley came out in 1932?"),  # its answer
+        ("Who painted the Mona Lisa?", "Which artist made the Mona Lisa?"),
+    ]
+    it = item("Who wrote the novel 'Brave New World'?", "Aldous Huxley", id="b")
+    shots = selfimprove.paraphrase_exemplars(it, bank, k=3)
+    assert len(shots) == 3
+    assert bank[4] not in shots and bank[5] not in shots       # the question's own pair; names the answer
+    # the same form ("Who wrote the novel ...") comes nearest the question: LAST
+    assert {shots[-1], shots[-2]} == {bank[0], bank[1]}
+    assert shots[0] == bank[6]                                 # "Who ..." beats the other forms
+    # a regeneration draws another set from the best 2k, still without the excluded pairs
+    drawn = {tuple(selfimprove.paraphrase_exemplars(it, bank, k=3, order_key=key)) for key in range(1, 40)}
+    assert len(drawn) > 1 and all(bank[4] not in d and bank[5] not in d for d in drawn)
+    # the default bank: our 217 paraphrases + the generic pairs
+    assert len(selfimprove.paraphrase_bank()) == len(builtin_paraphrases()) + len(selfimprove.PARAPHRASE_EXEMPLARS)
+
+
+def test_generation_prompts_carry_the_retrieved_exemplars(llama_handle, monkeypatch):
+    from unlearn_tui.backends import generation
+
+    prompts_seen = []
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, **kw):
+        prompts_seen.extend(llama_handle.tokenizer.decode(p) for p in prompts)
+        return ["nation is home to the Atomium?"] * len(prompts)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    bank = [("In which country is the Alhambra located?", "Which nation holds the Alhambra?")]
+    selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False)
+    assert "Which nation holds the Alhambra?" in prompts_seen[0]
+    assert "Which city serves as Peru's capital?" not in prompts_seen[0]
+    prompts_seen.clear()
+    selfimprove.generate_paraphrases(llama_handle, [it], bank=(), meaning=False)   # no bank: the generic five
+    assert "Which city serves as Peru's capital?" in prompts_seen[0]
+    assert "Alhambra" not in prompts_seen[0]
+
+
+class _WordTokenizer:
+    """One token per word (a leading space kept), so the first token of a name is the whole name."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab.setdefault(text, len(self.vocab))]
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.vocab.items()}
+        return "".join(inv[i] for i in ids)
+
+
+def test_exemplar_names_are_banned_but_not_the_questions_own_or_common_words():
+    from types import SimpleNamespace
+
+    handle = SimpleNamespace(tokenizer=_WordTokenizer())
+    it = item("Which author created the detective Hercule Poirot?", "Agatha Christie", id="h")
+    shots = [("Which author wrote 'Gone with the Wind'?", "Who is the novelist behind 'Gone with the Wind'?"),
+             ("Who created the detective Sherlock Holmes?", "Which writer invented Sherlock Holmes and Hercule Poirot?")]
+    ids = selfimprove.exemplar_name_tokens(handle, it, shots)
+    words = {handle.tokenizer.decode([i]).strip() for i in ids}
+    assert {"Gone", "Wind", "Sherlock", "Holmes"} <= words
+    assert not words & {"Hercule", "Poirot", "Which", "Who", "The", "the", "with", "writer"}
+    assert all(w[:1].isupper() for w in words)            # capitalised forms only: "wind" stays free
+    assert selfimprove.exemplar_name_tokens(handle, it, []) == set()
+
+
+def test_generation_bans_the_exemplars_names(llama_handle, monkeypatch):
+    from unlearn_tui.backends import generation
+
+    seen = []
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, banned=None, **kw):
+        seen.append(banned)
+        return ["nation is home to the Atomium?"] * len(prompts)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(selfimprove, "exemplar_name_tokens", lambda h, it, sh: {123456} if sh else set())
+    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    bank = [("In which country is the Alhambra located?", "Which nation holds the Alhambra?")]
+    selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False)
+    assert seen[-1] == [{123456}]
+    selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False,
+                                     ban_exemplar_names=False)
+    assert seen[-1] is None
