@@ -646,3 +646,36 @@ def test_grace_keys_every_question_of_a_merged_request(llama_handle):
         assert cb.describe_query(llama_handle, r.prompt)["grace_hit"] == 1.0, r.prompt
     # the merged prompt itself is not what was keyed: an unrelated question still misses
     assert cb.describe_query(llama_handle, "What colour is the sky on a clear day?")["grace_hit"] == 0.0
+
+
+def test_out_of_scope_questions_ask_no_fact_of_the_benchmark_sets(shared_data):
+    """WISE's out-of-scope examples (and GRACE's neutral prompts) must not be forget or retain items of the data
+    we measure on: none asks the same fact (same subject and most content words) as a question of TOFU's
+    217-item factual set or of builtin:world-facts."""
+    import json
+    from importlib import resources
+
+    from unlearn_tui.backends.editing.lifelong import NEUTRAL_PROMPTS, NEUTRAL_QUESTIONS
+    from unlearn_tui.backends.selfimprove import paraphrase_jaccard
+    from unlearn_tui.backends.subjects import detect_subject
+
+    files = [shared_data / "tofu" / "real_authors_perturbed.json", shared_data / "tofu" / "world_facts_perturbed.json"]
+    lines = [line for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+    lines += resources.files("unlearn_tui.backends").joinpath("builtin", "world_facts.jsonl").read_text(
+        encoding="utf-8").splitlines()
+    questions = [json.loads(line)["question"] for line in lines if line.strip()]
+    assert len(questions) >= 217 + 80
+
+    def subject(q: str) -> str:
+        return (detect_subject(q) or "").strip("'\" ").lower()
+
+    by_subject: dict = {}
+    for q in questions:
+        by_subject.setdefault(subject(q), []).append(q)
+    clashes = [(n, q) for n in NEUTRAL_QUESTIONS + NEUTRAL_PROMPTS for q in by_subject.get(subject(n), [])
+               if paraphrase_jaccard(n, q) > 0.5]   # "largest island" vs "largest desert in the world": 0.5
+    assert clashes == []
+    # the check finds the three that were there until stop 27
+    for old in ("Who wrote the novel Don Quixote?", "Who was the first president of the United States?",
+                "What is the largest island in the world?"):
+        assert any(paraphrase_jaccard(old, q) > 0.5 for q in by_subject.get(subject(old), []))

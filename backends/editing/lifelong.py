@@ -26,7 +26,11 @@
   :data:`NEUTRAL_QUESTIONS`: short factual questions in the usual question
   shapes, also out of scope for WISE (the reference uses NQ questions for
   this).  Both are written here, not drawn from the user's data (nor from the
-  built-in fact sets), so retain scores stay honest.
+  built-in fact sets), so retain scores stay honest; none asks a fact of TOFU's
+  217-item factual set or of ``builtin:world-facts`` (``tests/test_wise_grace.py``
+  checks: until stop 27 three did, "Who wrote the novel Don Quixote?", "Who was
+  the first president of the United States?" and "What is the largest island in the
+  world?").
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ NEUTRAL_QUESTIONS = [
     "What is the capital of Portugal?",
     "What is the capital of Kenya?",
     "Who painted The Starry Night?",
-    "Who wrote the novel Don Quixote?",
+    "Who wrote the novel Dracula?",
     "Who composed the Moonlight Sonata?",
     "What is the chemical symbol for potassium?",
     "What is the chemical symbol for tin?",
@@ -95,9 +99,9 @@ NEUTRAL_QUESTIONS = [
     "Which animal is known as the king of the jungle?",
     "How many players are there in a football team?",
     "How many strings does a violin have?",
-    "What is the largest island in the world?",
+    "What is the tallest animal in the world?",
     "What is the freezing point of water in Fahrenheit?",
-    "Who was the first president of the United States?",
+    "Who composed the opera Carmen?",
     "Which metal is liquid at room temperature?",
     "What is the hardest natural substance?",
     "Which bird is a symbol of peace?",
