@@ -366,7 +366,7 @@ def test_failures_are_left_out_of_the_rephrase_split(llama_handle, monkeypatch):
     assert report.to_json()["left_out"] == ["f"] and report.to_json()["n"] == 2
     # from sample_from on, the tries sample
     calls.clear()
-    selfimprove.generate_paraphrases(llama_handle, [fail], seed=3, sample_from=2)
+    selfimprove.generate_paraphrases(llama_handle, [fail], seed=3, sample_from=2, max_tries=4)
     assert [c[1] for c in calls] == [False, False, True, True]
     # the two-value API is unchanged
     calls.clear()
