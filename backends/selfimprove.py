@@ -779,15 +779,15 @@ _KEEP_WORDS = _AUXILIARIES | _QUESTION_WORDS | {"many", "much"}   # the question
 MIN_BANNED_PIECE = 3   # a word's first token is banned only when it carries >= 3 letters of the word
 
 
-def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str]) -> set[int]:
-    """Token ids that start ``words`` (lower case and capitalised, with and without a leading space), for
-    :func:`backends.generation.ban_tokens`.  A first token that carries fewer than
-    :data:`MIN_BANNED_PIECE` letters of a longer word (" c" of " cuneiform") is left alone: banning it
-    would ban every word that starts that way."""
+def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str], as_written: bool = False) -> set[int]:
+    """Token ids that start ``words`` (lower case and capitalised, or with ``as_written`` only as written;
+    with and without a leading space), for :func:`backends.generation.ban_tokens`.  A first token that
+    carries fewer than :data:`MIN_BANNED_PIECE` letters of a longer word (" c" of " cuneiform") is left
+    alone: banning it would ban every word that starts that way."""
     tok = handle.tokenizer
     out: set[int] = set()
     for w in words:
-        for form in {w, w.capitalize()}:
+        for form in ({w} if as_written else {w, w.capitalize()}):
             for text in (" " + form, form):
                 ids = tok.encode(text, add_special_tokens=False)
                 if not ids:
@@ -819,11 +819,12 @@ def _frame_words(question: str) -> set[str]:
 
 
 def exemplar_name_tokens(handle: ModelHandle | Any, item: Any, shots: Sequence[tuple[str, str]]) -> set[int]:
-    """First tokens of the names in ``shots`` (capitalised words and numbers of an exemplar's question or
-    paraphrase, :func:`new_names`) that ``item``'s question does not hold, capitalised only: a small
-    model copies an exemplar's title or person into its rewrite ("Which author created the detective
-    character Hercule Poirot?" -> "... who wrote the classic 'Gone with the Wind'?"), and a rewrite
-    must name nothing the question does not."""
+    """First tokens (:func:`banned_first_tokens`, as written) of the names in ``shots`` (capitalised words of
+    an exemplar's question or paraphrase, :func:`new_names`, of at least :data:`MIN_BANNED_PIECE` letters)
+    that ``item``'s question does not hold: a small model copies an exemplar's title or person into
+    its rewrite ("Which author created the detective character Hercule Poirot?" -> "... who wrote the
+    classic 'Gone with the Wind'?"), and a rewrite must name nothing the question does not.  Numbers
+    and lower-case forms stay free."""
     words: list[str] = []
     for q, p in shots:
         for w in new_names(f"{q} {p}", getattr(item, "question", "") or ""):
@@ -831,14 +832,7 @@ def exemplar_name_tokens(handle: ModelHandle | Any, item: Any, shots: Sequence[t
             if len(w) >= MIN_BANNED_PIECE and w[:1].isupper() and w.lower() not in PARAPHRASE_STOPWORDS \
                     and w not in words:
                 words.append(w)
-    tok = handle.tokenizer
-    out: set[int] = set()
-    for w in words:
-        for text in (" " + w, w):
-            ids = tok.encode(text, add_special_tokens=False)
-            if ids and (len(ids) == 1 or len(tok.decode(ids[:1]).strip()) >= MIN_BANNED_PIECE):
-                out.add(int(ids[0]))
-    return out
+    return banned_first_tokens(handle, words, as_written=True)
 
 
 def paraphrase_exemplars(item: Any, bank: Sequence[tuple[str, str]], k: int = PARAPHRASE_SHOTS,
@@ -898,8 +892,9 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
-    The first try is greedy with the question type's first opener; each regeneration samples
-    (another seed) after another opener.  ``reword`` (default): the words of :func:`reworded_words`
+    Try k starts the reply with the question type's k-th opener (then a seeded pick) and shows
+    other retrieved exemplars; the tries before ``sample_from`` are greedy, the later ones sample
+    (another seed each).  ``reword`` (default): the words of :func:`reworded_words`
     cannot be generated (their first tokens are banned, :func:`banned_first_tokens`), so the model
     must say them differently; a small model asked to rewrite a question otherwise mostly copies it
     (the ``near-copy`` check; measured in ``benchmarks/bench_paraphrases.py``).  The subject, names and
