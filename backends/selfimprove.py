@@ -45,6 +45,7 @@ merged prompts.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -798,8 +799,9 @@ def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str], as_writ
     return out
 
 
-PARAPHRASE_GENERATOR = 2   # bumped when generation changes (a cache of generated paraphrases keys on it);
+PARAPHRASE_GENERATOR = 3   # bumped when generation changes (a cache of generated paraphrases keys on it);
 #   2: retrieved exemplars (paraphrase_exemplars), their names banned, greedy tries, 8 of them
+#   3: no new name can be started (new_name_tokens)
 PARAPHRASE_SHOTS = 5       # retrieved exemplars in a paraphrase prompt
 PARAPHRASE_SAMPLE_FROM = PARAPHRASE_TRIES  # tries from this one on sample (temperature); the earlier ones are greedy,
 #   each with other exemplars and another opener: greedy rewrites pass more often (bench_paraphrases.py)
@@ -833,6 +835,55 @@ def exemplar_name_tokens(handle: ModelHandle | Any, item: Any, shots: Sequence[t
                     and w not in words:
                 words.append(w)
     return banned_first_tokens(handle, words, as_written=True)
+
+
+# tokenizer -> (ids of the tokens that open a capitalised word, ids of the tokens holding a digit)
+_NAME_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _name_pieces(tok: Any) -> tuple[frozenset, frozenset]:
+    """The vocabulary's tokens whose text (after leading spaces, quotes and an opening bracket) starts with
+    an upper-case letter, and those holding a digit; made once per tokenizer."""
+    try:
+        return _NAME_PIECES[tok]
+    except (KeyError, TypeError):
+        pass
+    ids = list(range(len(tok)))
+    pieces = tok.batch_decode([[i] for i in ids]) if hasattr(tok, "batch_decode") else [tok.decode([i]) for i in ids]
+    caps = frozenset(i for i, p in zip(ids, pieces) if p.lstrip().lstrip("'\"\u2018\u201c(")[:1].isupper())
+    digits = frozenset(i for i, p in zip(ids, pieces) if any(c.isdigit() for c in p))
+    try:
+        _NAME_PIECES[tok] = (caps, digits)
+    except TypeError:   # a tokenizer that cannot be weakly referenced: not cached
+        pass
+    return caps, digits
+
+
+def new_name_tokens(handle: ModelHandle | Any, question: str) -> set[int]:
+    """Tokens a rewrite of ``question`` may not generate: every token that opens a capitalised word, and
+    every token holding a digit, except those of ``question``'s own text (its words tokenised as in the
+    sentence, alone, after a space and after a quote).  The reply's first word is the prefilled opener,
+    so a capitalised word the model writes after it is a name, and a paraphrase names only what the
+    question names: the checks' ``new-names`` and most ``subject`` failures were a small model writing
+    about another famous work or person ("Who wrote 'Like Water for Chocolate'?" -> "... 'The Flies'
+    ... by Jorge Lugosi?").  A name of the question stays free, piece by piece; a new name spelt
+    from those pieces is still caught by the checks."""
+    import re
+
+    tok = handle.tokenizer
+    caps, digits = _name_pieces(tok)
+    allowed: set[int] = set()
+    forms = [question, " " + question]
+    for w in question.split():
+        for core in {w, w.strip("?,.:;!()'\"\u2018\u2019\u201c\u201d")}:
+            if core:
+                forms += [core, " " + core, "'" + core, " '" + core, '"' + core, ' "' + core]
+    for f in forms:
+        allowed.update(int(i) for i in tok.encode(f, add_special_tokens=False))
+    banned = set(caps) - allowed
+    has_digit = bool(re.search(r"\d", question))
+    banned |= {i for i in digits if i not in allowed} if has_digit else set(digits)
+    return banned
 
 
 def paraphrase_exemplars(item: Any, bank: Sequence[tuple[str, str]], k: int = PARAPHRASE_SHOTS,
@@ -888,7 +939,8 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                          reword: bool = True, meaning: bool = True,
                          bank: Sequence[tuple[str, str]] | None = None,
                          sample_from: int | None = None,
-                         ban_exemplar_names: bool = True) -> dict[str, tuple[str, str, bool | None]]:
+                         ban_exemplar_names: bool = True,
+                         ban_new_names: bool = True) -> dict[str, tuple[str, str, bool | None]]:
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
@@ -907,7 +959,8 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     paraphrase) pairs the prompt's exemplars are retrieved from (:func:`paraphrase_exemplars`;
     default :func:`paraphrase_bank`); an empty bank gives the fixed generic exemplars, rotated.
     ``ban_exemplar_names`` (default): the exemplars' own names cannot start a word
-    (:func:`exemplar_name_tokens`).  ``sample_from``: the first try that samples (default
+    (:func:`exemplar_name_tokens`).  ``ban_new_names`` (default): no name or number the question
+    lacks can start a word (:func:`new_name_tokens`).  ``sample_from``: the first try that samples (default
     :data:`PARAPHRASE_SAMPLE_FROM`); the ones before are greedy, each with other exemplars and opener.
     ``failures``, when
     given, receives item id -> the verdict of the last try and every try's text (``{"verdict",
@@ -924,6 +977,7 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     last: dict[str, dict] = {}
     pending = list(items)
     ban = {it.id: banned_first_tokens(handle, reworded_words(it)) for it in pending} if reword else {}
+    names = {it.id: new_name_tokens(handle, it.question) for it in pending} if ban_new_names else {}
     knows: set[str] = set()      # items the model answers right as asked: their paraphrases must be too
     if meaning and pending:
         originals = _answers(handle, [it.question for it in pending], batch_size)
@@ -944,9 +998,10 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
         prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener, sh)
                    for it, opener, sh in zip(pending, openers, shots)]
         banned = None
-        if reword or ban_exemplar_names:
+        if reword or ban_exemplar_names or ban_new_names:
             banned = [(ban[it.id] if reword else set()) |
-                      (exemplar_name_tokens(handle, it, sh) if ban_exemplar_names and sh else set())
+                      (exemplar_name_tokens(handle, it, sh) if ban_exemplar_names and sh else set()) |
+                      (names[it.id] if ban_new_names else set())
                       for it, sh in zip(pending, shots)]
             if not any(banned):
                 banned = None

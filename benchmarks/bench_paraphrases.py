@@ -16,12 +16,14 @@ reword it: ``generate_paraphrases(reword=True)``) and without the ban, side by
 side in one run (``--mode both``); with the prompt's exemplars retrieved from our paraphrase bank
 (the default), retrieved only from the other file's questions (``--shots cross``: no exemplar of the
 same file), the five fixed generic ones (``--shots generic``: before retrieval), or generic and
-retrieved side by side (``--shots compare``).  The bar is >= 90% passing.
+retrieved side by side (``--shots compare``); with no new name or number allowed to start a word
+(``--name-ban on``, the default: :func:`backends.selfimprove.new_name_tokens`), without, or both
+(``--name-ban compare``).  The bar is >= 90% passing.
 
 Usage::
 
-    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 4] [--seed 0] [--mode both]
-        [--shots retrieved|cross|generic|compare]
+    python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 8] [--seed 0] [--mode both]
+        [--shots retrieved|cross|generic|compare] [--sample-from K] [--name-ban on|off|compare]
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-from", type=int, default=None,
                     help="tries from this one on sample at the tool's temperature, the earlier ones are greedy "
                          "(default: the tool's)")
+    ap.add_argument("--name-ban", choices=("on", "off", "compare"), default="on",
+                    help="no name or number the question lacks can start a word (on: the tool's default), "
+                         "off (before it), or both side by side")
     a = ap.parse_args(argv)
     from unlearn_tui.backends import selfimprove as _si
 
@@ -88,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         by_file[_question_key(it.question)] = it.id.split("-")[0]
     shots = {"retrieved": ("retrieved",), "cross": ("cross",), "generic": ("generic",),
              "compare": ("generic", "retrieved")}[a.shots]
-    runs = [(reword, shot) for shot in shots for reword in a.modes]
+    bans = {"on": (True,), "off": (False,), "compare": (False, True)}[a.name_ban]
+    runs = [(reword, shot, nb) for shot in shots for reword in a.modes for nb in bans]
     full_bank = selfimprove.paraphrase_bank()
-    for reword, shot in runs:
+    for reword, shot, name_ban in runs:
         failures: dict = {}
         if shot == "generic":
             banks = {None: ()}
@@ -105,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             part = [it for it in items if stem is None or it.id.split("-")[0] == stem]
             made.update(selfimprove.generate_paraphrases(handle, part, a.seed, max_tries=a.tries, failures=failures,
                                                          reword=reword, meaning=not a.no_meaning, bank=bank,
-                                                         sample_from=a.sample_from))
+                                                         sample_from=a.sample_from, ban_new_names=name_ban))
         dt = time.perf_counter() - t0
-        passed[(reword, shot)] = made
+        passed[(reword, shot, name_ban)] = made
         first = sum(1 for v in made.values() if v[1] == "generated")
         label = ("reworded (question words banned)" if reword else "plain (no ban)") + (
-            "" if a.no_meaning else ", meaning check on") + f", {shot} exemplars"
+            "" if a.no_meaning else ", meaning check on") + f", {shot} exemplars" + (
+            ", new names banned" if name_ban else "")
         print(f"{label}: {n} questions: passed on the first (greedy) try {first} ({first / n:.1%}); "
               f"within {a.tries} tries {len(made)} ({len(made) / n:.1%}); left out {n - len(made)}; {dt:.0f} s")
         reasons: collections.Counter = collections.Counter()

@@ -446,11 +446,11 @@ def test_generation_is_asked_to_avoid_the_reworded_words(llama_handle, monkeypat
     monkeypatch.setattr(generation, "generate", fake_generate)
     monkeypatch.setattr(selfimprove, "_answers", lambda h, qs, b: [""] * len(qs))   # no meaning check here
     it = item("Who wrote 'Pride and Prejudice'?", "Jane Austen", id="p", subject="Pride and Prejudice")
-    out = selfimprove.generate_paraphrases(llama_handle, [it])
+    out = selfimprove.generate_paraphrases(llama_handle, [it], ban_new_names=False)
     assert seen[0] == [selfimprove.banned_first_tokens(llama_handle, ["wrote"])] and seen[0][0]
     assert out["p"][0] == "Which person penned 'Pride and Prejudice'?"
     seen.clear()
-    selfimprove.generate_paraphrases(llama_handle, [it], reword=False)
+    selfimprove.generate_paraphrases(llama_handle, [it], reword=False, ban_new_names=False)
     assert seen[0] is None
 
 
@@ -600,8 +600,40 @@ def test_generation_bans_the_exemplars_names(llama_handle, monkeypatch):
     monkeypatch.setattr(selfimprove, "exemplar_name_tokens", lambda h, it, sh: {123456} if sh else set())
     it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
     bank = [("In which country is the Alhambra located?", "Which nation holds the Alhambra?")]
-    selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False)
+    selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False,
+                                     ban_new_names=False)
     assert seen[-1] == [{123456}]
     selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False,
-                                     ban_exemplar_names=False)
+                                     ban_exemplar_names=False, ban_new_names=False)
+    assert seen[-1] is None
+
+
+def test_new_name_tokens_ban_names_and_numbers_the_question_lacks(llama_handle):
+    tok = llama_handle.tokenizer
+    banned = selfimprove.new_name_tokens(llama_handle, "Who wrote Hamlet in 1603?")
+    text = {tok.decode([i]) for i in banned}
+    assert {" Shakespeare", " Paris", " France", "9", "2"} <= text          # other names, other digits
+    assert not text & {" Hamlet", "Who", "1", "6", "0", "3"}                 # the question's own pieces
+    assert all(t.lstrip().lstrip("'\"(")[:1].isupper() or any(c.isdigit() for c in t) for t in text)
+    lower = [i for i in range(len(tok)) if tok.decode([i]).strip()[:1].islower()]
+    assert lower and not banned & set(lower)                                  # words stay free
+    no_digits = selfimprove.new_name_tokens(llama_handle, "Who wrote Hamlet?")
+    assert {"1", "6", "0", "3"} <= {tok.decode([i]) for i in no_digits}      # a question without numbers
+
+
+def test_generation_bans_new_names_unless_told_not_to(llama_handle, monkeypatch):
+    from unlearn_tui.backends import generation
+
+    seen = []
+
+    def fake_generate(handle, prompts, max_new_tokens, batch_size, banned=None, **kw):
+        seen.append(banned)
+        return ["nation is home to the Atomium?"] * len(prompts)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    kw = dict(bank=[], meaning=False, reword=False, ban_exemplar_names=False)
+    selfimprove.generate_paraphrases(llama_handle, [it], **kw)
+    assert seen[-1] == [selfimprove.new_name_tokens(llama_handle, it.question)] and seen[-1][0]
+    selfimprove.generate_paraphrases(llama_handle, [it], ban_new_names=False, **kw)
     assert seen[-1] is None
