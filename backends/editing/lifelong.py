@@ -105,6 +105,20 @@ NEUTRAL_QUESTIONS = [
     "Which metal is liquid at room temperature?",
     "What is the hardest natural substance?",
     "Which bird is a symbol of peace?",
+    # the literary shapes of TOFU's real-authors half ("Who wrote 'X'?", "'X' is a novel by which
+    # author?"), about works and authors it does not hold: without them every literary retain
+    # question scored above the out-of-scope maximum and WISE routed 44% of the factual retain set
+    # (benchmarks/RESULTS.md)
+    "Who wrote 'The Three Musketeers'?",
+    "Which author wrote 'Treasure Island'?",
+    "Who is the author of 'Little Women'?",
+    "Which author is known for the novel 'Robinson Crusoe'?",
+    "'Madame Bovary' is a novel by which author?",
+    "The novella 'The Metamorphosis' was written by which author?",
+    "Which playwright wrote 'A Doll's House'?",
+    "Who wrote the poem 'The Raven'?",
+    "Which author created the character Huckleberry Finn?",
+    "Who wrote the satirical novel 'Candide'?",
 ]
 
 
