@@ -583,13 +583,15 @@ def new_names(text: str, question: str) -> list[str]:
 
 
 def is_question(text: str) -> bool:
-    """Ends with "?", has 3 words or more, and holds a question word or opens with an auxiliary."""
+    """Ends with "?", has 3 words or more, and holds a question word or opens a clause with an auxiliary
+    ("Can you name ...?", "About 'Don Quixote', can you name its writer?")."""
     import re
 
     t = (text or "").strip().strip('"\u201c\u201d').strip()
     words = re.findall(r"[a-z]+", _fold(t).lower())
+    clauses = [re.findall(r"[a-z]+", c) for c in _fold(t).lower().split(",")]
     return t.endswith("?") and len(words) >= 3 and \
-        (any(w in _QUESTION_WORDS for w in words) or words[0] in _AUXILIARIES)
+        (any(w in _QUESTION_WORDS for w in words) or any(c and c[0] in _AUXILIARIES for c in clauses))
 
 
 # A small model asked to rewrite a question mostly copies it.  The reply is
@@ -886,6 +888,35 @@ def new_name_tokens(handle: ModelHandle | Any, question: str) -> set[int]:
     return banned
 
 
+SUBJECT_LED_TRIES = 3   # the last tries' replies open with the subject ("About 'X', which ..."; subject_lead)
+
+
+def subject_lead(item: Any) -> str | None:
+    """An opening that names ``item``'s subject as its question writes it (its quotes, a "the" before it):
+    "Which poet wrote 'Leaves of Grass'?" -> "About 'Leaves of Grass',".  The last tries of
+    :func:`generate_paraphrases` start the reply with it, then the question type's opener: the
+    commonest failure left was a rewrite that drops or swaps the subject ("Which poem is the most
+    widely read by the general public?").  ``None`` when no subject is found in the question."""
+    import re
+
+    question = getattr(item, "question", "") or ""
+    subject = (subject_of(item) or "").strip()
+    if not subject:
+        return None
+    m = re.search(r"(?:\bthe\s+)?['\"\u2018\u201c]?" + re.escape(subject) + r"['\"\u2019\u201d]?", question,
+                  flags=re.IGNORECASE)
+    if not m:
+        return None
+    span = m.group(0)
+    core = span[4:] if span[:4].lower() == "the " else span
+    if core is not span:
+        span = "the " + core
+    opening, closing = core[:1], core[-1:]
+    if opening in "'\"\u2018\u201c" and closing not in "'\"\u2019\u201d":
+        return None   # a quote opened and not closed: the subject is cut
+    return f"About {span},"
+
+
 def paraphrase_exemplars(item: Any, bank: Sequence[tuple[str, str]], k: int = PARAPHRASE_SHOTS,
                          order_key: int = 0, pool: int | None = None) -> list[tuple[str, str]]:
     """The ``k`` pairs of ``bank`` whose questions are worded most like ``item``'s (retrieved few-shot
@@ -940,7 +971,8 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
                          bank: Sequence[tuple[str, str]] | None = None,
                          sample_from: int | None = None,
                          ban_exemplar_names: bool = True,
-                         ban_new_names: bool = True) -> dict[str, tuple[str, str, bool | None]]:
+                         ban_new_names: bool = True,
+                         subject_led: int = SUBJECT_LED_TRIES) -> dict[str, tuple[str, str, bool | None]]:
     """item id -> (paraphrase, source, mentions_subject) for the items whose paraphrase passed
     :func:`paraphrase_verdict`; an item failing every one of ``max_tries`` tries is absent.
 
@@ -960,8 +992,9 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
     default :func:`paraphrase_bank`); an empty bank gives the fixed generic exemplars, rotated.
     ``ban_exemplar_names`` (default): the exemplars' own names cannot start a word
     (:func:`exemplar_name_tokens`).  ``ban_new_names`` (default): no name or number the question
-    lacks can start a word (:func:`new_name_tokens`).  ``sample_from``: the first try that samples (default
-    :data:`PARAPHRASE_SAMPLE_FROM`); the ones before are greedy, each with other exemplars and opener.
+    lacks can start a word (:func:`new_name_tokens`).  ``subject_led``: the last this many tries open the
+    reply with the subject (:func:`subject_lead`) before the opener.  ``sample_from``: the first try that
+    samples (default :data:`PARAPHRASE_SAMPLE_FROM`); the ones before are greedy, each with other exemplars and opener.
     ``failures``, when
     given, receives item id -> the verdict of the last try and every try's text (``{"verdict",
     "texts"}``) for the absent items.
@@ -991,8 +1024,10 @@ def generate_paraphrases(handle: ModelHandle, items: Sequence[Any], seed: int = 
         for it in pending:
             options = paraphrase_openers(it.question)
             # try k uses opener k (then a seeded pick), so every opener is tried once within the budget
-            openers.append(options[attempt] if attempt < len(options)
-                           else options[_hash(seed, it.id, "opener", attempt) % len(options)])
+            opener = (options[attempt] if attempt < len(options)
+                      else options[_hash(seed, it.id, "opener", attempt) % len(options)])
+            lead = subject_lead(it) if attempt >= max_tries - subject_led else None
+            openers.append(f"{lead} {opener[:1].lower()}{opener[1:]}" if lead else opener)
         shots = [paraphrase_exemplars(it, bank, order_key=attempt and _hash(seed, it.id, "shots", attempt)) or None
                  for it in pending]
         prompts = [_prompt_ids(handle, spec, it.question, _hash(seed, it.id, "para", attempt), opener, sh)

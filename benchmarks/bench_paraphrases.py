@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/bench_paraphrases.py [--model NAME] [--items 217] [--tries 8] [--seed 0] [--mode both]
         [--shots retrieved|cross|generic|compare] [--sample-from K] [--name-ban on|off|compare]
+        [--subject-led K]
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name-ban", choices=("on", "off", "compare"), default="on",
                     help="no name or number the question lacks can start a word (on: the tool's default), "
                          "off (before it), or both side by side")
+    ap.add_argument("--subject-led", type=int, default=None,
+                    help="the last K tries open the reply with the subject (default: the tool's; 0: never)")
     a = ap.parse_args(argv)
     from unlearn_tui.backends import selfimprove as _si
 
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             part = [it for it in items if stem is None or it.id.split("-")[0] == stem]
             made.update(selfimprove.generate_paraphrases(handle, part, a.seed, max_tries=a.tries, failures=failures,
                                                          reword=reword, meaning=not a.no_meaning, bank=bank,
-                                                         sample_from=a.sample_from, ban_new_names=name_ban))
+                                                         sample_from=a.sample_from, ban_new_names=name_ban,
+                                                         **({} if a.subject_led is None
+                                                            else {"subject_led": a.subject_led})))
         dt = time.perf_counter() - t0
         passed[(reword, shot, name_ban)] = made
         first = sum(1 for v in made.values() if v[1] == "generated")

@@ -547,7 +547,7 @@ def test_generation_prompts_carry_the_retrieved_exemplars(llama_handle, monkeypa
         return ["nation is home to the Atomium?"] * len(prompts)
 
     monkeypatch.setattr(generation, "generate", fake_generate)
-    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    it = ATOMIUM
     bank = [("In which country is the Alhambra located?", "Which nation holds the Alhambra?")]
     selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False)
     assert "Which nation holds the Alhambra?" in prompts_seen[0]
@@ -587,18 +587,27 @@ def test_exemplar_names_are_banned_but_not_the_questions_own_or_common_words():
     assert selfimprove.exemplar_name_tokens(handle, it, []) == set()
 
 
-def test_generation_bans_the_exemplars_names(llama_handle, monkeypatch):
+ATOMIUM = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+
+
+def _banned_sets_seen(monkeypatch) -> list:
+    """Patches generation so each call records its ``banned`` sets (one list per call)."""
     from unlearn_tui.backends import generation
 
-    seen = []
+    seen: list = []
 
     def fake_generate(handle, prompts, max_new_tokens, batch_size, banned=None, **kw):
         seen.append(banned)
         return ["nation is home to the Atomium?"] * len(prompts)
 
     monkeypatch.setattr(generation, "generate", fake_generate)
+    return seen
+
+
+def test_generation_bans_the_exemplars_names(llama_handle, monkeypatch):
+    seen = _banned_sets_seen(monkeypatch)
     monkeypatch.setattr(selfimprove, "exemplar_name_tokens", lambda h, it, sh: {123456} if sh else set())
-    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    it = ATOMIUM
     bank = [("In which country is the Alhambra located?", "Which nation holds the Alhambra?")]
     selfimprove.generate_paraphrases(llama_handle, [it], bank=bank, meaning=False, reword=False,
                                      ban_new_names=False)
@@ -622,18 +631,44 @@ def test_new_name_tokens_ban_names_and_numbers_the_question_lacks(llama_handle):
 
 
 def test_generation_bans_new_names_unless_told_not_to(llama_handle, monkeypatch):
-    from unlearn_tui.backends import generation
-
-    seen = []
-
-    def fake_generate(handle, prompts, max_new_tokens, batch_size, banned=None, **kw):
-        seen.append(banned)
-        return ["nation is home to the Atomium?"] * len(prompts)
-
-    monkeypatch.setattr(generation, "generate", fake_generate)
-    it = item("In which country is the Atomium located?", "Belgium", id="u", subject="Atomium")
+    seen = _banned_sets_seen(monkeypatch)
+    it = ATOMIUM
     kw = dict(bank=[], meaning=False, reword=False, ban_exemplar_names=False)
     selfimprove.generate_paraphrases(llama_handle, [it], **kw)
     assert seen[-1] == [selfimprove.new_name_tokens(llama_handle, it.question)] and seen[-1][0]
     selfimprove.generate_paraphrases(llama_handle, [it], ban_new_names=False, **kw)
     assert seen[-1] is None
+
+
+def test_subject_lead_names_the_subject_as_the_question_writes_it():
+    assert selfimprove.subject_lead(item("Which poet wrote 'Leaves of Grass'?", "Walt Whitman")) == \
+        "About 'Leaves of Grass',"
+    assert selfimprove.subject_lead(item("In which country is the Taj Mahal located?", "India",
+                                         subject="Taj Mahal")) == "About the Taj Mahal,"
+    assert selfimprove.subject_lead(item("Who wrote it?", "x", subject="Brave New World")) is None     # not in it
+    assert selfimprove.subject_lead(item("Who wrote 'Brave New World?", "x", subject="Brave New World")) is None
+
+
+def test_the_last_tries_open_with_the_subject(llama_handle, monkeypatch):
+    from unlearn_tui.backends import generation
+
+    monkeypatch.setattr(generation, "generate", lambda h, prompts, *a, **kw: ["who wrote it?"] * len(prompts))
+    it = item("Which poet wrote 'Leaves of Grass'?", "Walt Whitman", id="w", subject="Leaves of Grass")
+    failures: dict = {}
+    out = selfimprove.generate_paraphrases(llama_handle, [it], max_tries=5, subject_led=2, meaning=False,
+                                           bank=[], failures=failures)
+    texts = failures["w"]["texts"]
+    assert len(texts) == 5 and "w" not in out
+    assert [t.startswith("About 'Leaves of Grass', ") for t in texts] == [False, False, False, True, True]
+    assert selfimprove.paraphrase_verdict(texts[-1], it)["mentions_subject"]
+    failures.clear()
+    selfimprove.generate_paraphrases(llama_handle, [it], max_tries=5, subject_led=0, meaning=False, bank=[],
+                                     failures=failures)
+    assert not any(t.startswith("About") for t in failures["w"]["texts"])
+
+
+def test_a_clause_opening_with_an_auxiliary_makes_a_question():
+    assert selfimprove.is_question("About 'Don Quixote', can you name the writer?")
+    assert selfimprove.is_question("Can you name the writer of 'Don Quixote'?")
+    assert not selfimprove.is_question("About 'Don Quixote', the writer?")
+    assert not selfimprove.is_question("About 'Don Quixote', can you name the writer.")
