@@ -801,9 +801,10 @@ def banned_first_tokens(handle: ModelHandle | Any, words: Sequence[str], as_writ
     return out
 
 
-PARAPHRASE_GENERATOR = 3   # bumped when generation changes (a cache of generated paraphrases keys on it);
+PARAPHRASE_GENERATOR = 4   # bumped when generation changes (a cache of generated paraphrases keys on it);
 #   2: retrieved exemplars (paraphrase_exemplars), their names banned, greedy tries, 8 of them
 #   3: no new name can be started (new_name_tokens)
+#   4: the last tries open with the subject (subject_lead); a clause opening with an auxiliary is a question
 PARAPHRASE_SHOTS = 5       # retrieved exemplars in a paraphrase prompt
 PARAPHRASE_SAMPLE_FROM = PARAPHRASE_TRIES  # tries from this one on sample (temperature); the earlier ones are greedy,
 #   each with other exemplars and another opener: greedy rewrites pass more often (bench_paraphrases.py)
